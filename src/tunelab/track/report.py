@@ -8,7 +8,8 @@ in the page's notes, never fatal):
   metrics.jsonl           loss curves (train loss, held-out loss)
   diagnostics.json        weight diagnostics (tunelab.evaluate.diagnostics)
   continual/r_matrix.json {"tasks": [...], "b": [...], "R": [[...]]}: R[i][j] = score on task j after training
-                          stage i; b[j] = the base model's score on task j (optional; for forward transfer)
+                          stage i; b[j] = the base model's score on task j (optional; for forward transfer);
+                          checked and summarised by tunelab.continual.metrics (the one implementation)
 Figures are matplotlib PNGs embedded as base64 (track/plots.py); a few lines of inline JavaScript make the
 table sortable. Nothing is fetched: the page works offline and can be mailed.
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.continual.metrics import SUMMARY_KEYS, r_matrix_metrics, validate_r_matrix  # noqa: F401 (re-exported)
 from tunelab.track import plots
 
 PERCENT_METRICS = {"exact_match", "score", "acc", "acc_norm", "refusal_rate", "over_refusal_rate"}
@@ -49,36 +51,6 @@ def _read_json(path: Path, problems: list[str]) -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         problems.append(f"{path}: malformed JSON ({e}); ignored")
         return None
-
-
-def validate_r_matrix(rm: Any, where: str) -> dict[str, Any]:
-    """Check the continual/r_matrix.json shape; raises ValueError naming the problem."""
-    if not isinstance(rm, dict) or not isinstance(rm.get("tasks"), list) or not isinstance(rm.get("R"), list):
-        raise ValueError(f"{where}: expected {{\"tasks\": [...], \"R\": [[...]], \"b\"?: [...]}}")
-    n = len(rm["tasks"])
-    for i, row in enumerate(rm["R"]):
-        if not isinstance(row, list) or len(row) != n:
-            raise ValueError(f"{where}: R[{i}] must be a list of {n} numbers (one per task)")
-        if not all(v is None or isinstance(v, (int, float)) for v in row):
-            raise ValueError(f"{where}: R[{i}] holds a value that is not a number or null")
-    if rm.get("b") is not None and (not isinstance(rm["b"], list) or len(rm["b"]) != n):
-        raise ValueError(f"{where}: b must be a list of {n} numbers")
-    return rm
-
-
-def r_matrix_metrics(rm: dict[str, Any]) -> dict[str, float | None]:
-    """ACC (mean of the last row), BWT (mean_j<T-1 R[T-1][j] - R[j][j]), FWT (mean_j>0 R[j-1][j] - b[j]);
-    Lopez-Paz & Ranzato 2017 (GEM), https://arxiv.org/abs/1706.08840."""
-    r, b = rm["R"], rm.get("b")
-    last, t = r[-1], len(rm["tasks"])
-    mean = (lambda xs: sum(xs) / len(xs) if xs else None)
-    acc = mean([v for v in last if v is not None])
-    bwt = fwt = None
-    if len(r) == t:
-        bwt = mean([last[j] - r[j][j] for j in range(t - 1) if last[j] is not None and r[j][j] is not None])
-        if b is not None:
-            fwt = mean([r[j - 1][j] - b[j] for j in range(1, t) if r[j - 1][j] is not None and b[j] is not None])
-    return {"ACC": acc, "BWT": bwt, "FWT": fwt}
 
 
 def load_run(path: str | Path) -> RunData:
@@ -321,7 +293,8 @@ def render_report(run_dirs: list[str | Path], title: str = "tunelab report") -> 
             rm = r.r_matrix
             met = r_matrix_metrics(rm)
             parts.append(_img(plots.r_matrix_heatmap(rm["tasks"], rm["R"], f"{r.name}: R[i][j]"), f"R {r.name}"))
-            parts.append('<p class="small">' + ", ".join(f"{k} = {fmt(v)}" for k, v in met.items()) + "</p>")
+            parts.append('<p class="small">' + ", ".join(f"{k} = {fmt(met.get(k))}" for k in SUMMARY_KEYS)
+                         + "</p>")
     diag = {r.name: r.diagnostics["matrices"] for r in runs if r.diagnostics}
     if diag:
         parts += ["<h2>Weight diagnostics</h2>", _img(plots.diagnostics_plot(diag), "diagnostics")]
