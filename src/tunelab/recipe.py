@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tunelab.selection.config import SelectConfig
+
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message names the offending field."""
@@ -85,6 +87,9 @@ class DataConfig(_Strict):
         False, description="Pack each micro-batch's examples into rows (no cross-example attention; same loss "
                            "as padding, less wasted compute). Set train.batch_size to examples per micro-batch.")
     pack_length: int = Field(512, ge=8, description="Row length of packed batches (at least the longest example).")
+    select: SelectConfig | None = Field(
+        None, description="Score, deduplicate and select a subset of `train` before training: scorer, embedding, "
+                          "selector, budget, dedup, cache_dir, seed (docs/selection.md). null = train on all of it.")
 
 
 class MethodConfig(BaseModel):

@@ -91,7 +91,12 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
     objective = build_objective(recipe.objective.name, recipe.objective_options())
     train_data = None
     if need_train:
-        train_data, stats = encode_spec(tokenizer, recipe.data.train, recipe.data)
+        train_spec = recipe.data.train
+        if recipe.data.select is not None:  # score + select first; training reads the subset file
+            from tunelab.selection.run import select_for_recipe
+
+            train_spec = select_for_recipe(recipe, run_dir, accelerator)
+        train_data, stats = encode_spec(tokenizer, train_spec, recipe.data)
         accelerator.print(f"train data: {stats.summary()}")
     eval_data, items = None, []
     if recipe.data.eval is not None:
