@@ -114,3 +114,60 @@ def test_missing_general_file_and_bad_strategy_stop_before_training(tiny_model_d
         _run(tiny_continual(tiny_model_dir, tmp_path / "a", general={"ppl": [str(tmp_path / "nope.txt")]}))
     with pytest.raises(ContinualError, match="olora needs base.method.name: lora"):
         _run(tiny_continual(tiny_model_dir, tmp_path / "b", strategy=[{"name": "olora"}], method={"name": "full"}))
+
+
+@pytest.mark.parametrize("strategy,method", [
+    ({"name": "l2", "weight": 1.0}, None),
+    ({"name": "lwf"}, None),
+    ({"name": "ilora", "decay": 0.5}, None),
+    ({"name": "gere", "losses": {"ce": 1.0, "tm": 100.0}, "n_samples": 4, "max_tokens": 16}, None),
+    ({"name": "hft"}, {"name": "hft"}),
+    ({"name": "lines", "alpha": 0.5}, {"name": "full"}),
+])
+def test_each_strategy_runs_a_stream(tiny_model_dir, tmp_path, general_files, strategy, method):
+    if strategy["name"] == "gere":
+        strategy = {**strategy, "texts": str(general_files[0])}
+    d = tiny_continual(tiny_model_dir, tmp_path / "runs", strategy=[strategy], method=method)
+    d["base"]["train"]["max_steps"] = 2
+    summary = _run(d)
+    lines = [json.loads(x) for x in (tmp_path / "runs" / "cl" / "metrics.jsonl").read_text().splitlines()]
+    assert len(summary["stages"]) == 2 and len(lines) == 4
+    name = strategy["name"]
+    if name in ("l2", "lwf"):  # their terms start in the second stage
+        key = "l2/penalty" if name == "l2" else "lwf/kl"
+        assert key not in lines[0] and lines[-1][key] > 0
+    if name == "gere":
+        assert all("gere/ce" in m and "gere/tm" in m for m in lines)
+
+
+def test_olora_resumes_with_its_adapters(tiny_model_dir, tmp_path, monkeypatch):
+    import tunelab.continual.stream as stream
+
+    stages = [{"builtin": t, "n": 8, "eval_n": 2} for t in ("date_format", "arithmetic", "sort_numbers")]
+
+    def mk(out):
+        d = tiny_continual(tiny_model_dir, out, strategy=[{"name": "olora"}], stages=stages)
+        d["base"]["data"]["max_length"] = 256  # the tiny tokenizer spends many tokens on digits
+        return d
+
+    _run(mk(tmp_path / "ref"))
+    real_train, calls = stream.train, []
+
+    def crash_on_third(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real_train(*a, **kw)
+
+    monkeypatch.setattr(stream, "train", crash_on_third)
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(mk(tmp_path / "runs"))
+    monkeypatch.setattr(stream, "train", real_train)
+    run = tmp_path / "runs" / "cl"
+    _run(mk(tmp_path / "runs"), run_dir=run, resume=True)
+    from safetensors.torch import load_file
+
+    for sub in ("", "task1", "task2"):  # every task's adapter, as the uninterrupted stream left it
+        got = load_file(str(run / "export" / "adapter" / sub / "adapter_model.safetensors"))
+        want = load_file(str(tmp_path / "ref" / "cl" / "export" / "adapter" / sub / "adapter_model.safetensors"))
+        assert got.keys() == want.keys() and all(torch.allclose(got[k], want[k], atol=1e-6) for k in got)

@@ -22,6 +22,7 @@ method/objective options by their own Config classes, each strategy's options by
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -128,14 +129,11 @@ class ContinualRecipe(_Strict):
     @field_validator("strategy", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
+        """A mapping, a bare name, or a list of either."""
         if v is None:
             return []
-        return [v] if isinstance(v, (dict, str)) else v
-
-    @field_validator("strategy", mode="before")
-    @classmethod
-    def _names(cls, v: Any) -> Any:
-        return [{"name": x} if isinstance(x, str) else x for x in v]
+        v = [v] if isinstance(v, (dict, str)) else v
+        return [{"name": x} if isinstance(x, str) else x for x in v] if isinstance(v, list) else v
 
     @model_validator(mode="after")
     def _unique_names(self) -> "ContinualRecipe":
@@ -196,8 +194,11 @@ def load_continual_recipe(path: str | Path, overrides: list[str] | None = None) 
         raise RecipeError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a continual recipe must be a mapping, got {type(data).__name__}")
-    if isinstance(data.get("strategy"), (dict, str)):  # let `strategy.weight=...` address the single strategy
+    if isinstance(data.get("strategy"), (dict, str)):
         data["strategy"] = [data["strategy"]]
+    if isinstance(data.get("strategy"), list) and len(data["strategy"]) == 1:
+        # one strategy: `strategy.weight=10` means `strategy.0.weight=10`
+        overrides = [re.sub(r"^strategy\.(?!\d+[.=])", "strategy.0.", o) for o in overrides or []]
     if overrides:
         data = _lists_from_index_maps(apply_overrides(_index_maps(data), overrides))
     return parse_continual_recipe(data)
