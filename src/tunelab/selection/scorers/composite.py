@@ -54,7 +54,10 @@ class Composite(Scorer):
     Config = CompositeOptions
 
     def _parts(self) -> list[Scorer]:
-        return [build_scorer(p["name"], {k: v for k, v in p.items() if k != "name"}) for p in self.config.parts]
+        if not hasattr(self, "_built"):  # built once: `check` runs per example
+            self._built = [build_scorer(p["name"], {k: v for k, v in p.items() if k != "name"})
+                           for p in self.config.parts]
+        return self._built
 
     def check(self, example):
         return next((r for s in self._parts() if (r := s.check(example))), None)
