@@ -185,6 +185,11 @@ class StrategyObjective(Objective):
         self.name, self.paper = inner.name, inner.paper
         self.unit, self.batch_kind = inner.unit, inner.batch_kind
 
+    def reference_use(self) -> str:
+        """What the wrapped objective needs of a reference model (strategies need none of it)."""
+        use = getattr(self.inner, "reference_use", None)
+        return use() if use is not None else "none"
+
     def compute(self, model, batch, ref=None) -> ObjectiveOutput:
         out = self.inner.compute(model, batch, ref)
         if not model.training or not self.strategies:
