@@ -82,6 +82,9 @@ class DataConfig(_Strict):
         "completion",
         description="Which tokens carry loss: the last assistant turn, every assistant turn, or everything.",
     )
+    prompt_loss_weight: float | None = Field(
+        None, gt=0, description="Instruction modelling: the prompt messages' tokens carry loss too, with this weight "
+                                "(response tokens: 1). null = loss on the `loss_mask` tokens only. Training data only.")
     system_prompt: str | None = Field(None, description="System message added to every chat example.")
     packing: bool = Field(
         False, description="Pack each micro-batch's examples into rows (no cross-example attention; same loss "
