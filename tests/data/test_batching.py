@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from tunelab.data.batching import StepSampler, collate_preference, collate_sft
@@ -33,3 +34,24 @@ def test_epochs_are_permutations_and_deterministic():
     assert StepSampler(8, 4, 1, 1, 0, seed=1).global_indices(1) == s.global_indices(1)
     assert StepSampler(8, 4, 1, 1, 0, seed=2).global_indices(0) != s.global_indices(0)
     assert s.steps_for_epochs(2.0) == 4
+
+
+def test_collate_sft_carries_loss_weights():
+    a = {"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "loss_weights": [0.0, 0.5, 2.0]}
+    b = {"input_ids": [8, 9], "labels": [-100, 9], "loss_weights": [0.0, 1.0]}
+    out = collate_sft([a, b], pad_id=0)
+    assert out["loss_weights"].dtype == torch.float32
+    assert out["loss_weights"].tolist() == [[0.0, 0.5, 2.0], [0.0, 1.0, 0.0]]  # aligned with labels, 0 on padding
+    assert "loss_weights" not in collate_sft([{"input_ids": [1, 2], "labels": [1, 2]}], pad_id=0)
+    with pytest.raises(ValueError, match="some examples of the batch carry per-token loss_weights"):
+        collate_sft([a, {"input_ids": [8, 9], "labels": [-100, 9]}], pad_id=0)
+
+
+def test_collate_preference_carries_cached_reference_logps():
+    pair = {"chosen_input_ids": [1, 2], "chosen_labels": [-100, 2], "rejected_input_ids": [1, 3],
+            "rejected_labels": [-100, 3]}
+    out = collate_preference([{**pair, "ref_chosen_logps": -1.5, "ref_rejected_logps": -2.5}] * 2, pad_id=0)
+    assert out["ref_chosen_logps"].tolist() == [-1.5, -1.5] and out["ref_rejected_logps"].dtype == torch.float32
+    assert "ref_chosen_logps" not in collate_preference([pair], pad_id=0)
+    with pytest.raises(ValueError, match="cached reference log-probs"):
+        collate_preference([pair, {**pair, "ref_chosen_logps": -1.0, "ref_rejected_logps": -2.0}], pad_id=0)

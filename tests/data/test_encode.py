@@ -63,3 +63,60 @@ def test_preference_pair_masks_only_the_responses(tiny_tokenizer):
         "4<|im_end|>"
     assert targets(tiny_tokenizer, {"input_ids": enc["rejected_input_ids"], "labels": enc["rejected_labels"]}) == \
         "5<|im_end|>"
+
+
+# -- token weights: the data's `loss_weights` column and instruction modelling (data.prompt_loss_weight) ------
+
+
+def weighted(enc):
+    """(token id, weight) of every position that carries loss (t >= 1, label != -100)."""
+    return [(enc["input_ids"][t], enc["loss_weights"][t]) for t in range(1, len(enc["labels"]))
+            if enc["labels"][t] != IGNORE_INDEX]
+
+
+def test_no_weights_unless_asked(tiny_tokenizer):
+    enc = encode_chat(tiny_tokenizer, CHAT, max_length=200, truncation="error", loss_mask="completion")
+    assert "loss_weights" not in enc
+
+
+def test_example_weights_number_and_list(tiny_tokenizer):
+    plain = encode_chat(tiny_tokenizer, CHAT, max_length=200, truncation="error", loss_mask="assistant")
+    n_targets = sum(lab != IGNORE_INDEX for lab in plain["labels"][1:])
+    ex = ChatExample(CHAT.messages, "f.jsonl:3", loss_weights=0.25)
+    enc = encode_chat(tiny_tokenizer, ex, max_length=200, truncation="error", loss_mask="assistant")
+    assert enc["labels"] == plain["labels"] and len(enc["loss_weights"]) == len(enc["labels"])
+    assert [w for _, w in weighted(enc)] == [0.25] * n_targets
+    assert sum(enc["loss_weights"]) == 0.25 * n_targets  # nothing outside the targets
+    values = [float(i + 1) for i in range(n_targets)]
+    enc = encode_chat(tiny_tokenizer, ChatExample(CHAT.messages, "f.jsonl:3", loss_weights=values), max_length=200,
+                      truncation="error", loss_mask="assistant")
+    assert [w for _, w in weighted(enc)] == values  # one value per target token, in order
+    with pytest.raises(DataError, match=rf"f\.jsonl:3: field 'loss_weights' has {n_targets + 1} values but the "
+                                        rf"example has {n_targets} target tokens"):
+        encode_chat(tiny_tokenizer, ChatExample(CHAT.messages, "f.jsonl:3", loss_weights=values + [1.0]),
+                    max_length=200, truncation="error", loss_mask="assistant")
+
+
+def test_weights_follow_left_truncation(tiny_tokenizer):
+    full = encode_chat(tiny_tokenizer, ChatExample(CHAT.messages, loss_weights=0.5), max_length=200,
+                       truncation="error", loss_mask="completion")
+    n = len(full["input_ids"])
+    left = encode_chat(tiny_tokenizer, ChatExample(CHAT.messages, loss_weights=0.5), max_length=n - 3,
+                       truncation="left", loss_mask="completion")
+    assert left["loss_weights"] == full["loss_weights"][3:] and weighted(left) == weighted(full)
+
+
+def test_prompt_loss_weight_covers_the_prompt_contents_not_the_template(tiny_tokenizer):
+    enc = encode_chat(tiny_tokenizer, CHAT, max_length=200, truncation="error", loss_mask="completion",
+                      prompt_loss_weight=0.1)
+    by_weight = {w: tiny_tokenizer.decode([i for i, x in weighted(enc) if x == w]) for w in (0.1, 1.0)}
+    assert by_weight[1.0] == "6<|im_end|>"  # the response keeps weight 1
+    assert by_weight[0.1] == "What is 2 + 2?And 3 + 3?"  # the user turns' contents; no template token
+    assert "assistant" not in by_weight[0.1] and "<|im_start|>" not in by_weight[0.1]
+    # earlier assistant turns are neither prompt nor (with the completion mask) response
+    assert set(w for _, w in weighted(enc)) == {0.1, 1.0}
+
+
+def test_text_example_weights(tiny_tokenizer):
+    enc = encode_text(tiny_tokenizer, TextExample("hello world", loss_weights=2.0), max_length=50, truncation="error")
+    assert enc["loss_weights"] == [0.0] + [2.0] * (len(enc["input_ids"]) - 1)

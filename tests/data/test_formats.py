@@ -104,3 +104,19 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_preference_answer_of_wrong_type_is_a_data_error():
     with pytest.raises(DataError, match=r"o: field 'chosen' must be str or list, got int"):
         to_example(Record({"prompt": "q", "chosen": 5, "rejected": "x"}, "o"), "preference")
+
+
+def test_loss_weights_column():
+    from tunelab.data.formats import ChatExample, Record, to_example
+
+    ex = to_example(Record({"prompt": "p", "completion": "c", "loss_weights": [1, 0.5]}, "f.jsonl:1"),
+                    "prompt_completion")
+    assert isinstance(ex, ChatExample) and ex.loss_weights == [1.0, 0.5]
+    assert to_example(Record({"text": "t", "loss_weights": 2}, "f.jsonl:2"), "text").loss_weights == 2.0
+    for bad in ("x", [], [1, -1], True):
+        with pytest.raises(DataError, match=r"f\.jsonl:3: field 'loss_weights' must be"):
+            to_example(Record({"prompt": "p", "completion": "c", "loss_weights": bad}, "f.jsonl:3"),
+                       "prompt_completion")
+    with pytest.raises(DataError, match=r"f\.jsonl:4: field 'loss_weights' is for SFT data"):
+        to_example(Record({"prompt": "p", "chosen": "a", "rejected": "b", "loss_weights": 1}, "f.jsonl:4"),
+                   "preference")

@@ -44,3 +44,28 @@ def test_packed_loss_and_grads_equal_padded(tiny_model):
     torch.testing.assert_close(packed.loss_sum, padded.loss_sum, rtol=1e-5, atol=1e-5)
     for n in g_pad:
         torch.testing.assert_close(g_pack[n], g_pad[n], rtol=1e-4, atol=1e-5)
+
+
+def test_packed_weighted_loss_and_grads_equal_padded(tiny_model):
+    g = torch.Generator().manual_seed(2)
+    examples = []
+    for n in (7, 12, 5, 9):
+        ids = torch.randint(3, 500, (n,), generator=g).tolist()
+        w = torch.rand(n, generator=g).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:],
+                         "loss_weights": [0.0] * (n // 2) + w[n // 2:]})
+    sft = build_objective("weighted_sft", {})
+
+    def run(batch):
+        tiny_model.zero_grad()
+        out = sft.compute(tiny_model, batch)
+        out.loss_sum.backward()
+        return out, {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+
+    padded, g_pad = run(collate_sft(examples, pad_id=2))
+    packed, g_pack = run(collate_packed(examples, pad_id=2, pack_length=24))
+    unweighted = build_objective("sft", {"loss_weights": "ignore"}).compute(tiny_model, collate_sft(examples, 2))
+    assert abs(float(padded.loss_sum - unweighted.loss_sum)) > 1e-3  # the weights matter
+    torch.testing.assert_close(packed.loss_sum, padded.loss_sum, rtol=1e-5, atol=1e-5)
+    for n in g_pad:
+        torch.testing.assert_close(g_pack[n], g_pad[n], rtol=1e-4, atol=1e-5)

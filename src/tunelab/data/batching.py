@@ -27,16 +27,45 @@ def pad_sequences(seqs: list[list[int]], value: int, side: str = "right") -> tor
     return out
 
 
+#: per-pair reference log-probs an encoded preference example may carry (tunelab.objectives.reference_cache)
+REFERENCE_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def _all_or_none(examples: list[dict], keys: tuple[str, ...], what: str) -> bool:
+    """True when every example carries `keys`, False when none does; a mix is an error (never a silent fallback)."""
+    have = [all(k in e for k in keys) for e in examples]
+    if all(have):
+        return True
+    if any(have):
+        raise ValueError(f"some examples of the batch carry {what} and some do not")
+    return False
+
+
 def collate_sft(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """input_ids / attention_mask / labels, right-padded: [B, T_max]."""
+    """input_ids / attention_mask / labels, right-padded: [B, T_max].
+
+    Examples that carry `loss_weights` (one float per token, aligned with `labels`: weight t scales the loss
+    of the label at t) give a `loss_weights` [B, T_max] fp32 tensor too, 0 on padding.
+    """
     ids = pad_sequences([e["input_ids"] for e in examples], pad_id)
     labels = pad_sequences([e["labels"] for e in examples], IGNORE_INDEX)
     mask = pad_sequences([[1] * len(e["input_ids"]) for e in examples], 0)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if _all_or_none(examples, ("loss_weights",), "per-token loss_weights"):
+        w = torch.zeros(labels.shape, dtype=torch.float32)
+        for i, e in enumerate(examples):
+            w[i, : len(e["loss_weights"])] = torch.tensor(e["loss_weights"], dtype=torch.float32)
+        out["loss_weights"] = w
+    return out
 
 
 def collate_preference(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """chosen_* and rejected_* tensors, each [B, T_max] and padded to one shared width."""
+    """chosen_* and rejected_* tensors, each [B, T_max] and padded to one shared width.
+
+    Examples that carry precomputed reference log-probs (`ref_chosen_logps`, `ref_rejected_logps`: one float
+    each, see `tunelab.objectives.reference_cache`) give them as [B] fp32 tensors too; a batch that mixes
+    cached and uncached pairs is an error (it would silently fall back to a live reference).
+    """
     width = max(max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples)
     out = {}
     for side in ("chosen", "rejected"):
@@ -46,6 +75,9 @@ def collate_preference(examples: list[dict], pad_id: int) -> dict[str, torch.Ten
         out[f"{side}_input_ids"] = torch.tensor(ids, dtype=torch.long)
         out[f"{side}_labels"] = torch.tensor(labels, dtype=torch.long)
         out[f"{side}_attention_mask"] = torch.tensor(mask, dtype=torch.long)
+    if _all_or_none(examples, REFERENCE_KEYS, "cached reference log-probs"):
+        for k in REFERENCE_KEYS:
+            out[k] = torch.tensor([e[k] for e in examples], dtype=torch.float32)
     return out
 
 
@@ -72,7 +104,8 @@ def collate_packed(examples: list[dict], pad_id: int, pack_length: int = 512) ->
     mask is passed, which makes transformers build a block-diagonal causal mask (its packed-sequence
     path), so no token attends across examples. The first label of every example is masked, exactly as
     the causal shift ignores it when unpacked: loss and gradients equal the padded batch's.
-    Shapes: input_ids / labels / position_ids / real_token_mask [rows, width].
+    Shapes: input_ids / labels / position_ids / real_token_mask [rows, width] (and `loss_weights` when the
+    examples carry them, placed like the labels).
     """
     lengths = [len(e["input_ids"]) for e in examples]
     width = max(max(lengths), pack_length)
@@ -81,17 +114,24 @@ def collate_packed(examples: list[dict], pad_id: int, pack_length: int = 512) ->
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     real = torch.zeros((len(rows), width), dtype=torch.long)
+    weighted = _all_or_none(examples, ("loss_weights",), "per-token loss_weights")
+    weights = torch.zeros((len(rows), width), dtype=torch.float32) if weighted else None
     for r, members in enumerate(rows):
         at = 0
         for i in members:
             n = lengths[i]
             ids[r, at: at + n] = torch.tensor(examples[i]["input_ids"])
             labels[r, at + 1: at + n] = torch.tensor(examples[i]["labels"][1:])
+            if weights is not None:
+                weights[r, at + 1: at + n] = torch.tensor(examples[i]["loss_weights"][1:], dtype=torch.float32)
             pos[r, at: at + n] = torch.arange(n)
             real[r, at: at + n] = 1
             at += n
         pos[r, at:] = torch.arange(width - at)  # the padding tail is a document of its own
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "real_token_mask": real}
+    out = {"input_ids": ids, "labels": labels, "position_ids": pos, "real_token_mask": real}
+    if weights is not None:
+        out["loss_weights"] = weights
+    return out
 
 
 COLLATORS = {"sft": collate_sft, "preference": collate_preference, "packed": collate_packed}

@@ -15,6 +15,10 @@ Unified examples:
 
 Every record carries its origin (file and line, or dataset index) so that a malformed one stops the
 run with an error naming file, line and field.
+
+Token weights: a chat or text record may carry `loss_weights`, a number (every target token of the
+example) or a list of numbers (one per target token, in order; `tunelab.data.encode` checks the count).
+The objective multiplies each target token's loss by its weight (token-weighted CE, docs/objectives.md).
 """
 
 from __future__ import annotations
@@ -37,12 +41,14 @@ class DataError(ValueError):
 class ChatExample:
     messages: list[dict[str, str]]
     origin: str = ""
+    loss_weights: float | list[float] | None = None  # per target token (a list) or for all of them (a number)
 
 
 @dataclass
 class TextExample:
     text: str
     origin: str = ""
+    loss_weights: float | list[float] | None = None
 
 
 @dataclass
@@ -118,8 +124,30 @@ def _messages(rec: Record, value: Any, name: str) -> list[dict[str, str]]:
     return out
 
 
+def _loss_weights(rec: Record) -> float | list[float] | None:
+    """The record's optional `loss_weights`: a non-negative number or a list of them."""
+    value = rec.data.get("loss_weights")
+    if value is None:
+        return None
+    ok = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    if ok(value):
+        return float(value)
+    if isinstance(value, list) and value and all(ok(v) for v in value):
+        return [float(v) for v in value]
+    raise DataError(f"{rec.origin}: field 'loss_weights' must be a non-negative number or a non-empty list of them")
+
+
 def to_example(rec: Record, fmt: str, system_prompt: str | None = None):
     """One raw record -> ChatExample | TextExample | PreferenceExample."""
+    ex = _to_example(rec, fmt, system_prompt)
+    if "loss_weights" in rec.data and rec.data["loss_weights"] is not None:
+        if isinstance(ex, PreferenceExample):
+            raise DataError(f"{rec.origin}: field 'loss_weights' is for SFT data (chat or text), not preference pairs")
+        ex.loss_weights = _loss_weights(rec)
+    return ex
+
+
+def _to_example(rec: Record, fmt: str, system_prompt: str | None = None):
     sys_msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
     if fmt == "text":
         return TextExample(_field(rec, "text"), rec.origin)

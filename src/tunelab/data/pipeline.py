@@ -47,21 +47,30 @@ def load_examples(spec: DatasetSpec, data_cfg: DataConfig) -> list:
 def encode_spec(tokenizer, spec: DatasetSpec, data_cfg: DataConfig) -> tuple[list[dict], EncodeStats]:
     examples = load_examples(spec, data_cfg)
     encoded, stats = encode_examples(tokenizer, examples, max_length=data_cfg.max_length,
-                                     truncation=data_cfg.truncation, loss_mask=data_cfg.loss_mask)
+                                     truncation=data_cfg.truncation, loss_mask=data_cfg.loss_mask,
+                                     prompt_loss_weight=data_cfg.prompt_loss_weight)
     if not encoded:
         raise DataError(f"dataset {spec.builtin or spec.path}: nothing left after encoding ({stats.summary()})")
     return encoded, stats
 
 
 def eval_items(spec: DatasetSpec, data_cfg: DataConfig) -> list[EvalItem]:
-    """Held-out items for exact match: the prompt turns and the reference final answer."""
-    from tunelab.data.formats import ChatExample
+    """Held-out items for exact match: the prompt turns and the reference final answer.
+
+    Chat examples: the turns before the last one, answer = the record's `answer` or the last turn.
+    Preference pairs: the prompt turns, answer = the record's `answer` or the chosen response (so a
+    preference task's eval split scores generations with the base task's checker).
+    """
+    from tunelab.data.formats import ChatExample, PreferenceExample
 
     records = load_spec_records(spec)
     items = []
     for rec, ex in zip(records, records_to_examples(records, spec, data_cfg)):
-        if not isinstance(ex, ChatExample):
+        if isinstance(ex, ChatExample):
+            prompt, last = ex.messages[:-1], ex.messages[-1]["content"]
+        elif isinstance(ex, PreferenceExample) and ex.prompt and len(ex.chosen) == 1:
+            prompt, last = ex.prompt, ex.chosen[0]["content"]
+        else:
             continue
-        answer = rec.data.get("answer", ex.messages[-1]["content"])
-        items.append(EvalItem(ex.messages[:-1], str(answer), spec.builtin))
+        items.append(EvalItem(prompt, str(rec.data.get("answer", last)), spec.builtin))
     return items

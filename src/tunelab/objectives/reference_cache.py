@@ -160,18 +160,11 @@ def attach_reference_logps(encoded_pairs: list[dict], logps: dict[str, torch.Ten
 def collate_preference_with_reference(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """`collate_preference` plus `ref_chosen_logps` / `ref_rejected_logps` [B] fp32 when the examples carry them.
 
-    This is the behaviour `tunelab.data.batching.collate_preference` needs for the cache to reach the
-    objective; examples that mix cached and uncached pairs are an error (a half-cached batch would
-    silently fall back to a live reference for all of it).
+    `tunelab.data.batching.collate_preference` (the training and evaluation collator) does this itself; the
+    name is kept for callers that want to say so. Examples that mix cached and uncached pairs are an error
+    (a half-cached batch would silently fall back to a live reference for all of it).
     """
-    out = _pad_batch(examples, pad_id)
-    have = [all(k in e for k in KEYS) for e in examples]
-    if all(have):
-        for k in KEYS:
-            out[k] = torch.tensor([e[k] for e in examples], dtype=torch.float32)
-    elif any(have):
-        raise ValueError("some examples of the batch carry cached reference log-probs and some do not")
-    return out
+    return _pad_batch(examples, pad_id)
 
 
 __all__ = [
