@@ -256,9 +256,12 @@ def tasks():
     from tunelab.data.builtin import list_tasks
     from tunelab.data.builtin.base import generate
 
+    width = max(len(t.name) for t in list_tasks())
+    skill_width = max(len(t.skill) for t in list_tasks())
     for t in list_tasks():
         ex = generate(t, "eval", 1, 0)[0]
-        typer.echo(f"{t.name:<16} {t.skill:<26} e.g. {ex.prompt!r} -> {ex.answer!r}")
+        rejected = f" (rejected: {ex.rejected!r})" if getattr(ex, "rejected", None) else ""
+        typer.echo(f"{t.name:<{width}} {t.skill:<{skill_width}} e.g. {ex.prompt!r} -> {ex.answer!r}{rejected}")
 
 
 def _register_plugins() -> None:

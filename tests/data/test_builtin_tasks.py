@@ -198,6 +198,10 @@ CHECK_CASES = {
 }
 
 
+# a preference variant scores generations with its base task's checker: the same cases apply
+CHECK_CASES.update({f"{name}_pref": cases for name, cases in list(CHECK_CASES.items())})
+
+
 def test_every_task_has_hand_written_check_cases() -> None:
     assert set(CHECK_CASES) == set(TASK_NAMES)
 

@@ -2,7 +2,9 @@
 
 ``get_task(name)`` returns a task by name; ``generate(task, split, n, seed)`` gives
 deterministic, train/eval-disjoint items. ``date_format`` is the quickstart task: the default
-model fails it zero-shot and learns it with a few minutes of LoRA on a CPU.
+model fails it zero-shot and learns it with a few minutes of LoRA on a CPU. Every task with a corruption
+table also has a preference variant ``<name>_pref`` (``date_format_pref``, ...: chosen = the reference
+answer, rejected = a plausible mistake; see ``preference.py``), registered after the base tasks.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from tunelab.data.builtin.acronym import AcronymTask
 from tunelab.data.builtin.arithmetic import ArithmeticTask
 from tunelab.data.builtin.base import BuiltinTask, TaskItem, generate, split_of, to_records
 from tunelab.data.builtin.date_format import DateFormatTask
+from tunelab.data.builtin.preference import PREFERENCE_TASKS
 from tunelab.data.builtin.reverse_words import ReverseWordsTask
 from tunelab.data.builtin.sort_numbers import SortNumbersTask
 
@@ -27,6 +30,7 @@ _TASKS: dict[str, BuiltinTask] = {
         AcronymTask(),
     )
 }
+_TASKS.update(PREFERENCE_TASKS)  # date_format_pref, arithmetic_pref, ...: after their base tasks
 
 
 def get_task(name: str) -> BuiltinTask:

@@ -108,5 +108,7 @@ def generate(task: BuiltinTask, split: Split, n: int, seed: int = 0) -> list[Tas
 
 
 def to_records(items: list[TaskItem]) -> list[dict]:
-    """Prompt/completion records for the data pipeline (``answer`` kept for the checker)."""
-    return [{"prompt": it.prompt, "completion": it.answer, "answer": it.answer} for it in items]
+    """Records for the data pipeline (``answer`` kept for the checker): prompt/completion records, or the
+    item's own record where it has one (preference items: ``{"prompt", "chosen", "rejected", "answer"}``)."""
+    return [it.to_record() if hasattr(it, "to_record")
+            else {"prompt": it.prompt, "completion": it.answer, "answer": it.answer} for it in items]

@@ -24,7 +24,7 @@ from typing import Callable
 
 from tunelab.data.builtin.acronym import AcronymTask
 from tunelab.data.builtin.arithmetic import ArithmeticTask
-from tunelab.data.builtin.base import BuiltinTask, TaskItem, normalize
+from tunelab.data.builtin.base import BuiltinTask, TaskItem, normalize, to_records
 from tunelab.data.builtin.date_format import DateFormatTask
 from tunelab.data.builtin.reverse_words import ReverseWordsTask
 from tunelab.data.builtin.sort_numbers import SortNumbersTask
@@ -45,12 +45,9 @@ class PreferenceItem(TaskItem):
 
 
 def to_preference_records(items: list[TaskItem]) -> list[dict]:
-    """Records for the data pipeline: preference records for ``PreferenceItem``s, prompt/completion otherwise."""
-    return [
-        it.to_record() if isinstance(it, PreferenceItem)
-        else {"prompt": it.prompt, "completion": it.answer, "answer": it.answer}
-        for it in items
-    ]
+    """Records for the data pipeline: preference records for ``PreferenceItem``s, prompt/completion otherwise
+    (the same as ``base.to_records``, which the pipeline uses)."""
+    return to_records(items)
 
 
 class PreferenceTask(BuiltinTask):
