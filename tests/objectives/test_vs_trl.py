@@ -23,7 +23,17 @@ import pytest
 import torch
 
 from tunelab.objectives.distill import token_kl
-from tunelab.objectives.preference import dpo_sigmoid, hinge, ipo, kto, kto_kl_estimate, orpo, robust_dpo, simpo
+from tunelab.objectives.preference import (
+    dpo_sigmoid,
+    hinge,
+    ipo,
+    kto,
+    kto_kl_estimate,
+    orpo,
+    robust_dpo,
+    rpo_nll,
+    simpo,
+)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -103,8 +113,10 @@ def _data(seed=0, b=4):
     return pol_c, pol_r, ref_c, ref_r, n_c, n_r
 
 
-def _trl_dpo(loss_type, beta, label_smoothing, pol_c, pol_r, ref_c, ref_r, n_c, n_r):
-    """TRL's DPOTrainer._compute_loss on these log-probs -> (mean loss, mean chosen reward, mean rejected reward)."""
+def _trl_dpo(loss_type, beta, label_smoothing, pol_c, pol_r, ref_c, ref_r, n_c, n_r, loss_weights=(1.0,)):
+    """TRL's DPOTrainer._compute_loss on these log-probs -> (mean loss, mean chosen reward, mean rejected reward).
+
+    `loss_type` may be a list (TRL's multi-loss combination, weighted by `loss_weights`)."""
     tr = object.__new__(DPOTrainer)
     totals = torch.cat([pol_c, pol_r]).tolist()
     ids, att, comp, lp = _sequences(totals, torch.cat([n_c, n_r]).tolist())
@@ -115,8 +127,8 @@ def _trl_dpo(loss_type, beta, label_smoothing, pol_c, pol_r, ref_c, ref_r, n_c, 
     tr.ld_alpha = None
     tr.precompute_ref_logps = True
     tr.f_divergence_type = "reverse_kl"
-    tr.loss_types = [loss_type]
-    tr.loss_weights = [1.0]
+    tr.loss_types = list(loss_type) if isinstance(loss_type, (list, tuple)) else [loss_type]
+    tr.loss_weights = list(loss_weights)
     tr.beta = beta
     tr.label_smoothing = label_smoothing
     tr.use_weighting = False
@@ -164,6 +176,28 @@ def test_dpo_family_vs_trl_dpotrainer(loss_type, beta, ls, seed):
         _record(f"DPOTrainer[{loss_type}] per pair", ours.losses[i], loss)
         _record(f"DPOTrainer[{loss_type}] rewards", ours.chosen_rewards[i], rew_c)
         _record(f"DPOTrainer[{loss_type}] rewards", ours.rejected_rewards[i], rew_r)
+
+
+def test_rpo_alpha_vs_trl():
+    """DPO + rpo_alpha * NLL(chosen): TRL's `rpo_alpha` is, in TRL 1.16, loss_type=["sigmoid", "sft"] with
+    loss_weights=[1, alpha]; its "sft" term is the chosen NLL's token mean over the batch, ours the per-pair
+    mean (RPO's Eq. 2). Equal per pair, and on a batch whose chosen responses have equal lengths."""
+    alpha, beta = 0.7, 0.1
+    pc, pr, rc, rr, nc, nr = _data(seed=8)
+    ours = dpo_sigmoid(pc, pr, rc, rr, beta).losses + alpha * rpo_nll(pc, nc)
+    torch.testing.assert_close(rpo_nll(pc, nc), -pc / nc.to(D))  # the chosen response's NLL per token
+    for i in range(4):
+        s = slice(i, i + 1)
+        loss, _, _ = _trl_dpo(["sigmoid", "sft"], beta, 0.0, pc[s], pr[s], rc[s], rr[s], nc[s], nr[s],
+                              loss_weights=(1.0, alpha))
+        _record("DPOTrainer[sigmoid + alpha * sft] per pair (rpo_alpha)", ours[i], loss)
+    same = torch.full_like(nc, 5)
+    ours_same = dpo_sigmoid(pc, pr, rc, rr, beta).losses + alpha * rpo_nll(pc, same)
+    loss, _, _ = _trl_dpo(["sigmoid", "sft"], beta, 0.0, pc, pr, rc, rr, same, nr, loss_weights=(1.0, alpha))
+    _record("DPOTrainer[sigmoid + alpha * sft] batch, equal chosen lengths", ours_same.mean(), loss)
+    # unequal lengths: TRL's batch token mean weights long responses more; ours is the mean over pairs
+    loss, _, _ = _trl_dpo(["sigmoid", "sft"], beta, 0.0, pc, pr, rc, rr, nc, nr, loss_weights=(1.0, alpha))
+    assert len(set(nc.tolist())) > 1 and abs(float(ours.mean()) - float(loss)) > 1e-3
 
 
 def _cpo(loss_type, beta, label_smoothing, simpo_gamma=0.5):

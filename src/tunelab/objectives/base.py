@@ -45,6 +45,18 @@ class Objective:
     def compute(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], ref: Any = None) -> ObjectiveOutput:
         raise NotImplementedError
 
+    def reference_use(self) -> str:
+        """What the objective needs of a reference model (the runner sets it up; docs/objectives.md, References):
+
+        "none"   no reference (plain SFT, SimPO, ORPO);
+        "logps"  summed response log-probs of the training pairs only (DPO): the adapter-disabled base under an
+                 adapter method, else precomputed once (`reference_cache`);
+        "live"   a model run during training on sequences not known in advance (KTO, the SFT KL anchor): the
+                 adapter-disabled base under an adapter method, else a frozen copy;
+        "model"  a separate model even under an adapter (distillation's teacher).
+        """
+        return "none"
+
 
 _OBJECTIVES: dict[str, type[Objective]] = {}
 

@@ -74,6 +74,9 @@ class DistillOptions(ObjectiveOptions):
     direction: Literal["forward", "reverse"] = "forward"
     kl_weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(0.0, ge=0)  # weight of the hard-label cross-entropy on the same tokens
+    # the teacher in a recipe: a model name_or_path (same tokenizer) loaded by the runner; None = a frozen copy of
+    # the initial student (self-distillation, an anchor to the starting point)
+    teacher: str | None = None
 
 
 @register_objective("distill", paper="https://arxiv.org/abs/1503.02531")
@@ -90,6 +93,9 @@ class Distill(Objective):
     Config = DistillOptions
     unit = "token"
     batch_kind = "sft"
+
+    def reference_use(self) -> str:
+        return "model"
 
     def _teacher(self, ref):
         teacher = self.context.get("teacher")

@@ -175,6 +175,18 @@ def robust_dpo(
     return PreferenceLoss(losses, *_rewards(pol_c, pol_r, ref_c, ref_r, beta))
 
 
+def rpo_nll(pol_c: torch.Tensor, n_c: torch.Tensor) -> torch.Tensor:
+    """RPO's NLL term (Pang et al. 2024, https://arxiv.org/abs/2404.19733, Eq. 2): per pair, the chosen
+    response's negative log-likelihood divided by its length, -pol_c / n_c (n_c clamped to >= 1).
+
+    DPO with `rpo_alpha` adds alpha * rpo_nll per pair. This is TRL's `rpo_alpha` (TRL >= 1.x:
+    `loss_type=["sigmoid", "sft"], loss_weights=[1, alpha]`), whose "sft" term is the token mean of the chosen
+    NLL over the micro-batch; the two agree on any batch whose chosen responses have equal lengths (the
+    per-pair form keeps the sum-then-normalise contract of the loop at any batching).
+    """
+    return -pol_c / n_c.clamp(min=1).to(pol_c.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference-free losses
 # ----------------------------------------------------------------------------------------------
@@ -461,6 +473,7 @@ class DPOOptions(ObjectiveOptions):
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    rpo_alpha: float | None = Field(None, ge=0)  # RPO: + alpha * NLL of the chosen response per pair (TRL's rpo_alpha)
 
 
 @register_objective("dpo", paper="https://arxiv.org/abs/2305.18290")
@@ -469,12 +482,16 @@ class DPO(Objective):
 
     One forward of the policy on chosen+rejected concatenated; reference log-probs from
     `batch["ref_chosen_logps"/"ref_rejected_logps"]` if precomputed, else from `ref`, else from the
-    adapter-disabled policy (PEFT). Unit: one pair.
+    adapter-disabled policy (PEFT). Unit: one pair. With `rpo_alpha`, each pair's loss gains
+    `rpo_alpha * rpo_nll` (logged as `nll`), which keeps the chosen response likely (RPO).
     """
 
     Config = DPOOptions
     unit = "example"
     batch_kind = "preference"
+
+    def reference_use(self) -> str:
+        return "logps"
 
     def compute(self, model, batch, ref: Reference | None = None) -> ObjectiveOutput:
         cfg = self.config
@@ -492,8 +509,13 @@ class DPO(Objective):
             res = hinge(pol_c, pol_r, ref_c, ref_r, cfg.beta)
         else:
             res = robust_dpo(pol_c, pol_r, ref_c, ref_r, cfg.beta, cfg.label_smoothing)
+        losses, metrics = res.losses, _pair_metrics(res, pol_c, pol_r)
+        if cfg.rpo_alpha is not None:
+            nll = rpo_nll(pol_c, n_c)
+            losses = losses + cfg.rpo_alpha * nll
+            metrics["nll"] = nll.detach().sum()
         n = torch.tensor(pol_c.numel(), device=pol_c.device)
-        return ObjectiveOutput(loss_sum=res.losses.sum(), n_units=n, metrics=_pair_metrics(res, pol_c, pol_r))
+        return ObjectiveOutput(loss_sum=losses.sum(), n_units=n, metrics=metrics)
 
 
 class SimPOOptions(ObjectiveOptions):
@@ -570,6 +592,9 @@ class KTO(Objective):
     unit = "example"
     batch_kind = "preference"
 
+    def reference_use(self) -> str:
+        return "live"
+
     def compute(self, model, batch, ref: Reference | None = None) -> ObjectiveOutput:
         cfg = self.config
         if "desirable" in batch:
@@ -618,6 +643,7 @@ __all__ = [
     "ipo",
     "hinge",
     "robust_dpo",
+    "rpo_nll",
     "simpo",
     "orpo",
     "orpo_log_odds",
