@@ -1,15 +1,26 @@
-"""The main path: recipe -> model -> data -> eval before -> method -> train -> eval after -> export.
+"""The main path: recipe -> model -> data -> prepare (method, reference) -> eval before -> train -> eval after
+-> export.
 
 `run_recipe` is what `tunelab run` calls; `tunelab train`, `eval` and `export` call the pieces.
 Every step logs what it does; the run directory keeps everything (see tunelab.track.run).
+
+`prepare_workspace` applies the method and sets up what the objective needs of a reference model
+(`Objective.reference_use`), before the "before" evaluation, so that both evaluations score the same kind
+of model with the same reference:
+  * adapter methods: the base with the adapter disabled (no copy; the objectives' default, `ref` stays None);
+  * DPO on any other method: the reference log-probs of every training and evaluation pair, computed once with
+    the initial model and cached in the run directory (`objectives/reference_cache.py`), ride in the batches;
+  * a live reference on a non-adapter method (KTO, the SFT KL anchor of ASFT) and distillation's teacher: a
+    frozen copy of the initial model (`FrozenCopyReference`; the teacher may be another model).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +33,8 @@ from tunelab.objectives.base import Objective, build_objective
 from tunelab.recipe import Recipe, RecipeError, load_recipe, recipe_to_yaml
 from tunelab.track.run import new_run_dir, write_json
 from tunelab.train.loop import TrainResult, evaluate_loss, train
-from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for, restore_frozen_linears
+from tunelab.train.engine import configure_engine
+from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for, restore_frozen_weights
 
 log = logging.getLogger("tunelab")
 
@@ -73,6 +85,10 @@ class Workspace:
     train_data: list[dict] | None
     eval_data: list[dict] | None
     eval_items: list[EvalItem]
+    ref: Any = None  # the reference the loop and the evaluations pass to the objective (None: none or adapter-off)
+    prepared: Any = None  # the model after `method.prepare` (set by prepare_workspace)
+    params: dict = field(default_factory=dict)  # trainable / total parameter counts of the prepared model
+    engine: dict = field(default_factory=dict)  # what train.engine.configure_engine applied
 
 
 def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool = False, resume: bool = False,
@@ -100,7 +116,9 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
         accelerator.print(f"train data: {stats.summary()}")
     eval_data, items = None, []
     if recipe.data.eval is not None:
-        eval_data, stats = encode_spec(tokenizer, recipe.data.eval, recipe.data)
+        # held-out data is scored on the responses only: instruction-modelling weights are for training
+        eval_cfg = recipe.data.model_copy(update={"prompt_loss_weight": None})
+        eval_data, stats = encode_spec(tokenizer, recipe.data.eval, eval_cfg)
         if recipe.eval.n:
             eval_data = eval_data[: recipe.eval.n]
         if recipe.data.eval.builtin and recipe.eval.exact_match:
@@ -109,19 +127,38 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
     return Workspace(recipe, run_dir, accelerator, tokenizer, model, method, objective, train_data, eval_data, items)
 
 
+def _is_pairs(data: list[dict] | None) -> bool:
+    return bool(data) and "chosen_input_ids" in data[0]
+
+
 def evaluate(ws: Workspace, model, label: str) -> dict[str, Any]:
-    """Held-out loss, perplexity and (for built-in tasks) exact match; saved as eval_<label>.json."""
+    """Held-out metrics of `model`, saved as eval_<label>.json:
+
+    * SFT data: `eval_loss`, the plain cross-entropy per response token of the held-out examples whatever the
+      objective (a DFT, weighted or distillation loss is no perplexity), and `perplexity` = exp(eval_loss);
+    * preference pairs under a preference objective: `evaluate_preferences` (`reward_accuracy` = the
+      objective's `rewards/accuracies`, `preference_accuracy` = P(chosen) > P(rejected) under the policy,
+      margins, rewards, `logps/chosen`, `logps/rejected`, `pref_eval_loss`), with the run's reference;
+    * built-in tasks (a preference task too: its base task's checker): `exact_match` of greedy generations.
+    """
     from tunelab.evaluate.tasks import exact_match
+    from tunelab.objectives.preference_eval import evaluate_preferences
 
     results: dict[str, Any] = {"label": label}
     t0 = time.perf_counter()
-    if ws.eval_data:
-        loss = evaluate_loss(model, ws.objective, ws.eval_data, batch_size=ws.recipe.eval.batch_size,
-                             pad_id=ws.tokenizer.pad_token_id, device=ws.accelerator.device,
-                             precision=ws.recipe.train.precision)
+    device, precision = ws.accelerator.device, ws.recipe.train.precision
+    if _is_pairs(ws.eval_data) and ws.objective.batch_kind == "preference":
+        pref = evaluate_preferences(model, ws.objective, ws.eval_data, batch_size=ws.recipe.eval.batch_size,
+                                    pad_id=ws.tokenizer.pad_token_id, device=device, precision=precision, ref=ws.ref)
+        results.update(pref)
+        if "rewards/accuracies" in pref:
+            results["reward_accuracy"] = pref["rewards/accuracies"]
+    elif ws.eval_data and not _is_pairs(ws.eval_data):
+        ce = build_objective("sft", {"loss_weights": "ignore"})
+        loss = evaluate_loss(model, ce, ws.eval_data, batch_size=ws.recipe.eval.batch_size,
+                             pad_id=ws.tokenizer.pad_token_id, device=device, precision=precision)
         results["eval_loss"] = loss
-        if ws.objective.unit == "token":
-            results["perplexity"] = math.exp(min(loss, 50.0))
+        results["perplexity"] = math.exp(min(loss, 50.0))
     if ws.eval_items:
         results.update(exact_match(model, ws.tokenizer, ws.eval_items, max_new_tokens=ws.recipe.eval.max_new_tokens,
                                    batch_size=ws.recipe.eval.batch_size, precision=ws.recipe.train.precision))
@@ -131,24 +168,88 @@ def evaluate(ws: Workspace, model, label: str) -> dict[str, Any]:
     return results
 
 
-def train_workspace(ws: Workspace, *, resume: bool = False, on_step=None) -> tuple[Any, TrainResult, dict]:
-    """Prepare the model with the method and train it; returns (trained model, result, parameter counts)."""
+def model_key(recipe: Recipe) -> str:
+    """What identifies the initial model in the reference cache's hash (with the data and the precision)."""
+    m = recipe.model
+    return f"{m.name_or_path}|{m.gguf_file}|{m.revision}|{m.dtype}"
+
+
+def setup_reference(ws: Workspace) -> None:
+    """Give the objective its reference (see the module docstring); call with the INITIAL model, before
+    `method.prepare`. Sets `ws.ref`, or attaches cached reference log-probs to the training and eval pairs."""
+    from tunelab.objectives.preference import FrozenCopyReference
+    from tunelab.objectives.reference_cache import (
+        attach_reference_logps,
+        needs_reference_logps,
+        precompute_reference_logps,
+    )
+
+    use = ws.objective.reference_use()
+    adapter = getattr(ws.method, "is_adapter", False)
+    device, acc = ws.accelerator.device, ws.accelerator
+    if use == "model" or (use == "live" and not adapter):
+        teacher = getattr(ws.objective.config, "teacher", None)
+        if teacher:
+            ref_model = load_model(ws.recipe.model.model_copy(update={"name_or_path": teacher, "gguf_file": None,
+                                                                     "revision": None}))
+            what = f"the teacher {teacher}"
+        else:
+            ref_model = copy.deepcopy(ws.model)
+            what = "a frozen copy of the initial model"
+        ws.ref = FrozenCopyReference(ref_model.to(device))
+        cast_frozen_linears(ref_model, frozen_dtype_for(ws.recipe.train.frozen_dtype, ws.recipe.train.precision),
+                            everything=ws.recipe.train.frozen_cast == "all")
+        acc.print(f"reference: {what}")
+    elif use == "logps" and needs_reference_logps(ws.objective, ws.method):
+        ws.model.to(device)
+        sets = [("train", ws.train_data), ("eval", ws.eval_data if _is_pairs(ws.eval_data) else None)]
+        for name, data in sets:
+            if not data:
+                continue
+            kwargs = dict(batch_size=ws.recipe.eval.batch_size, pad_id=ws.tokenizer.pad_token_id, device=device,
+                          precision=ws.recipe.train.precision, cache_dir=ws.run_dir, model_key=model_key(ws.recipe))
+            if acc.is_main_process:  # computes (or loads) and writes the cache; the others then load it
+                logps = precompute_reference_logps(ws.model, data, **kwargs)
+            acc.wait_for_everyone()
+            if not acc.is_main_process:
+                logps = precompute_reference_logps(ws.model, data, **kwargs)
+            attach_reference_logps(data, logps)
+            acc.print(f"reference: log-probs of {len(data)} {name} pairs under the initial model, cached in the run "
+                      "directory")
+    elif use != "none":
+        acc.print("reference: the base model with the adapter disabled")
+
+
+def prepare_workspace(ws: Workspace):
+    """Set the reference up, calibrate and apply the method; returns the model to train (kept in `ws.prepared`).
+
+    Idempotent: the second call returns the same model. `run_recipe` calls it before the "before" evaluation,
+    which therefore scores the model training starts from (for LoRA-style adapters, whose update starts at
+    zero, that is the base model).
+    """
+    if ws.prepared is not None:
+        return ws.prepared
+    setup_reference(ws)
     torch.manual_seed(ws.recipe.train.seed)
     calibrate_method(ws.method, ws.model, ws.recipe, ws.train_data, ws.objective, ws.tokenizer.pad_token_id,
                      world_size=ws.accelerator.num_processes)
     model = ws.method.prepare(ws.model)
-    cast_frozen_linears(model, frozen_dtype_for(ws.recipe.train.frozen_dtype, ws.recipe.train.precision))
-    if ws.recipe.train.gradient_checkpointing:
-        # non-reentrant checkpointing works with frozen inputs (adapters) without enable_input_require_grads
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ws.engine = configure_engine(model, ws.recipe.train, ws.accelerator.device)
     trainable, total = count_parameters(model)
-    params = {"trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total}
+    ws.params = {"trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total}
     ws.accelerator.print(f"method {ws.method.name}: {trainable:,} trainable of {total:,} parameters "
-                         f"({params['trainable_pct']:.3f}%)")
+                         f"({ws.params['trainable_pct']:.3f}%)")
+    ws.prepared = model
+    return model
+
+
+def train_workspace(ws: Workspace, *, resume: bool = False, on_step=None) -> tuple[Any, TrainResult, dict]:
+    """Prepare the model (if `prepare_workspace` has not) and train it; returns (trained model, result, counts)."""
+    model = prepare_workspace(ws)
     result = train(ws.recipe, model, ws.method, ws.objective, ws.train_data, run_dir=ws.run_dir,
                    accelerator=ws.accelerator, pad_id=ws.tokenizer.pad_token_id, eval_data=ws.eval_data,
-                   resume=resume, on_step=on_step)
-    return model, result, params
+                   resume=resume, ref=ws.ref, on_step=on_step)
+    return model, result, ws.params
 
 
 def calibrate_method(method: Method, model, recipe: Recipe, train_data: list[dict], objective: Objective,
@@ -177,14 +278,26 @@ def calibrate_method(method: Method, model, recipe: Recipe, train_data: list[dic
         method.calibrate(model, batches)
 
 
+TABLE_ROWS = (  # (key in eval_<label>.json, label, shown as a percentage)
+    ("exact_match", "exact match", True),
+    ("reward_accuracy", "reward accuracy", True),
+    ("preference_accuracy", "preference accuracy", True),
+    ("rewards/margins", "reward margin", False),
+    ("logps/chosen", "log-prob chosen", False),
+    ("logps/rejected", "log-prob rejected", False),
+    ("eval_loss", "held-out loss", False),
+    ("perplexity", "perplexity", False),
+)
+
+
 def format_table(before: dict | None, after: dict | None) -> str:
     rows = []
-    for key, label in (("exact_match", "exact match"), ("eval_loss", "held-out loss"), ("perplexity", "perplexity")):
+    for key, label, pct in TABLE_ROWS:
         b = before.get(key) if before else None
         a = after.get(key) if after else None
         if b is None and a is None:
             continue
-        fmt = (lambda v: f"{100 * v:.1f}%") if key == "exact_match" else (lambda v: f"{v:.4f}")
+        fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.4f}")
         rows.append((label, fmt(b) if b is not None else "-", fmt(a) if a is not None else "-"))
     if not rows:
         return "(no evaluation)"
@@ -203,15 +316,16 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
     ws = open_workspace(recipe, run_dir=run_dir, overwrite=overwrite, resume=resume)
     main = ws.accelerator.is_main_process
     before = after = None
+    model = prepare_workspace(ws)  # method applied and reference set up: "before" sees the starting point
     if recipe.eval.before and not resume and main:
         print("evaluating the base model ...")
-        before = evaluate(ws, ws.model, "before")
+        before = evaluate(ws, model, "before")
     elif resume and (ws.run_dir / "eval_before.json").is_file():
         import json
 
         before = json.loads((ws.run_dir / "eval_before.json").read_text())
     ws.accelerator.wait_for_everyone()
-    model, result, params = train_workspace(ws, resume=resume)
+    model, result, params = train_workspace(ws, resume=resume)  # trains `model` (ws.prepared)
     if recipe.eval.after and main:
         print("evaluating the trained model ...")
         after = evaluate(ws, model, "after")
@@ -220,7 +334,7 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
         print("exporting ...")
         if recipe.export.merged:
             # frozen weights were stored in bf16 for training: merge into the original full-precision base
-            restore_frozen_linears(model, load_model(recipe.model).state_dict())
+            restore_frozen_weights(model, load_model(recipe.model).state_dict())
         exports = export_all(ws.method, model, ws.tokenizer, ws.run_dir / "export",
                              adapter=recipe.export.adapter, merged=recipe.export.merged)
     summary = {

@@ -171,45 +171,88 @@ def test_dpo_lora_raises_reward_accuracy(tiny_model_dir, tmp_path):
     assert abs(x["rewards/margins"] - (x["rewards/chosen"] - x["rewards/rejected"])) < 1e-5
 
 
+def _losses(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_dpo_full_finetune_uses_the_reference_cache(tiny_model_dir, tmp_path, monkeypatch):
-    from tunelab.data import batching
-    from tunelab.runner import open_workspace, train_workspace
+    """Full fine-tuning + DPO through the runner: reference log-probs precomputed once and cached in the run
+    directory (training and eval pairs), equal step by step to training against an explicit frozen copy."""
+    import tunelab.runner as runner
+    from tunelab.runner import open_workspace, run_recipe
 
     data = write_pairs(tmp_path / "pairs.jsonl", 16)
+    held = write_pairs(tmp_path / "held.jsonl", 6, seed=1)
     d = tiny_recipe_dict(tiny_model_dir, tmp_path / "runs", objective={"name": "dpo"}, method={"name": "full"},
-                         data={"train": {"path": str(data)}, "eval": None},
-                         train={"max_steps": 4, "lr": 1e-3, "batch_size": 4})
-    ws = open_workspace(Recipe.model_validate(d))
+                         data={"train": {"path": str(data)}, "eval": {"path": str(held)}},
+                         train={"max_steps": 4, "lr": 1e-3, "batch_size": 4}, export={"merged": False},
+                         eval={"before": False})
+    ws = open_workspace(Recipe.model_validate({**d, "name": "bare"}))
     assert needs_reference_logps(ws.objective, ws.method)
     with pytest.raises(ValueError, match="needs a reference"):  # no adapter, no cache: a clear error
         ws.objective.compute(ws.model, collate_preference(ws.train_data[:2], ws.tokenizer.pad_token_id))
-    # what the runner is to do for non-adapter methods (see the report): precompute, attach, collate
-    logps = precompute_reference_logps(ws.model, ws.train_data, batch_size=8, pad_id=ws.tokenizer.pad_token_id,
-                                       precision="fp32", cache_dir=ws.run_dir, model_key=str(tiny_model_dir))
-    attach_reference_logps(ws.train_data, logps)
-    assert len(list(ws.run_dir.glob("reference_logps-*.safetensors"))) == 1
-    monkeypatch.setitem(batching.COLLATORS, "preference", collate_preference_with_reference)
-    train_workspace(ws)
-    lines = _metrics(ws)
+
+    cached = run_recipe(Recipe.model_validate({**d, "name": "cached"}))
+    run_dir = tmp_path / "runs" / "cached"
+    assert len(list(run_dir.glob("reference_logps-*.safetensors"))) == 2  # train pairs + eval pairs
+    lines = _losses(run_dir)
     # step 1: the cached values are exactly the initial policy's, so DPO starts at log 2 with zero rewards
     assert abs(lines[0]["loss"] - LOG2) < 1e-5 and abs(lines[0]["rewards/chosen"]) < 1e-6
     assert lines[-1]["rewards/margins"] > 0 and lines[-1]["loss"] < LOG2
+    assert cached["after"]["pairs"] == 6 and "reward_accuracy" in cached["after"]
+
+    def frozen_copy(ws):  # the explicit alternative: a second model in memory, run at every step
+        ws.ref = FrozenCopyReference(copy.deepcopy(ws.model))
+
+    monkeypatch.setattr(runner, "setup_reference", frozen_copy)
+    explicit = run_recipe(Recipe.model_validate({**d, "name": "copy"}))
+    assert not list((tmp_path / "runs" / "copy").glob("reference_logps-*"))
+    for a, b in zip(lines, _losses(tmp_path / "runs" / "copy"), strict=True):
+        for k in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+            assert abs(a[k] - b[k]) < 1e-5, (k, a[k], b[k])
+    for k in ("reward_accuracy", "preference_accuracy", "rewards/margins", "pref_eval_loss"):
+        assert abs(cached["after"][k] - explicit["after"][k]) < 1e-5, k
+
+
+@pytest.mark.parametrize("objective,method,expect", [
+    ({"name": "kto"}, {"name": "full"}, "a frozen copy of the initial model"),
+    ({"name": "asft"}, {"name": "full"}, "a frozen copy of the initial model"),
+    ({"name": "kto"}, {"name": "lora", "r": 4}, "the base model with the adapter disabled"),
+    ({"name": "dpo"}, {"name": "lora", "r": 4}, "the base model with the adapter disabled"),
+])
+def test_runner_picks_the_reference(objective, method, expect, tiny_model_dir, tmp_path, capsys):
+    from tunelab.objectives.preference import FrozenCopyReference
+    from tunelab.runner import open_workspace, train_workspace
+
+    pairs = objective["name"] != "asft"
+    train = {"path": str(write_pairs(tmp_path / "pairs.jsonl", 8))} if pairs else {"builtin": "date_format", "n": 8}
+    d = tiny_recipe_dict(tiny_model_dir, tmp_path / "runs", objective=objective, method=method,
+                         data={"train": train, "eval": None}, train={"max_steps": 2, "lr": 1e-3, "batch_size": 4})
+    ws = open_workspace(Recipe.model_validate(d))
+    model, result, _ = train_workspace(ws)
+    assert f"reference: {expect}" in capsys.readouterr().out
+    assert math.isfinite(result.final_loss)
+    if "copy" in expect:
+        assert isinstance(ws.ref, FrozenCopyReference) and ws.ref.model is not model
+        assert not any(p.requires_grad for p in ws.ref.model.parameters())
+    else:
+        assert ws.ref is None
+
+
+def test_distill_teacher_from_the_recipe(tiny_model_dir, tmp_path, capsys):
+    from tunelab.runner import open_workspace, train_workspace
+
+    d = tiny_recipe_dict(tiny_model_dir, tmp_path / "runs", objective={"name": "distill", "teacher": str(tiny_model_dir)},
+                         data={"train": {"builtin": "date_format", "n": 8}, "eval": None},
+                         train={"max_steps": 2, "batch_size": 4})
+    ws = open_workspace(Recipe.model_validate(d))
+    _, result, _ = train_workspace(ws)
+    assert f"reference: the teacher {tiny_model_dir}" in capsys.readouterr().out
+    lines = _losses(ws.run_dir)
+    assert lines[0]["kl"] < 1e-6  # the teacher is the same checkpoint: LoRA starts as the teacher
 
 
 # -- the built-in preference tasks ------------------------------------------------------------------
-
-
-@pytest.fixture
-def preference_tasks(monkeypatch):
-    """Register the preference tasks as data/builtin/__init__.py and base.to_records will (see the report)."""
-    import tunelab.data.builtin as builtin
-    from tunelab.data.builtin import base
-    from tunelab.data.builtin.preference import PREFERENCE_TASKS, to_preference_records
-
-    for name, task in PREFERENCE_TASKS.items():
-        monkeypatch.setitem(builtin._TASKS, name, task)
-    monkeypatch.setattr(base, "to_records", to_preference_records)
-    return PREFERENCE_TASKS
 
 
 def test_preference_task_items():
@@ -240,20 +283,68 @@ def test_preference_task_items():
     assert abs((dt.date.fromisoformat(it.rejected) - dt.date.fromisoformat(it.answer)).days) == 1
 
 
-def test_builtin_preference_task_trains_with_dpo(tiny_model_dir, tmp_path, preference_tasks):
-    from tunelab.runner import evaluate, open_workspace, train_workspace
+def test_preference_tasks_are_registered():
+    from tunelab.data.builtin import get_task, list_tasks
+    from tunelab.data.builtin.base import generate, to_records
+    from tunelab.data.builtin.preference import PREFERENCE_TASKS
 
-    d = tiny_recipe_dict(tiny_model_dir, tmp_path / "runs", objective={"name": "dpo"},
+    names = [t.name for t in list_tasks()]
+    assert set(PREFERENCE_TASKS) <= set(names) and names.index("date_format") < names.index("date_format_pref")
+    task = get_task("date_format_pref")
+    rec = to_records(generate(task, "eval", 1))[0]
+    assert set(rec) == {"prompt", "chosen", "rejected", "answer"}
+    assert task.check(rec["chosen"], rec["answer"]) and not task.check(rec["rejected"], rec["answer"])
+
+
+def test_preference_eval_items_score_the_base_task(tiny_model_dir):
+    from tunelab.data.pipeline import eval_items
+    from tunelab.evaluate.tasks import checker_for
+    from tunelab.recipe import DataConfig, DatasetSpec
+
+    items = eval_items(DatasetSpec(builtin="date_format_pref", split="eval", n=5), DataConfig())
+    assert len(items) == 5 and all(it.task == "date_format_pref" for it in items)
+    assert items[0].messages == [{"role": "user", "content": items[0].messages[0]["content"]}]
+    assert "YYYY-MM-DD" in items[0].messages[0]["content"]
+    check = checker_for("date_format_pref")
+    assert check(items[0].answer, items[0].answer) and not check(f"The date is {items[0].answer}.", items[0].answer)
+
+
+@pytest.mark.slow
+def test_tunelab_run_dpo_recipe_end_to_end(tiny_model_dir, tmp_path):
+    """`tunelab run` with a DPO recipe on a built-in preference task: before/after exact match of the base
+    task, reward accuracy and preference accuracy, in the table and in summary.json."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    d = tiny_recipe_dict(tiny_model_dir, tmp_path / "runs", objective={"name": "dpo", "beta": 0.1, "rpo_alpha": 1.0},
                          data={"train": {"builtin": "date_format_pref", "n": 16},
                                "eval": {"builtin": "date_format_pref", "split": "eval", "n": 4}},
-                         train={"max_steps": 2, "batch_size": 4})
-    ws = open_workspace(Recipe.model_validate(d))
-    assert len(ws.train_data) == 16 and set(ws.train_data[0]) == {"chosen_input_ids", "chosen_labels",
-                                                                 "rejected_input_ids", "rejected_labels"}
-    model, result, _ = train_workspace(ws)
-    assert result.steps == 2 and math.isfinite(result.final_loss)
-    after = evaluate(ws, model, "after")
-    assert math.isfinite(after["eval_loss"]) and "perplexity" not in after  # unit: pairs
+                         train={"max_steps": 3, "batch_size": 4, "lr": 1e-2}, name="dpo-e2e")
+    recipe = tmp_path / "dpo.yaml"
+    recipe.write_text(yaml.safe_dump(d))
+    res = CliRunner().invoke(app, ["run", str(recipe)])
+    assert res.exit_code == 0, res.output
+    for row in ("exact match", "reward accuracy", "preference accuracy", "log-prob chosen"):
+        assert row in res.output
+    assert "perplexity" not in res.output and "held-out loss" not in res.output  # pairs: no perplexity
+    run = tmp_path / "runs" / "dpo-e2e"
+    summary = json.loads((run / "summary.json").read_text())
+    for when in ("before", "after"):
+        m = summary[when]
+        assert {"exact_match", "reward_accuracy", "preference_accuracy", "logps/chosen", "nll"} <= set(m)
+        assert m["pairs"] == 4 and "perplexity" not in m and "eval_loss" not in m
+    assert summary["before"]["reward_accuracy"] == 0.0  # the policy is its own reference before training
+    assert abs(summary["before"]["pref_eval_loss"] - summary["before"]["nll"] - LOG2) < 1e-5  # log 2 + alpha * nll
+    assert summary["after"]["rewards/margins"] > 0
+    lines = _losses(run)
+    assert "nll" in lines[0] and (run / "export" / "adapter" / "adapter_config.json").is_file()
+    res = CliRunner().invoke(app, ["eval", str(run), "--n", "4"])  # a preference run's eval data: pairs
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output[res.output.index("{"):])
+    assert out["pairs"] == 4 and 0 <= out["preference_accuracy"] <= 1 and "exact_match" in out
+    assert "perplexity" not in out
 
 
 # -- bad preference data --------------------------------------------------------------------------
@@ -317,3 +408,23 @@ def test_over_long_pair_skip_is_logged_by_the_runner(tiny_model_dir, tmp_path, c
     ws = open_workspace(Recipe.model_validate(d))
     assert len(ws.train_data) == 3
     assert "train data: 3 kept, 1 dropped as too long" in capsys.readouterr().out
+
+
+def test_dpo_rpo_alpha_adds_the_chosen_nll():
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.objectives.preference import pair_logps
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                    init_lora_weights=False))
+    batch = collate_preference(encoded_pairs(), pad_id=0)
+    plain = build_objective("dpo", {}).compute(model, batch)
+    rpo = build_objective("dpo", {"rpo_alpha": 0.5}).compute(model, batch)
+    with torch.no_grad():
+        pol_c, _, n_c, _ = pair_logps(model, batch)
+    nll = float((-pol_c / n_c).sum())  # per pair: the chosen response's NLL per token
+    assert nll > 1.0 and "nll" not in plain.metrics
+    assert abs(float(rpo.metrics["nll"]) - nll) < 1e-5
+    assert abs(float(rpo.loss_sum - plain.loss_sum) - 0.5 * nll) < 1e-5
+    assert build_objective("dpo", {"rpo_alpha": 0.0}).compute(model, batch).loss_sum.item() == \
+        pytest.approx(plain.loss_sum.item(), abs=1e-6)

@@ -230,23 +230,6 @@ def test_masked_thought_corrupts_response_inputs_only():
     assert torch.equal(seen[-1], batch["input_ids"])  # evaluation sees the clean input
 
 
-def _weighted_collator(monkeypatch):
-    """Stand-in for the proposed collate_sft change: pass `loss_weights` when the examples carry them."""
-    from tunelab.data import batching
-
-    plain = batching.collate_sft
-
-    def collate(examples, pad_id):
-        out = plain(examples, pad_id)
-        if all("loss_weights" in e for e in examples):
-            width = out["labels"].size(1)
-            out["loss_weights"] = torch.tensor(
-                [e["loss_weights"] + [0.0] * (width - len(e["loss_weights"])) for e in examples])
-        return out
-
-    monkeypatch.setitem(batching.COLLATORS, "sft", collate)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("objective", [
     {"name": "dft"},
@@ -263,8 +246,7 @@ def test_variant_trains_in_the_loop_and_ce_falls(objective, tiny_model_dir, tmp_
                          train={"max_steps": 8, "lr": 1e-2}, data={"train": {"builtin": "date_format", "n": 32},
                                                                      "eval": None})
     ws = open_workspace(Recipe.model_validate(d))
-    if objective["name"] == "weighted_sft":
-        _weighted_collator(monkeypatch)
+    if objective["name"] == "weighted_sft":  # weights on the encoded examples, as a data selector sets them
         for e in ws.train_data:  # weight 2 on the first half of each target span, 0.5 on the rest
             tgt = [i for i, lab in enumerate(e["labels"]) if lab != -100]
             e["loss_weights"] = [0.0] * len(e["labels"])
@@ -282,3 +264,35 @@ def test_variant_trains_in_the_loop_and_ce_falls(objective, tiny_model_dir, tmp_
         assert "dft_weight" in lines[0] and 0 < lines[0]["dft_weight"] < 1
     if objective["name"] == "asft":
         assert lines[0]["kl"] < 1e-6 < lines[-1]["kl"]  # policy starts at its reference, then drifts
+
+
+def test_weights_column_and_prompt_loss_weight_through_the_runner(tiny_model_dir, tmp_path):
+    """The data's `loss_weights` column and `data.prompt_loss_weight` reach the objective through the runner's
+    collator; held-out data stays unweighted (plain response cross-entropy)."""
+    from tunelab.data.encode import IGNORE_INDEX
+    from tunelab.recipe import Recipe
+    from tunelab.runner import evaluate, open_workspace, train_workspace
+
+    rows = [{"prompt": f"What is {i} + {i}?", "completion": str(2 * i), "loss_weights": 0.5 + i % 2}
+            for i in range(8)]
+    path = tmp_path / "w.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = tiny_recipe_dict(tiny_model_dir, tmp_path / "runs", objective={"name": "weighted_sft"},
+                         data={"train": {"path": str(path)}, "eval": {"path": str(path)}},
+                         train={"max_steps": 2, "batch_size": 4})
+    ws = open_workspace(Recipe.model_validate(d))
+    assert {tuple(set(w for w, lab in zip(e["loss_weights"][1:], e["labels"][1:]) if lab != IGNORE_INDEX))
+            for e in ws.train_data} == {(0.5,), (1.5,)}
+    _, result, _ = train_workspace(ws)
+    assert math.isfinite(result.final_loss)
+
+    d["data"]["prompt_loss_weight"] = 0.1
+    d["objective"] = {"name": "sft"}
+    ws = open_workspace(Recipe.model_validate(d))
+    e = ws.train_data[0]
+    assert e["loss_weights"].count(0.1) > 0  # the user turn's tokens carry loss, with the prompt weight
+    assert sum(lab != IGNORE_INDEX for lab in e["labels"]) > sum(lab != IGNORE_INDEX for lab in ws.eval_data[0]["labels"])
+    assert "loss_weights" in e and "loss_weights" in ws.eval_data[0]  # the column itself is kept in eval data
+    model, _, _ = train_workspace(ws)
+    out = evaluate(ws, model, "after")
+    assert math.isfinite(out["eval_loss"]) and abs(out["perplexity"] - math.exp(out["eval_loss"])) < 1e-6

@@ -173,14 +173,21 @@ def _legacy_eval(target: str, *, task: str | None = None, n: int = 100) -> dict[
     if task is not None:
         spec = DatasetSpec(builtin=task, split="eval", n=n)
     spec = spec.model_copy(update={"n": n})
-    data, _ = encode_spec(tok, spec, recipe.data)
-    objective = build_objective("sft", {})
-    loss = evaluate_loss(model, objective, data, batch_size=recipe.eval.batch_size, pad_id=tok.pad_token_id,
-                         device=device, precision=recipe.train.precision)
-    import math
+    data, _ = encode_spec(tok, spec, recipe.data.model_copy(update={"prompt_loss_weight": None}))
+    results: dict[str, Any] = {"target": target, "data": spec.builtin or spec.path}
+    if "chosen_input_ids" in data[0]:  # preference pairs: the model's own preference, no perplexity
+        from tunelab.objectives.preference_eval import evaluate_preferences
 
-    results: dict[str, Any] = {"target": target, "data": spec.builtin or spec.path, "eval_loss": loss,
-                               "perplexity": math.exp(min(loss, 50.0))}
+        pref = evaluate_preferences(model, build_objective("simpo", {}), data, batch_size=recipe.eval.batch_size,
+                                    pad_id=tok.pad_token_id, device=device, precision=recipe.train.precision)
+        results.update({k: pref[k] for k in ("preference_accuracy", "logps/chosen", "logps/rejected", "pairs")})
+    else:
+        import math
+
+        loss = evaluate_loss(model, build_objective("sft", {"loss_weights": "ignore"}), data,
+                             batch_size=recipe.eval.batch_size, pad_id=tok.pad_token_id, device=device,
+                             precision=recipe.train.precision)
+        results.update({"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))})
     if spec.builtin:
         results.update(exact_match(model, tok, eval_items(spec, recipe.data), max_new_tokens=recipe.eval.max_new_tokens,
                                    batch_size=recipe.eval.batch_size, precision=recipe.train.precision))
