@@ -149,12 +149,37 @@ def matmul_peak_tflops(device: torch.device, n: int = 2048, reps: int = 10) -> f
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
+ABLATIONS = {  # name -> recipe overrides on top of the engine's defaults (what each lever gives, or costs)
+    "sdpa attention": ["train.attention=sdpa"],
+    "frozen_cast=all": ["train.frozen_cast=all"],
+    "compile": ["train.compile=true"],
+    "compile, frozen_cast=all": ["train.frozen_cast=all", "train.compile=true"],
+    "compile, chunk 256": ["train.compile=true", "objective.chunk_size=256"],
+    "compile, grad ckpt": ["train.compile=true", "train.gradient_checkpointing=true"],
+    "fp32 frozen": ["train.frozen_dtype=float32"],
+    "grad ckpt": ["train.gradient_checkpointing=true"],
+}
+
+
+def run_worker(side: str, kind: str, args, overrides: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--worker", f"{side}:{kind}", "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--ours", *overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if out.returncode != 0 or not line:
+        print(f"{side}:{kind} failed:\n{out.stderr[-3000:]}")
+        sys.exit(1)
+    return json.loads(line[0][7:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8, help="Timed steps per configuration.")
-    ap.add_argument("--warmup", type=int, default=2, help="Untimed steps first.")
+    ap.add_argument("--warmup", type=int, default=2, help="Untimed steps first (compilation happens here).")
     ap.add_argument("--kinds", default="lora,full", help="lora, full, or both (comma-separated).")
     ap.add_argument("--quick", action="store_true", help="3 timed steps after 1 warm-up: a smoke run.")
+    ap.add_argument("--ablate", action="store_true",
+                    help="Also run tunelab with each lever changed (%s)." % ", ".join(ABLATIONS))
     ap.add_argument("--ours", nargs="*", default=[], help="Extra recipe overrides for tunelab's side.")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -172,25 +197,24 @@ def main() -> None:
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
           f"bf16 matmul peak (2048^3): {peak:.2f} TFLOP/s")
     print(f"batch {BATCH} x {SEQ} tokens, {args.steps} timed steps after {args.warmup} warm-up\n")
-    header = f"{'config':<16}{'tokens/s':>10}{'peak MB':>10}{'MFU':>8}{'loss':>9}"
-    print(header)
-    results = {}
+    print(f"{'config':<28}{'tokens/s':>10}{'peak MB':>10}{'MFU':>8}{'loss':>9}{'vs baseline':>22}")
     for kind in args.kinds.split(","):
-        for side in ("baseline", "ours"):
-            cmd = [sys.executable, __file__, "--worker", f"{side}:{kind}", "--steps", str(args.steps),
-                   "--warmup", str(args.warmup), "--ours", *args.ours]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if out.returncode != 0 or not line:
-                print(f"{side}:{kind} failed:\n{out.stderr[-3000:]}")
-                sys.exit(1)
-            r = results[(side, kind)] = json.loads(line[0][7:])
+        runs = [("baseline", "baseline " + kind, [])] + [("ours", "tunelab " + kind, args.ours)]
+        if args.ablate:
+            runs += [("ours", f"  {name}", args.ours + ov) for name, ov in ABLATIONS.items()]
+        base = None
+        for side, label, overrides in runs:
+            r = run_worker(side, kind, args, overrides)
             mfu = r["tokens_per_s"] * r["flops_per_token"] / (peak * 1e12)
-            print(f"{side + ' ' + kind:<16}{r['tokens_per_s']:>10.0f}{r['peak_memory_mb']:>10.0f}{100 * mfu:>7.1f}%"
-                  f"{r['final_loss']:>9.3f}", flush=True)
-        b, o = results[("baseline", kind)], results[("ours", kind)]
-        print(f"{'  ratio ' + kind:<16}{o['tokens_per_s'] / b['tokens_per_s']:>9.2f}x"
-              f"{o['peak_memory_mb'] / b['peak_memory_mb']:>9.2f}x   (ours / baseline)\n", flush=True)
+            ratio = ""
+            if base is None:
+                base = r
+            else:
+                ratio = (f"{r['tokens_per_s'] / base['tokens_per_s']:>6.2f}x speed "
+                         f"{r['peak_memory_mb'] / base['peak_memory_mb']:>5.2f}x mem")
+            print(f"{label:<28}{r['tokens_per_s']:>10.0f}{r['peak_memory_mb']:>10.0f}{100 * mfu:>7.1f}%"
+                  f"{r['final_loss']:>9.3f}{ratio:>22}", flush=True)
+        print()
 
 
 if __name__ == "__main__":

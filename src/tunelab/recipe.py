@@ -128,6 +128,16 @@ class TrainConfig(_Strict):
         False, description="Recompute each layer's activations in backward: less memory, ~30% more compute.")
     frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Storage dtype of frozen Linear weights; auto = the autocast dtype (no per-step casts).")
+    frozen_cast: Literal["linears", "all"] = Field(
+        "all", description="Which frozen weights `frozen_dtype` applies to: `all` (embeddings and norms too: the "
+        "residual stream runs in the compute dtype, as when a model is loaded in bf16; faster and smaller, results "
+        "within bf16 rounding) or `linears` (the same numerics as fp32 weights under autocast).")
+    attention: Literal["auto", "tunelab", "sdpa", "eager"] = Field(
+        "auto", description="Attention kernel: `auto` = tunelab's CPU attention on CPU (bf16 matmuls, fp32 softmax), "
+        "sdpa elsewhere.")
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (regional). Pays on long runs: compiling takes ~30 s on "
+        "2 CPU cores. Falls back to eager when the compiler is unavailable.")
     seed: int = Field(0, description="Seed of weights init (adapters), data order and dropout.")
     log_every: int = Field(1, ge=1, description="Steps between metric lines in metrics.jsonl.")
     eval_every: int | None = Field(None, ge=1, description="Steps between held-out loss evaluations.")

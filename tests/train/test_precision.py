@@ -28,7 +28,8 @@ def test_bf16_frozen_storage_gives_the_same_training_under_autocast(tiny_model_d
     losses = {}
     for frozen in ("float32", "auto"):
         d = tiny_recipe_dict(tiny_model_dir, tmp_path / frozen, train={"precision": "bf16", "max_steps": 3,
-                                                                       "frozen_dtype": frozen, "lr": 1e-2})
+                                                                       "frozen_dtype": frozen, "lr": 1e-2,
+                                                                       "frozen_cast": "linears"})
         ws = open_workspace(Recipe.model_validate(d))
         _, result, _ = train_workspace(ws)
         losses[frozen] = result.losses

@@ -33,6 +33,7 @@ from tunelab.objectives.base import Objective
 from tunelab.recipe import Recipe
 from tunelab.track.run import MetricsLog, peak_memory_mb
 from tunelab.train import checkpoint as ckpt
+from tunelab.train.engine import compiled_layers
 from tunelab.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -183,61 +184,62 @@ def train(recipe: Recipe, model, method: Method, objective: Objective, train_dat
     t_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (progress and accelerator.is_local_main_process))
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        micro = [{k: v.to(device) for k, v in collate([train_data[i] for i in idx], pad_id).items()}
-                 for idx in sampler.micro_batches(step)]
-        custom = method.custom_step(model=model, batches=micro, objective=objective, optimizer=optimizer,
-                                    lr=scheduler.get_last_lr()[0], step=step, ref=ref, accelerator=accelerator)
-        if custom is not None:
-            loss_sum_local, metric_sums, global_units, global_tokens = custom
-        else:
-            loss_sum_local, metric_sums, global_units, global_tokens = forward_backward(
-                model, objective, micro, accelerator, tc.precision, ref)
-        names = sorted(metric_sums)
-        reduced = _all_reduce_sum(accelerator, [loss_sum_local] + [metric_sums[k] for k in names])
-        loss = reduced[0] / max(global_units, 1.0)
-        if not math.isfinite(loss):
-            optimizer.zero_grad(set_to_none=True)
-            bar.close()
-            raise TrainingDiverged(
-                f"loss is {loss} at step {step + 1}; stopped before the update. The last good checkpoint is "
-                f"{ckpt.latest_checkpoint(run_dir) or 'none (no checkpoint was saved yet)'}. Try a lower train.lr, "
-                f"train.max_grad_norm, or train.precision=fp32.")
-        if custom is None:
-            method.after_backward(unwrapped, step + 1)
-            grad_norm = None
-            if tc.max_grad_norm is not None:
-                grad_norm = float(accelerator.clip_grad_norm_(clip_params, tc.max_grad_norm))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            grad_norm = None
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        method.on_step_end(unwrapped, step + 1, optimizer)
+    with compiled_layers(unwrapped, tc.compile):  # regional torch.compile for the steps only (train.compile)
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            micro = [{k: v.to(device) for k, v in collate([train_data[i] for i in idx], pad_id).items()}
+                     for idx in sampler.micro_batches(step)]
+            custom = method.custom_step(model=model, batches=micro, objective=objective, optimizer=optimizer,
+                                        lr=scheduler.get_last_lr()[0], step=step, ref=ref, accelerator=accelerator)
+            if custom is not None:
+                loss_sum_local, metric_sums, global_units, global_tokens = custom
+            else:
+                loss_sum_local, metric_sums, global_units, global_tokens = forward_backward(
+                    model, objective, micro, accelerator, tc.precision, ref)
+            names = sorted(metric_sums)
+            reduced = _all_reduce_sum(accelerator, [loss_sum_local] + [metric_sums[k] for k in names])
+            loss = reduced[0] / max(global_units, 1.0)
+            if not math.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                bar.close()
+                raise TrainingDiverged(
+                    f"loss is {loss} at step {step + 1}; stopped before the update. The last good checkpoint is "
+                    f"{ckpt.latest_checkpoint(run_dir) or 'none (no checkpoint was saved yet)'}. Try a lower train.lr, "
+                    f"train.max_grad_norm, or train.precision=fp32.")
+            if custom is None:
+                method.after_backward(unwrapped, step + 1)
+                grad_norm = None
+                if tc.max_grad_norm is not None:
+                    grad_norm = float(accelerator.clip_grad_norm_(clip_params, tc.max_grad_norm))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                grad_norm = None
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            method.on_step_end(unwrapped, step + 1, optimizer)
 
-        dt = time.perf_counter() - t0
-        tokens_total += int(global_tokens)
-        losses.append(loss)
-        record = {"step": step + 1, "loss": loss, "lr": lr, "tokens": int(global_tokens),
-                  "tokens_per_s": global_tokens / dt, "step_time_s": dt, "memory_mb": peak_memory_mb(device)}
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm
-        record.update({k: v / max(global_units, 1.0) for k, v in zip(names, reduced[1:])})
-        if tc.eval_every and eval_data and (step + 1) % tc.eval_every == 0:
-            eval_losses[step + 1] = record["eval_loss"] = evaluate_loss(
-                model, objective, eval_data, batch_size=recipe.eval.batch_size, pad_id=pad_id, device=device,
-                precision=tc.precision, ref=ref)
-        if (step + 1) % tc.log_every == 0 or step + 1 == total_steps:
-            metrics.write(record)
-            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step + 1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{global_tokens / dt:.0f}")
-        bar.update(1)
-        if on_step is not None:
-            on_step(step + 1, loss)
-        if (tc.save_every and (step + 1) % tc.save_every == 0) or step + 1 == total_steps:
-            save(step + 1)
+            dt = time.perf_counter() - t0
+            tokens_total += int(global_tokens)
+            losses.append(loss)
+            record = {"step": step + 1, "loss": loss, "lr": lr, "tokens": int(global_tokens),
+                      "tokens_per_s": global_tokens / dt, "step_time_s": dt, "memory_mb": peak_memory_mb(device)}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            record.update({k: v / max(global_units, 1.0) for k, v in zip(names, reduced[1:])})
+            if tc.eval_every and eval_data and (step + 1) % tc.eval_every == 0:
+                eval_losses[step + 1] = record["eval_loss"] = evaluate_loss(
+                    model, objective, eval_data, batch_size=recipe.eval.batch_size, pad_id=pad_id, device=device,
+                    precision=tc.precision, ref=ref)
+            if (step + 1) % tc.log_every == 0 or step + 1 == total_steps:
+                metrics.write(record)
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step + 1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{global_tokens / dt:.0f}")
+            bar.update(1)
+            if on_step is not None:
+                on_step(step + 1, loss)
+            if (tc.save_every and (step + 1) % tc.save_every == 0) or step + 1 == total_steps:
+                save(step + 1)
     bar.close()
     wall = time.perf_counter() - t_start
     return TrainResult(steps=total_steps, final_loss=losses[-1] if losses else float("nan"), tokens=tokens_total,

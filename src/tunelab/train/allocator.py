@@ -1,0 +1,47 @@
+"""Keep freed CPU tensor memory in the process instead of returning it to the kernel after every op.
+
+glibc's malloc serves large blocks (above a threshold that starts at 128 KiB) with fresh `mmap`s and gives
+them back with `munmap` on free, and trims the heap top as soon as 128 KiB are free. A training step
+allocates and frees the same activation-sized tensors (MBs each) thousands of times, so every one of them
+is page-faulted in again: on 2 cores, a SmolLM2-135M LoRA step spent ~20% of its time in the kernel
+(`sys` time). Raising the mmap threshold to its maximum and the trim threshold out of reach makes freed
+blocks reusable; measured on that step: 3.86 -> 3.23 s on one core (`benchmarks/train_throughput.py`
+reports the effect as part of the engine), for ~10% more peak RSS. CUDA has its own caching allocator;
+this is a no-op off Linux/glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import sys
+
+log = logging.getLogger(__name__)
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX); larger is refused
+TRIM_THRESHOLD = 2**62           # never trim the heap top while the process runs
+
+_done = False
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's malloc thresholds once per process; returns True when they were set."""
+    global _done
+    if _done:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl or another libc: leave it alone
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
+    trim_value = min(TRIM_THRESHOLD, 2**31 - 1)  # mallopt takes an int
+    ok = mallopt(M_TRIM_THRESHOLD, trim_value) == 1 and ok
+    _done = ok
+    log.debug("glibc malloc thresholds set: %s", ok)
+    return ok

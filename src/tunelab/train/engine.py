@@ -1,0 +1,102 @@
+"""The training engine's switches, applied once to the prepared model: what makes a step fast and small.
+
+`configure_engine(model, train_cfg, device)` is called by the runner right after `method.prepare` (and by
+`tunelab continual` per stage). Each lever is a `train.*` recipe field and was measured on its own by
+`benchmarks/train_throughput.py --ablate` (docs/engine.md has the figures):
+
+* `frozen_dtype` / `frozen_cast` - frozen weights stored in the compute dtype (precision.py);
+* `attention` - `auto` picks tunelab's CPU attention (train/attention.py) on CPU and sdpa elsewhere;
+* `gradient_checkpointing` - recompute each layer in backward (memory for compute);
+* `compile` - torch.compile of each decoder layer during the training steps (`compiled_layers`, used by
+  the loop; "regional": one layer's code is compiled once and reused by all of them, so compile time does
+  not grow with depth); falls back to eager with a warning when the compiler is missing or fails;
+* the CPU allocator: glibc keeps freed blocks (allocator.py), always on for CPU training.
+The chunked cross-entropy (train/chunked_ce.py) lives in the SFT objective (`objective.chunk_size`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from tunelab.recipe import TrainConfig
+from tunelab.train.allocator import keep_freed_memory
+from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for
+
+log = logging.getLogger(__name__)
+
+
+def resolve_attention(choice: str, device: torch.device) -> str:
+    if choice != "auto":
+        return choice
+    return "tunelab" if device.type == "cpu" else "sdpa"
+
+
+def set_attention(model: torch.nn.Module, choice: str, device: torch.device) -> str | None:
+    """Switch the HF model (under any PEFT wrapping) to `choice`; returns the implementation in use."""
+    name = resolve_attention(choice, device)
+    if name == "tunelab":
+        from tunelab.train.attention import register
+
+        register()
+    base = model
+    while not hasattr(base, "set_attn_implementation") and hasattr(base, "base_model") and base.base_model is not base:
+        base = base.base_model  # PeftModel -> LoraModel -> the transformers model
+    if hasattr(base, "model") and not hasattr(base, "set_attn_implementation"):
+        base = base.model
+    try:
+        base.set_attn_implementation(name)
+    except (ValueError, AttributeError, ImportError) as e:
+        log.warning("attention %r not available for this model (%s); keeping %s", name, e,
+                    getattr(getattr(base, "config", None), "_attn_implementation", "its default"))
+        return getattr(getattr(base, "config", None), "_attn_implementation", None)
+    return name
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers decoder (the ModuleList holding most of the parameters)."""
+    best: torch.nn.ModuleList | None = None
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) > 1:
+            if best is None or sum(p.numel() for p in m.parameters()) > sum(p.numel() for p in best.parameters()):
+                best = m
+    return list(best) if best is not None else []
+
+
+@contextlib.contextmanager
+def compiled_layers(model: torch.nn.Module, enabled: bool):
+    """Regional torch.compile of each decoder layer for the training steps only, undone on exit.
+
+    Generation (evaluation) then runs eagerly: its growing KV-cache shapes would recompile over and over.
+    Shapes that vary between steps (padding) cost one more compilation with dynamic sizes; packed rows
+    (`data.packing`) have one shape. Any compiler failure is reported once and training goes on eagerly.
+    """
+    layers = decoder_layers(model) if enabled else []
+    try:
+        for layer in layers:
+            layer.compile()
+    except Exception as e:  # noqa: BLE001 - any compiler failure means: train eagerly
+        log.warning("torch.compile unavailable (%s: %s); training without it", type(e).__name__, e)
+        layers = []
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None  # back to eager (nn.Module.compile's own attribute)
+
+
+def configure_engine(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> dict[str, object]:
+    """Apply the engine's switches to a prepared model; returns what was applied (for the run's log)."""
+    applied: dict[str, object] = {}
+    if device.type == "cpu":
+        applied["cpu_allocator_keeps_freed"] = keep_freed_memory()
+    applied["frozen_params_cast"] = cast_frozen_linears(
+        model, frozen_dtype_for(tc.frozen_dtype, tc.precision), everything=tc.frozen_cast == "all")
+    applied["attention"] = set_attention(model, tc.attention, device)
+    if tc.gradient_checkpointing:
+        # non-reentrant checkpointing works with frozen inputs (adapters) without enable_input_require_grads
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        applied["gradient_checkpointing"] = True
+    return applied
