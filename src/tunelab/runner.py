@@ -33,7 +33,8 @@ from tunelab.objectives.base import Objective, build_objective
 from tunelab.recipe import Recipe, RecipeError, load_recipe, recipe_to_yaml
 from tunelab.track.run import new_run_dir, write_json
 from tunelab.train.loop import TrainResult, evaluate_loss, train
-from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for, restore_frozen_linears
+from tunelab.train.engine import configure_engine
+from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for, restore_frozen_weights
 
 log = logging.getLogger("tunelab")
 
@@ -87,6 +88,7 @@ class Workspace:
     ref: Any = None  # the reference the loop and the evaluations pass to the objective (None: none or adapter-off)
     prepared: Any = None  # the model after `method.prepare` (set by prepare_workspace)
     params: dict = field(default_factory=dict)  # trainable / total parameter counts of the prepared model
+    engine: dict = field(default_factory=dict)  # what train.engine.configure_engine applied
 
 
 def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool = False, resume: bool = False,
@@ -195,7 +197,8 @@ def setup_reference(ws: Workspace) -> None:
             ref_model = copy.deepcopy(ws.model)
             what = "a frozen copy of the initial model"
         ws.ref = FrozenCopyReference(ref_model.to(device))
-        cast_frozen_linears(ref_model, frozen_dtype_for(ws.recipe.train.frozen_dtype, ws.recipe.train.precision))
+        cast_frozen_linears(ref_model, frozen_dtype_for(ws.recipe.train.frozen_dtype, ws.recipe.train.precision),
+                            everything=ws.recipe.train.frozen_cast == "all")
         acc.print(f"reference: {what}")
     elif use == "logps" and needs_reference_logps(ws.objective, ws.method):
         ws.model.to(device)
@@ -231,10 +234,7 @@ def prepare_workspace(ws: Workspace):
     calibrate_method(ws.method, ws.model, ws.recipe, ws.train_data, ws.objective, ws.tokenizer.pad_token_id,
                      world_size=ws.accelerator.num_processes)
     model = ws.method.prepare(ws.model)
-    cast_frozen_linears(model, frozen_dtype_for(ws.recipe.train.frozen_dtype, ws.recipe.train.precision))
-    if ws.recipe.train.gradient_checkpointing:
-        # non-reentrant checkpointing works with frozen inputs (adapters) without enable_input_require_grads
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ws.engine = configure_engine(model, ws.recipe.train, ws.accelerator.device)
     trainable, total = count_parameters(model)
     ws.params = {"trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total}
     ws.accelerator.print(f"method {ws.method.name}: {trainable:,} trainable of {total:,} parameters "
@@ -334,7 +334,7 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
         print("exporting ...")
         if recipe.export.merged:
             # frozen weights were stored in bf16 for training: merge into the original full-precision base
-            restore_frozen_linears(model, load_model(recipe.model).state_dict())
+            restore_frozen_weights(model, load_model(recipe.model).state_dict())
         exports = export_all(ws.method, model, ws.tokenizer, ws.run_dir / "export",
                              adapter=recipe.export.adapter, merged=recipe.export.merged)
     summary = {

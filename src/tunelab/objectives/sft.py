@@ -81,7 +81,8 @@ class SFTOptions(ObjectiveOptions):
     masked_thought_p: float = Field(0.0, ge=0, le=1)  # probability of masking a response token in the input
     mask_token_id: int | None = Field(None, ge=0)  # Masked Thought's mask token; None: the pad (else eos) id
     loss_weights: Literal["auto", "required", "ignore"] = "auto"  # use batch["loss_weights"] if present / must / never
-    chunk_size: int = Field(1024, ge=0)  # tokens per chunk of the output projection + CE (plain SFT); 0 = full logits
+    chunk_size: int = Field(256, ge=0)  # tokens per chunk of the output projection + CE (plain SFT); 0 = full logits
+    # 256: faster than 1024 on CPU (the [C, V] buffers stay in cache) and 4x less logits memory (docs/engine.md)
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
