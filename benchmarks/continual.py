@@ -18,7 +18,8 @@ General data: ../shared/data/wikitext-2/test.txt (perplexity), ../shared/data/ar
 choice); GeRe replays ../shared/data/wikitext-2/valid.txt (disjoint from the perplexity text).
 Finished runs are reused (their summary.json); --retrain redoes them.
 
-Run:  python benchmarks/continual.py --quick      (2 steps per stage, 4 held-out items: checks it works)
+Run:  python benchmarks/continual.py --quick      (2 steps per stage, 4 held-out items, 8 generated tokens, the
+                                                  base evaluated in the naive rows only: checks it works)
       python benchmarks/continual.py              (60 steps per stage, 100 held-out items per task)
 """
 
@@ -41,7 +42,7 @@ TASKS = ["date_format", "arithmetic", "sort_numbers"]
 
 
 def strategies(method: str, gere_texts: str, quick: bool = False) -> dict[str, list[dict]]:
-    small = 8 if quick else 64  # Fisher examples and GeRe rows (per-example backward passes are the cost)
+    small = 4 if quick else 64  # Fisher examples and GeRe rows (per-example backward passes are the cost)
     rows = {
         "naive": [],
         "replay": [{"name": "replay", "buffer_size": 200, "ratio": 0.2}],
@@ -72,7 +73,9 @@ def recipe(args, method: str, name: str, strategy: list[dict], joint: bool) -> d
             "method": m,
             "train": {"max_steps": args.steps, "batch_size": 8, "lr": lr, "warmup_ratio": 0.1, "precision": "bf16",
                       "seed": 0},
-            "eval": {"max_new_tokens": 24, "batch_size": 32},
+            # quick: short answers and the untrained model evaluated in the naive rows only (FWT elsewhere "-")
+            "eval": {"max_new_tokens": 8 if args.quick else 24, "batch_size": 32,
+                     "before": not args.quick or not strategy},
             "export": {"adapter": False, "merged": False},
         },
         "stages": [{"builtin": t, "n": max(64, args.steps * 8), "eval_n": args.n_eval} for t in TASKS],
@@ -133,7 +136,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.n_eval, args.n_mc, args.ppl_chars = 2, 4, 4, 2_000
+        args.steps, args.n_eval, args.n_mc, args.ppl_chars = 2, 4, 2, 1_000
         args.workdir = args.workdir.with_name(args.workdir.name + "-quick")
     args.workdir.mkdir(parents=True, exist_ok=True)
     gere_texts = str(SHARED / "wikitext-2" / "valid.txt")

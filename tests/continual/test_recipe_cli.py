@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_continual
+from continual_helpers import tiny_continual
 from typer.testing import CliRunner
 
 from tunelab.cli import app

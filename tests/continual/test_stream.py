@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_continual
+from continual_helpers import tiny_continual
 
 from tunelab.continual.evaluation import ContinualError
 from tunelab.continual.recipe import parse_continual_recipe
