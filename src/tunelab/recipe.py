@@ -154,6 +154,11 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(24, ge=1, description="Generation budget per answer.")
     batch_size: int = Field(32, ge=1, description="Batch size of evaluation (loss and generation).")
     n: int | None = Field(None, ge=1, description="Evaluate on the first n held-out examples only.")
+    suite: list[str] = Field(
+        default_factory=list, description="Evaluation-suite tasks run before and after training, as `tunelab eval "
+        "--tasks` takes them (a built-in task, `gen:FILE`, `mc:FILE`, `ppl:FILE`, `safety`); results in "
+        "eval_suite_<before|after>.json, shown by `tunelab report` (task / general ability / safety change).")
+    suite_n: int = Field(100, ge=1, description="Items per suite task (generation, multiple choice, safety prompts).")
 
 
 class ExportConfig(_Strict):

@@ -139,7 +139,9 @@ def evaluate(ws: Workspace, model, label: str) -> dict[str, Any]:
     * preference pairs under a preference objective: `evaluate_preferences` (`reward_accuracy` = the
       objective's `rewards/accuracies`, `preference_accuracy` = P(chosen) > P(rejected) under the policy,
       margins, rewards, `logps/chosen`, `logps/rejected`, `pref_eval_loss`), with the run's reference;
-    * built-in tasks (a preference task too: its base task's checker): `exact_match` of greedy generations.
+    * built-in tasks (a preference task too: its base task's checker): `exact_match` of greedy generations;
+    * `eval.suite` tasks (`evaluate_suite`): their primary metrics under "suite", the full results in
+      eval_suite_<label>.json.
     """
     from tunelab.evaluate.tasks import exact_match
     from tunelab.objectives.preference_eval import evaluate_preferences
@@ -162,10 +164,32 @@ def evaluate(ws: Workspace, model, label: str) -> dict[str, Any]:
     if ws.eval_items:
         results.update(exact_match(model, ws.tokenizer, ws.eval_items, max_new_tokens=ws.recipe.eval.max_new_tokens,
                                    batch_size=ws.recipe.eval.batch_size, precision=ws.recipe.train.precision))
+    if ws.recipe.eval.suite:
+        results["suite"] = evaluate_suite(ws, model, label)
     results["eval_time_s"] = time.perf_counter() - t0
     if ws.accelerator.is_main_process:
         write_json(ws.run_dir, f"eval_{label}.json", results)
     return results
+
+
+def evaluate_suite(ws: Workspace, model, label: str) -> dict[str, float | None]:
+    """`eval.suite` on `model`, written as eval_suite_<label>.json (the layout `tunelab eval` writes, which
+    `tunelab report` reads); returns {task: primary metric} for the run's table. A failing task is recorded
+    with its error and costs only itself."""
+    import datetime
+
+    from tunelab.evaluate.suite import SuiteSettings, run_suite
+
+    ev, t0 = ws.recipe.eval, time.perf_counter()
+    settings = SuiteSettings(n=ev.suite_n, batch_size=ev.batch_size, precision=ws.recipe.train.precision,
+                             max_new_tokens=ev.max_new_tokens)
+    suite = run_suite(model, ws.tokenizer, list(ev.suite), settings, data_cfg=ws.recipe.data)
+    if ws.accelerator.is_main_process:
+        write_json(ws.run_dir, f"eval_suite_{label}.json", {
+            "target": str(ws.run_dir), "label": label, "model": ws.recipe.model.name_or_path, "base": label == "before",
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), **suite,
+            "wall_time_s": time.perf_counter() - t0})
+    return {name: (r.get(r.get("primary", "")) if "error" not in r else None) for name, r in suite["tasks"].items()}
 
 
 def model_key(recipe: Recipe) -> str:
@@ -299,6 +323,10 @@ def format_table(before: dict | None, after: dict | None) -> str:
             continue
         fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.4f}")
         rows.append((label, fmt(b) if b is not None else "-", fmt(a) if a is not None else "-"))
+    suite_b, suite_a = (before or {}).get("suite") or {}, (after or {}).get("suite") or {}
+    for name in dict.fromkeys([*suite_b, *suite_a]):
+        b, a = suite_b.get(name), suite_a.get(name)
+        rows.append((name, f"{b:.4f}" if b is not None else "-", f"{a:.4f}" if a is not None else "-"))
     if not rows:
         return "(no evaluation)"
     width = max(len(r[0]) for r in rows)

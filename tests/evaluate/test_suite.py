@@ -65,3 +65,29 @@ def test_all_good_suite_exits_zero(tiny_model, tiny_tokenizer, tmp_path):
                     SuiteSettings(n=1, max_new_tokens=2, precision="fp32", progress=False))
     assert res["failed"] == [] and res["tasks"][f"gen:{tmp_path.name}/gen.jsonl"]["score"] == 1.0
     assert show_results(res, echo=lambda s: None) == 0
+
+
+def test_run_recipe_evaluates_the_suite_before_and_after_and_the_report_shows_it(tmp_path, tiny_model_dir):
+    from tiny import tiny_recipe_dict
+    from tunelab.recipe import Recipe
+    from tunelab.runner import format_table, run_recipe
+    from tunelab.track.report import load_run, main_row
+
+    text = tmp_path / "wiki.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog.\n" * 3)
+    d = tiny_recipe_dict(tiny_model_dir, tmp_path / "runs", eval={"suite": [f"ppl:{text}", "not_a_task"],
+                                                                   "suite_n": 2, "n": 2, "max_new_tokens": 4},
+                         export={"merged": False})
+    summary = run_recipe(Recipe.model_validate(d))
+    run = tmp_path / "runs" / d["name"]
+    name = f"ppl:{tmp_path.name}/wiki.txt"
+    for label in ("before", "after"):
+        suite = json.loads((run / f"eval_suite_{label}.json").read_text())
+        assert suite["label"] == label and suite["failed"] == ["not_a_task"]  # a failing task costs only itself
+        assert suite["tasks"][name]["bits_per_byte"] > 0
+        assert summary[label]["suite"][name] == suite["tasks"][name]["bits_per_byte"]
+    # training on dates changes the model: bits per byte on this text move
+    assert summary["before"]["suite"][name] != summary["after"]["suite"][name]
+    assert name in format_table(summary["before"], summary["after"])
+    general = main_row(load_run(run))["general"]
+    assert [r["task"] for r in general] == [name]
