@@ -32,6 +32,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from tunelab.registry import Registry
+
 
 class ExportUnsupported(RuntimeError):
     """This method cannot produce the requested export format."""
@@ -48,6 +50,11 @@ class Method:
     paper: ClassVar[str | None] = None
     Config: ClassVar[type[BaseModel]] = MethodOptions
     is_adapter: ClassVar[bool] = False  # True when the trained model is a PEFT wrapper around a frozen base
+    # What docs/methods.md (`tunelab methods --markdown`) says of the method, with the default options; every
+    # registered method sets `trains` (tests check it) and overrides the other two where the default is wrong.
+    trains: ClassVar[str] = ""  # which parameters train, in a few words
+    mergeable: ClassVar[bool] = True  # merged_model() folds the change into a plain HF model
+    adapter_format: ClassVar[str | None] = None  # save_adapter() writes: "peft" | "tunelab" | "sparse_delta" | None
 
     def __init__(self, config: BaseModel | None = None):
         self.config = config if config is not None else self.Config()
@@ -119,20 +126,12 @@ class Method:
         raise ExportUnsupported(f"method {self.name!r} trains the model's own weights; it has no adapter to export")
 
 
-_METHODS: dict[str, type[Method]] = {}
+_METHODS: Registry = Registry("method")
 
 
 def register(name: str, paper: str | None = None):
     """Class decorator registering a Method under `name`."""
-
-    def wrap(cls: type[Method]) -> type[Method]:
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"method {name!r} registered twice")
-        cls.name, cls.paper = name, paper
-        _METHODS[name] = cls
-        return cls
-
-    return wrap
+    return _METHODS.register(name, paper)
 
 
 def load_builtin_methods() -> None:
@@ -146,14 +145,12 @@ def load_builtin_methods() -> None:
 
 def get_method_class(name: str) -> type[Method]:
     load_builtin_methods()
-    if name not in _METHODS:
-        raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(_METHODS))}")
-    return _METHODS[name]
+    return _METHODS.get(name)
 
 
 def list_methods() -> dict[str, type[Method]]:
     load_builtin_methods()
-    return dict(sorted(_METHODS.items()))
+    return _METHODS.sorted()
 
 
 def build_method(name: str, options: dict[str, Any]) -> Method:

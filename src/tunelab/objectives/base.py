@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from tunelab.registry import Registry
+
 
 @dataclass
 class ObjectiveOutput:
@@ -58,20 +60,12 @@ class Objective:
         return "none"
 
 
-_OBJECTIVES: dict[str, type[Objective]] = {}
+_OBJECTIVES: Registry = Registry("objective")
 
 
 def register_objective(name: str, paper: str | None = None):
     """Class decorator: `@register_objective("dpo", paper="https://arxiv.org/abs/2305.18290")`."""
-
-    def wrap(cls: type[Objective]) -> type[Objective]:
-        if name in _OBJECTIVES and _OBJECTIVES[name] is not cls:
-            raise ValueError(f"objective {name!r} registered twice")
-        cls.name, cls.paper = name, paper
-        _OBJECTIVES[name] = cls
-        return cls
-
-    return wrap
+    return _OBJECTIVES.register(name, paper)
 
 
 def _load_builtin_objectives() -> None:
@@ -88,14 +82,12 @@ def _load_builtin_objectives() -> None:
 
 def get_objective_class(name: str) -> type[Objective]:
     _load_builtin_objectives()
-    if name not in _OBJECTIVES:
-        raise KeyError(f"unknown objective {name!r}; known: {', '.join(sorted(_OBJECTIVES))}")
-    return _OBJECTIVES[name]
+    return _OBJECTIVES.get(name)
 
 
 def list_objectives() -> dict[str, type[Objective]]:
     _load_builtin_objectives()
-    return dict(sorted(_OBJECTIVES.items()))
+    return _OBJECTIVES.sorted()
 
 
 def build_objective(name: str, options: dict[str, Any], **context: Any) -> Objective:

@@ -1,0 +1,23 @@
+import pytest
+
+from tunelab.registry import Registry
+
+
+def test_register_get_and_errors():
+    table = Registry("widget")
+
+    @table.register("b", paper="https://arxiv.org/abs/1")
+    class B:
+        pass
+
+    @table.register("a")
+    class A:
+        pass
+
+    assert table.get("b") is B and (B.name, B.paper) == ("b", "https://arxiv.org/abs/1") and A.paper is None
+    assert list(table.sorted()) == ["a", "b"] and "a" in table and "c" not in table
+    with pytest.raises(KeyError, match="unknown widget 'c'; known: a, b"):
+        table.get("c")
+    with pytest.raises(ValueError, match="widget 'a' registered twice"):
+        table.register("a")(type("Other", (), {}))
+    table.register("a")(A)  # re-registering the same class (a module imported twice) is fine
