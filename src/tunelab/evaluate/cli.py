@@ -47,8 +47,8 @@ def run_dir_of(target: str) -> Path | None:
 
 
 def _load_target(target: str, base: bool = False) -> tuple[Recipe, Any, Any]:
-    """(recipe giving data defaults, model, tokenizer) for a run dir, checkpoint dir, adapter dir, HF dir, hub id
-    or alias. `base`: the base model of a run (its recipe's model) instead of the trained one."""
+    """(recipe giving data defaults, model, tokenizer) for a run dir, checkpoint dir, adapter dir (PEFT or
+    tunelab's own format), HF dir, hub id or alias. `base`: the base model of a run (its recipe's model) instead of the trained one."""
     import json
 
     from tunelab.model import load_model, load_tokenizer
@@ -68,6 +68,13 @@ def _load_target(target: str, base: bool = False) -> tuple[Recipe, Any, Any]:
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         recipe = Recipe(model=ModelConfig(name_or_path=base or "smollm2-135m-instruct"))
         model = PeftModel.from_pretrained(load_model(recipe.model), str(path))
+        return recipe, model, load_tokenizer(recipe.model)
+    from tunelab.methods._modules import ADAPTER_CONFIG, load_own_adapter
+
+    if (path / ADAPTER_CONFIG).is_file():  # tunelab's own format (BitFit, SSF, LoReFT, ...), on its base
+        base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        recipe = Recipe(model=ModelConfig(name_or_path=base or "smollm2-135m-instruct"))
+        _, model = load_own_adapter(load_model(recipe.model), path)
         return recipe, model, load_tokenizer(recipe.model)
     recipe = Recipe(model=ModelConfig(name_or_path=target))
     return recipe, load_model(recipe.model), load_tokenizer(recipe.model)
