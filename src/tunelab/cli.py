@@ -191,11 +191,18 @@ def export(
 def methods(
     count: Optional[str] = typer.Option(None, "--count", help="Recipe whose model and method to count "
                                                              "trainable parameters for."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print docs/methods.md's table: paper, what trains, "
+                                                            "mergeable, export formats."),
 ):
     """List the registered fine-tuning methods with their papers (and count parameters for a recipe)."""
     _setup_logging()
     from tunelab.methods.registry import list_methods
 
+    if markdown:
+        from tunelab.methods._catalog import methods_markdown
+
+        typer.echo(methods_markdown())
+        return
     if count is None:
         for name, cls in list_methods().items():
             doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]

@@ -215,6 +215,8 @@ def load_own_adapter(model: nn.Module, directory: str | Path):
 class OwnAdapterMixin:
     """save_adapter/load_adapter_tensors in tunelab's format, from the trainable state (exact round trip)."""
 
+    adapter_format = "tunelab"
+
     def save_adapter(self, model, directory: str) -> None:
         save_own_adapter(directory, self, model, self.trainable_state_dict(model))
 

@@ -122,6 +122,7 @@ class PromptLearningMethod(PeftMethod):
     """Virtual tokens (prompt tuning, prefix tuning, P-tuning): no weight to merge them into."""
 
     prepends_tokens: ClassVar[bool] = True  # False for prefix tuning (keys/values, not input positions)
+    mergeable = False
 
     def prepare(self, model):
         model = super().prepare(model)

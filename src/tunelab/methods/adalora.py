@@ -54,6 +54,7 @@ class AdaLoRAOptions(MethodOptions):
 @register("adalora", paper="https://arxiv.org/abs/2303.10512")
 class AdaLoRA(PeftMethod):
     """SVD-form LoRA whose rank budget is re-allocated by importance during training."""
+    trains = "SVD-form adapters P, E, Q whose rank is re-allocated during training"
 
     Config = AdaLoRAOptions
 

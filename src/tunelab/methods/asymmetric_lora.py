@@ -36,6 +36,7 @@ def lora_layers(model):
 
 @register("asymmetric_lora", paper="https://arxiv.org/abs/2402.16842")
 class AsymmetricLoRA(PeftAdapterMethod):
+    trains = "LoRA B only (A frozen at its random init)"
     Config = AsymmetricLoRAOptions
 
     def peft_config(self):

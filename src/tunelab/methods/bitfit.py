@@ -42,6 +42,7 @@ class BitFitOptions(MethodOptions):
 
 @register("bitfit", paper="https://arxiv.org/abs/2106.10199")
 class BitFit(OwnAdapterMixin, Method):
+    trains = "biases of the targeted linears (added as zeros where missing)"
     Config = BitFitOptions
 
     def __init__(self, config=None):

@@ -29,6 +29,7 @@ class BOFTOptions(MethodOptions):
 @register("boft", paper="https://arxiv.org/abs/2311.06243")
 class BOFT(PeftMethod):
     """Butterfly-factored orthogonal rotation of each layer's input plus an output scale."""
+    trains = "butterfly-factored orthogonal rotations plus an output scale"
 
     Config = BOFTOptions
 

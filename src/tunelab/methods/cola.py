@@ -54,6 +54,7 @@ class COLAOptions(LoRAOptions):
 
 @register("cola", paper="https://arxiv.org/abs/2401.04151")
 class ChainOfLoRA(PeftAdapterMethod):
+    trains = "a chain of LoRAs, each merged into W before the next starts"
     Config = COLAOptions
 
     def __init__(self, config=None):

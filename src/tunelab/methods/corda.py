@@ -31,6 +31,7 @@ class CorDAOptions(LoRAOptions, CalibrationOptions):
 @register("corda", paper="https://arxiv.org/abs/2406.05223")
 class CorDA(PeftMethod):
     """LoRA initialised from the SVD of W times the input covariance (calibration batches)."""
+    trains = "LoRA A, B initialised from the SVD of W x input covariance (calibration)"
 
     Config = CorDAOptions
     needs_calibration = True

@@ -66,6 +66,7 @@ class DiaBloOptions(MethodOptions):
 
 @register("diablo", paper="https://arxiv.org/abs/2506.03230")
 class DiaBlo(OwnAdapterMixin, Method):
+    trains = "diagonal blocks added to the targeted weight matrices"
     Config = DiaBloOptions
 
     def prepare(self, model):

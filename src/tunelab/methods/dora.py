@@ -18,6 +18,7 @@ from tunelab.methods.registry import register
 @register("dora", paper="https://arxiv.org/abs/2402.09353")
 class DoRA(PeftMethod):
     """LoRA with a learned per-column magnitude: W' = m * (W0 + sBA) / ||W0 + sBA||_col."""
+    trains = "LoRA A, B plus a per-column magnitude m"
 
     Config = LoRAOptions
 

@@ -36,6 +36,7 @@ class EVAOptions(LoRAOptions, CalibrationOptions):
 @register("eva", paper="https://arxiv.org/abs/2410.07170")
 class EVA(PeftMethod):
     """LoRA with A initialised to the principal directions of each layer's input activations."""
+    trains = "LoRA A, B with A from the SVD of the layers' input activations (calibration)"
 
     Config = EVAOptions
     needs_calibration = True

@@ -31,6 +31,7 @@ def layer_index(param_name: str) -> int | None:
 
 @register("freeze", paper="https://arxiv.org/abs/1911.03090")
 class Freeze(Method):
+    trains = "the chosen decoder layers / modules (default: the last two layers)"
     class Config(MethodOptions):
         layers: list[int] = Field(default_factory=lambda: [-2, -1], description="Decoder layer indices to train.")
         modules: list[str] = Field(default_factory=list, description="Name substrings of extra parameters to train.")

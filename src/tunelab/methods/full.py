@@ -11,6 +11,7 @@ from tunelab.methods.registry import Method, MethodOptions, register
 
 @register("full", paper="https://arxiv.org/abs/1801.06146")
 class Full(Method):
+    trains = "every parameter"
     class Config(MethodOptions):
         pass
 

@@ -62,6 +62,7 @@ def galore_adamw_class():
 
 @register("galore", paper="https://arxiv.org/abs/2403.03507")
 class GaLore(Method):
+    trains = "every parameter, with Adam state in a low-rank gradient projection"
     class Config(MethodOptions):
         rank: int = Field(128, ge=1, description="Rank r of the gradient projection.")
         update_proj_gap: int = Field(200, ge=1, description="Steps T between projection refreshes (SVD of G).")

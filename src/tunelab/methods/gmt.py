@@ -107,6 +107,7 @@ def blocks_to_mask(block_ids: list[int], shape: torch.Size, block: int, device=N
 
 @register("gmt", paper="https://arxiv.org/abs/2406.15330")
 class GMT(Method):
+    trains = "the entries (or blocks) with the largest gradient of each targeted W"
     class Config(MethodOptions):
         density: float = Field(0.1, gt=0, le=1, description="Fraction of entries (or blocks) updated per matrix.")
         granularity: Literal["entry", "block"] = Field("entry", description="entry = GMT; block = SMT sub-matrices.")

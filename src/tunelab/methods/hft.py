@@ -41,6 +41,7 @@ def category(param_name: str) -> tuple:
 
 @register("hft", paper="https://arxiv.org/abs/2404.18466")
 class HFT(SwitchingSubset):
+    trains = "a random half of the parameter blocks"
     class Config(MethodOptions):
         switch_every: int | None = Field(None, ge=1, description="Steps between re-draws; null = one draw.")
         seed: int = Field(0, description="Seed of the draws (draw p uses seed and p only).")

@@ -69,6 +69,8 @@ class HoulsbyOptions(MethodOptions):
 
 @register("houlsby", paper="https://arxiv.org/abs/1902.00751")
 class Houlsby(OwnAdapterMixin, Method):
+    trains = "bottleneck adapters after the attention and MLP outputs"
+    mergeable = False
     Config = HoulsbyOptions
 
     def prepare(self, model):

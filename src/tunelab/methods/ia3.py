@@ -35,6 +35,7 @@ class IA3Options(MethodOptions):
 @register("ia3", paper="https://arxiv.org/abs/2205.05638")
 class IA3(PeftMethod):
     """Learned rescaling vectors on keys, values and the MLP's inner activation."""
+    trains = "scaling vectors on keys, values and the MLP's inner activation"
 
     Config = IA3Options
 

@@ -47,6 +47,7 @@ def principal_mask(w: torch.Tensor, rank: int, k: int) -> torch.Tensor:
 
 @register("lift", paper="https://arxiv.org/abs/2506.00772")
 class LIFT(Method):
+    trains = "the top entries of a low-rank approximation of each targeted W"
     class Config(MethodOptions):
         rank: int = Field(32, ge=1, description="Rank of the SVD approximation that ranks the entries.")
         density: float = Field(0.05, gt=0, le=1, description="Fraction of entries of each matrix that train.")

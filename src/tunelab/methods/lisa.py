@@ -141,6 +141,7 @@ class SwitchingSubset(Method):
 
 @register("lisa", paper="https://arxiv.org/abs/2403.17919")
 class LISA(SwitchingSubset):
+    trains = "embeddings, LM head and a few random decoder layers, re-drawn every K steps"
     class Config(MethodOptions):
         gamma: int = Field(2, ge=1, description="Decoder layers trained at a time.")
         switch_every: int = Field(20, ge=1, description="Steps between re-draws of the trained layers (K).")

@@ -26,6 +26,7 @@ class LNTuningOptions(MethodOptions):
 @register("ln_tuning", paper="https://arxiv.org/abs/2312.11420")
 class LNTuning(PeftMethod):
     """Only the normalisation layers train."""
+    trains = "the normalisation layers"
 
     Config = LNTuningOptions
 

@@ -29,6 +29,7 @@ class LoHaOptions(MethodOptions):
 @register("loha", paper="https://arxiv.org/abs/2108.06098")
 class LoHa(PeftMethod):
     """Hadamard product of two low-rank updates: W' = W0 + s (B1 A1) * (B2 A2)."""
+    trains = "two low-rank pairs combined by a Hadamard product"
 
     Config = LoHaOptions
 

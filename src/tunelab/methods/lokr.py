@@ -31,6 +31,7 @@ class LoKrOptions(MethodOptions):
 @register("lokr", paper="https://arxiv.org/abs/2309.14859")
 class LoKr(PeftMethod):
     """Kronecker product update: W' = W0 + s W1 (x) W2."""
+    trains = "Kronecker factors W1, W2 of the update"
 
     Config = LoKrOptions
 

@@ -50,6 +50,7 @@ class PeftAdapterMethod(Method):
     """Shared behaviour of methods implemented by a PEFT config: wrap, merge, save."""
 
     is_adapter = True
+    adapter_format = "peft"
 
     def peft_config(self):
         raise NotImplementedError
@@ -69,6 +70,7 @@ class PeftAdapterMethod(Method):
 
 @register("lora", paper="https://arxiv.org/abs/2106.09685")
 class LoRA(PeftAdapterMethod):
+    trains = "low-rank A, B on the attention and MLP linears"
     Config = LoRAOptions
 
     def peft_config(self):

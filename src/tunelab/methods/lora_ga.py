@@ -32,6 +32,7 @@ class LoRAGAOptions(LoRAOptions, CalibrationOptions):
 @register("lora_ga", paper="https://arxiv.org/abs/2407.05000")
 class LoRAGA(PeftMethod):
     """LoRA initialised from the SVD of the full gradient on calibration batches."""
+    trains = "LoRA A, B initialised from the SVD of the full gradient (calibration)"
 
     Config = LoRAGAOptions
     needs_calibration = True

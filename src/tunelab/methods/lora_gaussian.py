@@ -18,6 +18,7 @@ from tunelab.methods.registry import register
 @register("lora_gaussian", paper="https://arxiv.org/abs/2106.09685")
 class LoRAGaussian(PeftMethod):
     """LoRA with A ~ N(0, std 1/r), B = 0 (the paper's initialisation)."""
+    trains = "LoRA A, B with Gaussian A"
 
     Config = LoRAOptions
 

@@ -25,6 +25,7 @@ class LoRAPlusOptions(LoRAOptions):
 @register("loraplus", paper="https://arxiv.org/abs/2402.12354")
 class LoRAPlus(PeftMethod):
     """LoRA whose B matrices learn lr_ratio times faster than A."""
+    trains = "LoRA A, B with B at lr_ratio x the learning rate"
 
     Config = LoRAPlusOptions
 

@@ -96,6 +96,9 @@ def position_mask(seq_len: int, attention_mask: torch.Tensor | None, first_k: in
 
 @register("loreft", paper="https://arxiv.org/abs/2404.03592")
 class LoReFT(Method):
+    trains = "low-rank interventions R, W, b on the layers' hidden states"
+    mergeable = False
+    adapter_format = "tunelab"
     Config = LoReFTOptions
 
     def __init__(self, config=None):

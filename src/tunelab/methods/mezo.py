@@ -73,6 +73,7 @@ class MeZOOptions(LoRAOptions):
 
 @register("mezo", paper="https://arxiv.org/abs/2305.17333")
 class MeZO(Method):
+    trains = "every parameter (or LoRA's A, B), by zeroth-order SPSA: no backward"
     Config = MeZOOptions
 
     def __init__(self, config=None):

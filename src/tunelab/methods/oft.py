@@ -35,6 +35,7 @@ class OFTOptions(MethodOptions):
 @register("oft", paper="https://arxiv.org/abs/2306.07280")
 class OFT(PeftMethod):
     """A learned block-diagonal orthogonal rotation of each layer's input: y = W0 R x."""
+    trains = "block-diagonal orthogonal rotations of each linear's input"
 
     Config = OFTOptions
 

@@ -24,6 +24,7 @@ class OLoRAOptions(LoRAOptions):
 @register("olora", paper="https://arxiv.org/abs/2406.01775")
 class OLoRA(PeftMethod):
     """LoRA on an orthonormal (QR) basis of W; the residual stays frozen."""
+    trains = "LoRA A, B initialised from a QR basis of W (residual frozen)"
 
     Config = OLoRAOptions
     mutates_base = True

@@ -30,6 +30,7 @@ class PTuningOptions(MethodOptions):
 @register("p_tuning", paper="https://arxiv.org/abs/2103.10385")
 class PTuning(PromptLearningMethod):
     """A soft prompt produced by a trainable MLP/LSTM prompt encoder."""
+    trains = "a prompt encoder (MLP/LSTM) producing a soft prompt"
 
     Config = PTuningOptions
 

@@ -28,6 +28,7 @@ class PiSSAOptions(LoRAOptions):
 @register("pissa", paper="https://arxiv.org/abs/2404.02948")
 class PiSSA(PeftMethod):
     """LoRA on the top-r singular components of W; the residual W - s B0 A0 stays frozen."""
+    trains = "LoRA A, B initialised from W's top-r singular components (residual frozen)"
 
     Config = PiSSAOptions
     mutates_base = True

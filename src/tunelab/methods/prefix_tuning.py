@@ -27,6 +27,7 @@ class PrefixTuningOptions(MethodOptions):
 @register("prefix_tuning", paper="https://arxiv.org/abs/2101.00190")
 class PrefixTuning(PromptLearningMethod):
     """Learned key/value prefixes [n] at every attention layer."""
+    trains = "key/value prefixes at every attention layer"
 
     Config = PrefixTuningOptions
     prepends_tokens = False

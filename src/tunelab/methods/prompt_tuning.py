@@ -33,6 +33,7 @@ class PromptTuningOptions(MethodOptions):
 @register("prompt_tuning", paper="https://arxiv.org/abs/2104.08691")
 class PromptTuning(PromptLearningMethod):
     """A learned soft prompt [n, hidden] prepended to every input."""
+    trains = "a soft prompt (virtual token embeddings)"
 
     Config = PromptTuningOptions
 

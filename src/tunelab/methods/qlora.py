@@ -72,6 +72,7 @@ class QLoRAOptions(LoRAOptions):
 
 @register("qlora", paper="https://arxiv.org/abs/2305.14314")
 class QLoRA(PeftAdapterMethod):
+    trains = "LoRA A, B on a frozen NF4-quantised base"
     Config = QLoRAOptions
 
     def peft_config(self):

@@ -88,6 +88,8 @@ def apply_sparse_delta(model, directory: str | Path):
 
 @register("spiel", paper="https://arxiv.org/abs/2401.16405")
 class SpIEL(Method):
+    trains = "a sparse delta over a fixed budget of indices (pruned and regrown)"
+    adapter_format = "sparse_delta"
     class Config(MethodOptions):
         density: float = Field(0.01, gt=0, le=1, description="Fraction of each matrix's entries with a delta.")
         reselect_every: int = Field(100, ge=2, description="Steps between prune-and-regrow updates.")

@@ -66,6 +66,7 @@ class SSFOptions(MethodOptions):
 
 @register("ssf", paper="https://arxiv.org/abs/2210.08823")
 class SSF(OwnAdapterMixin, Method):
+    trains = "per-channel scale and shift after each targeted linear"
     Config = SSFOptions
 
     def prepare(self, model):

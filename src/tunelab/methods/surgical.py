@@ -78,6 +78,7 @@ def layer_fisher(model, batches: list[dict[str, torch.Tensor]], objective=None) 
 
 @register("surgical", paper="https://arxiv.org/abs/2210.11466")
 class Surgical(Method):
+    trains = "the top-k decoder layers by Fisher score (calibration)"
     class Config(MethodOptions):
         top_k: int = Field(2, ge=1, description="Number of decoder layers to train (highest Fisher score).")
         calibration_batches: int = Field(4, ge=1, description="Batches used to estimate the Fisher scores.")

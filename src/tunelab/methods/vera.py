@@ -30,6 +30,7 @@ class VeRAOptions(MethodOptions):
 @register("vera", paper="https://arxiv.org/abs/2310.11454")
 class VeRA(PeftMethod):
     """Frozen shared random A, B; trains only the vectors b and d: W' = W0 + diag(b) B diag(d) A."""
+    trains = "scaling vectors b, d around frozen shared random A, B"
 
     Config = VeRAOptions
 

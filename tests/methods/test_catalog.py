@@ -1,0 +1,60 @@
+"""The method catalogue: every registered method declares its paper, what trains, whether it merges and its
+adapter format; those declarations match what its export code does; docs/methods.md lists every method with
+the generated table (`tunelab methods --markdown`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny import build_tiny_model
+from tunelab.methods._catalog import ADAPTER_FORMATS, methods_markdown
+from tunelab.methods.registry import ExportUnsupported, build_method, list_methods
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "methods.md"
+# options that fit the tiny Llama (hidden 64, intermediate 128, kv 32, 2 layers)
+TINY_OPTIONS = {"houlsby": {"bottleneck": 8}, "loreft": {"r": 2}, "diablo": {"num_blocks": 8}, "vera": {"r": 8},
+                "galore": {"rank": 4}, "lift": {"rank": 4}, "cola": {"r": 4, "alpha": 8}}
+CALIBRATED = {"corda", "eva", "lora_ga", "surgical"}  # need training batches before prepare (covered elsewhere)
+
+
+def test_every_method_declares_its_catalogue_entry():
+    for name, cls in list_methods().items():
+        assert cls.paper and cls.paper.startswith("https://"), name
+        assert isinstance(cls.trains, str) and len(cls.trains) > 5, f"{name}: set `trains` on the class"
+        assert isinstance(cls.mergeable, bool), name
+        assert cls.adapter_format is None or cls.adapter_format in ADAPTER_FORMATS, name
+
+
+@pytest.mark.parametrize("name", sorted(set(list_methods()) - CALIBRATED))
+def test_declarations_match_the_export_code(name, tmp_path):
+    method = build_method(name, TINY_OPTIONS.get(name, {}))
+    model = method.prepare(build_tiny_model(256, seed=0))
+    try:
+        method.save_adapter(model, str(tmp_path / "adapter"))
+        saved = True
+    except ExportUnsupported:
+        saved = False
+    assert saved == (method.adapter_format is not None), f"{name}: adapter_format={method.adapter_format!r}"
+    if saved:
+        files = {p.name for p in (tmp_path / "adapter").iterdir()}
+        expected = {"peft": "adapter_model.safetensors", "tunelab": "tunelab_adapter.safetensors",
+                    "sparse_delta": "sparse_delta.safetensors"}[method.adapter_format]
+        assert expected in files, (name, files)
+    try:
+        merged = method.merged_model(model)
+        assert isinstance(merged, torch.nn.Module)
+        assert not any(n.startswith("base_model.") for n, _ in merged.named_parameters()), f"{name}: still wrapped"
+        mergeable = True
+    except ExportUnsupported:
+        mergeable = False
+    assert mergeable == method.mergeable, f"{name}: mergeable={method.mergeable}"
+
+
+def test_docs_list_every_method_with_the_generated_table():
+    doc = DOC.read_text()
+    assert methods_markdown() in doc, "docs/methods.md is stale: regenerate its table from `tunelab methods --markdown`"
+    for name in list_methods():
+        assert f"`{name}`" in doc, name
