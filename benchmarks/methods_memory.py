@@ -24,15 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "src"))
+from _common import peak_rss_mb, rss_mb, run_child
 
 # name -> (method name, method options, train.optimizer)
 CONFIGS = {
@@ -52,14 +48,6 @@ CONFIGS = {
     "gmt": ("gmt", {"density": 0.05}, "adamw"),
     "smt": ("gmt", {"granularity": "block", "block_size": 64, "density": 0.05}, "adamw"),
 }
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def build_model(quick: bool):
@@ -137,7 +125,7 @@ def child(name: str, quick: bool, steps: int, precision: str) -> dict:
     if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = peak_rss_mb()
     largest = max(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     return {"name": name, "peak_mb": peak, "base_mb": base, "extra_mb": peak - base, "trainable": trainable,
             "optimizer_state_mb": state_mb,
@@ -156,17 +144,14 @@ def main() -> None:
         print(json.dumps(child(args.child, args.quick, args.steps, args.precision)))
         return
     names = list(CONFIGS) if not args.only else ["inference"] + [n for n in args.only.split(",") if n != "inference"]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           "PYTHONPATH": os.path.join(HERE, "..", "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     rows = []
     for name in names:
-        cmd = [sys.executable, __file__, "--child", name, "--steps", str(args.steps), "--precision", args.precision]
-        cmd += ["--quick"] if args.quick else []
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            print(f"{name}: FAILED\n{out.stderr[-2000:]}", file=sys.stderr)
+        out = run_child(__file__, name, ["--steps", str(args.steps), "--precision", args.precision]
+                        + (["--quick"] if args.quick else []))
+        if "error" in out:
+            print(f"{name}: FAILED: {out['error']}\n{out.get('stderr_tail', '')}", file=sys.stderr)
             continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(out)
         r = rows[-1]
         print(f"{r['name']:<16} peak {r['peak_mb']:8.1f} MB  extra {r['extra_mb']:8.1f} MB  "
               f"optimizer state {r['optimizer_state_mb']:7.1f} MB  step {r['step_s']:7.3f} s  "

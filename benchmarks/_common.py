@@ -1,0 +1,68 @@
+"""Helpers shared by the benchmarks that measure one configuration per fresh subprocess.
+
+Peak memory on CPU is a per-process high-water mark (`ru_maxrss`), so a fair comparison needs a new process per
+configuration: `run_child` starts this same script with `--child NAME ...`, and the child prints one JSON line
+(its last line of stdout) with what it measured.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(HERE, "..", "src")
+if SRC not in sys.path:
+    sys.path.insert(0, SRC)
+
+
+def rss_mb() -> float:
+    """The current resident set of this process, MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """The lifetime peak resident set of this process (ru_maxrss), MB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+
+
+def child_env() -> dict[str, str]:
+    """The parent's environment with one OpenMP thread unless set, and src/ on PYTHONPATH."""
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def run_child(script: str, name: str, args: list[str], timeout: float | None = None) -> dict:
+    """Run `python script --child name *args` in a fresh process; returns its JSON line, or
+    {"name": name, "error": "..."} when it fails, times out or prints no JSON."""
+    cmd = [sys.executable, script, "--child", name, *args]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"name": name, "error": f"timed out after {timeout:.0f} s"}
+    lines = out.stdout.strip().splitlines()
+    if out.returncode == 0 and lines:
+        try:
+            return json.loads(lines[-1])
+        except json.JSONDecodeError:
+            pass
+    return {"name": name, "error": last_error_line(out.stderr) or f"exit code {out.returncode}",
+            "stderr_tail": out.stderr[-3000:]}
+
+
+def last_error_line(stderr: str) -> str:
+    """The exception line of a traceback (`SomeError: message`), else the last non-empty line."""
+    lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        head = ln.split(":", 1)[0]
+        if head.endswith(("Error", "Exception", "Unsupported", "Diverged", "Missing")) and " " not in head:
+            return ln[:300]
+    return lines[-1][:300] if lines else ""

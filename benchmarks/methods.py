@@ -1,0 +1,235 @@
+"""Benchmark: every registered method, same task, same model, same token budget, one table.
+
+Each method trains in a fresh subprocess through the real runner path, i.e. exactly what `tunelab run` does
+minus the export: the quickstart recipe (`recipes/quickstart.yaml`: SmolLM2-135M-Instruct, the built-in
+`date_format` task, SFT on the answer tokens, bf16 autocast, warmup + cosine) with `method: {name: METHOD}`
+(the method's default options) and the overrides below, then `runner.open_workspace` -> `prepare_workspace`
+(calibration for CorDA/EVA/LoRA-GA/surgical, method.prepare, engine) -> `train_workspace` -> `evaluate`.
+Every method sees the same examples in the same order (same steps x batch size, same seed), so the same tokens.
+
+Columns:
+  trainable %   trainable / total parameters of the prepared model (shared tensors counted once)
+  exact match   greedy generations on the first `eval n` held-out items, checked by the task's checker
+  eval loss     cross-entropy per answer token on the same held-out items
+  tokens/s      training tokens / CPU time of the training steps 2..N (the first step's warm-up and the
+                checkpoint written after the last step are excluded); `step s` is the median step's CPU time.
+                CPU time (one thread) is what a step takes on an unshared core, and unlike wall time it does not
+                change when other jobs share the core; the wall-clock figures are in the JSON too
+  peak MB       the child's peak resident set (ru_maxrss) at the end of training: model, data, method,
+                optimizer state, activations (and calibration, for the methods that calibrate)
+  base MB       resident set right after the model and data are loaded; `extra` = peak - base
+A row `(untrained)` evaluates the starting point (LoRA prepared, B = 0: the base model) for reference.
+A method that fails is reported in its row with the error; the table still completes.
+
+  default   16 steps x 8 examples (~9.6k training tokens), exact match and loss on 32 held-out items
+            (about 30 CPU-minutes on one core: well under 30 minutes on 2 unshared cores)
+  --quick   4 steps x 8 examples, 12 held-out items (about 12 CPU-minutes)
+`cpu s` is each child's whole CPU time (imports, load, calibration, training, evaluation); on a core shared with
+other jobs the wall time is longer by the share lost, while the CPU-time columns stay comparable.
+Run (one core, as measured in docs/methods.md):
+  OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python benchmarks/methods.py --quick [--only lora,mezo] [--steps N]
+      [--json out.json] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+from _common import HERE, peak_rss_mb, rss_mb, run_child
+
+RECIPE = os.path.join(HERE, "..", "src", "tunelab", "recipes", "quickstart.yaml")
+
+# Learning rate per method (everything else is the method's defaults and the shared budget). A short run
+# needs each family's usual rate: adapters ~1e-3 (the quickstart's LoRA rate); initialisations that start
+# from the principal components of W (PiSSA, OLoRA, CorDA) or a scaled gradient (LoRA-GA), and LoRA+ (whose
+# B runs 16x faster), lower; methods that update the model's own weights (full, freeze, selective, sparse,
+# GaLore) ~1e-5..1e-4, higher the fewer entries train; MeZO (zeroth-order, eps 1e-3) its paper's 1e-6 range;
+# tiny vectors (IA3, VeRA, soft prompts, prefixes) higher.
+DEFAULT_LR = 1e-3
+LR = {
+    "full": 2e-5, "freeze": 1e-4, "surgical": 1e-4, "hft": 3e-5, "lisa": 5e-5, "galore": 1e-4,
+    "lift": 1e-4, "spiel": 5e-4, "gmt": 5e-5, "diablo": 1e-4,
+    "mezo": 1e-6,
+    "pissa": 2e-4, "olora": 2e-4, "corda": 2e-4, "lora_ga": 2e-4, "loraplus": 2e-4,
+    "vera": 1e-2, "ia3": 1e-2, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2, "p_tuning": 3e-3,
+}
+BUDGETS = {  # steps, batch size, held-out items
+    "default": {"steps": 16, "batch_size": 8, "eval_n": 32},
+    "quick": {"steps": 4, "batch_size": 8, "eval_n": 12},
+}
+UNTRAINED = "(untrained)"
+
+
+def recipe_for(method: str, steps: int, batch_size: int, eval_n: int, out_dir: str):
+    """The quickstart recipe with `method: {name: method}` and the benchmark's budget, validated as `tunelab run`
+    validates a recipe file."""
+    import yaml
+
+    from tunelab.recipe import load_recipe
+
+    data = yaml.safe_load(open(RECIPE))
+    data["method"] = {"name": method}
+    path = os.path.join(out_dir, f"recipe-{method}.yaml")
+    with open(path, "w") as f:
+        yaml.safe_dump(data, f)
+    return load_recipe(path, [f"name=bench-{method}", f"output_dir={out_dir}", f"train.max_steps={steps}",
+                              f"train.batch_size={batch_size}", f"train.lr={LR.get(method, DEFAULT_LR)}",
+                              "train.save_every=null", "train.keep_checkpoints=1", f"eval.n={eval_n}",
+                              f"data.train.n={steps * batch_size}", f"data.eval.n={eval_n}",
+                              f"eval.batch_size={min(eval_n, 50)}", "eval.before=false"])
+
+
+def child(name: str, steps: int, batch_size: int, eval_n: int, out_dir: str) -> dict:
+    import logging
+
+    import torch
+
+    from tunelab.runner import evaluate, open_workspace, prepare_workspace, train_workspace
+
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    method = "lora" if name == UNTRAINED else name
+    recipe = recipe_for(method, steps, batch_size, eval_n, out_dir)
+    t0, c0 = time.perf_counter(), time.process_time()
+    ws = open_workspace(recipe)
+    base = rss_mb()
+    c1 = time.process_time()
+    model = prepare_workspace(ws)
+    c2 = time.process_time()
+    row = {"name": name, "lr": recipe.train.lr, **ws.params, "base_mb": base}
+    if name != UNTRAINED:
+        cpu_at_step: dict[int, float] = {}  # CPU seconds of this process when step k ended (before any checkpoint)
+        model, result, _ = train_workspace(ws, on_step=lambda k, loss: cpu_at_step.__setitem__(k, time.process_time()))
+        row["peak_mb"] = peak_rss_mb()
+        steps_log = [json.loads(line) for line in (ws.run_dir / "metrics.jsonl").read_text().splitlines()]
+        timed = steps_log[1:] or steps_log  # steps 2..N: the first step's warm-up excluded
+        cpu = [cpu_at_step[k] - cpu_at_step[k - 1] for k in range(2, result.steps + 1)] or [float("nan")]
+        row.update({"steps": result.steps, "tokens": result.tokens, "final_train_loss": result.final_loss,
+                    "train_time_s": result.wall_time_s,
+                    "tokens_per_s": sum(r["tokens"] for r in timed) / sum(cpu),
+                    "step_s": statistics.median(cpu),
+                    "wall_tokens_per_s": sum(r["tokens"] for r in timed) / sum(r["step_time_s"] for r in timed),
+                    "wall_step_s": statistics.median(r["step_time_s"] for r in timed)})
+    else:
+        row["peak_mb"] = peak_rss_mb()
+    c3 = time.process_time()
+    after = evaluate(ws, model, "after")
+    row.update({"exact_match": after.get("exact_match"), "eval_loss": after.get("eval_loss"),
+                "eval_time_s": after.get("eval_time_s"), "wall_s": time.perf_counter() - t0,
+                "cpu_s": {"load": c1 - c0, "prepare": c2 - c1, "train": c3 - c2, "eval": time.process_time() - c3}})
+    return row
+
+
+def children_cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def fmt_row(r: dict) -> list[str]:
+    if "error" in r:
+        return [r["name"], "FAILED: " + r["error"]]
+
+    def num(key, f):
+        return f(r[key]) if r.get(key) is not None else "-"
+
+    return [r["name"], f"{r['lr']:.0e}", num("trainable_pct", lambda v: f"{v:.3g}%"),
+            num("exact_match", lambda v: f"{100 * v:.0f}%"), num("eval_loss", lambda v: f"{v:.3f}"),
+            num("tokens_per_s", lambda v: f"{v:.0f}"), num("step_s", lambda v: f"{v:.2f}"),
+            num("peak_mb", lambda v: f"{v:.0f}"), num("base_mb", lambda v: f"+{r['peak_mb'] - v:.0f}"),
+            num("child_cpu_s", lambda v: f"{v:.0f}")]
+
+
+HEADER = ["method", "lr", "trainable", "exact match", "eval loss", "tokens/s", "step s", "peak MB", "extra MB",
+          "cpu s"]
+
+
+def text_table(rows: list[dict]) -> str:
+    cells = [HEADER] + [fmt_row(r) for r in rows]
+    widths = [max(len(c[i]) for c in cells if len(c) == len(HEADER)) for i in range(len(HEADER))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                     if len(row) == len(HEADER) else f"{row[0]:<{widths[0]}}  {row[1]}" for row in cells)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for r in rows:
+        cells = fmt_row(r)
+        if "error" in r:
+            cells = cells + [""] * (len(HEADER) - 2)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller budget: 4 steps x 8 examples, 12 held-out items")
+    ap.add_argument("--only", default=None, help="comma-separated method names (default: every registered method)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per method (overrides the budget)")
+    ap.add_argument("--batch-size", type=int, default=None, help="examples per step (overrides the budget)")
+    ap.add_argument("--eval-n", type=int, default=None, help="held-out items (overrides the budget)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds per method before it is reported failed")
+    ap.add_argument("--json", default=None, help="also write the rows and the conditions to this JSON file")
+    ap.add_argument("--markdown", action="store_true", help="print the table as Markdown too")
+    ap.add_argument("--no-untrained", action="store_true", help="skip the untrained reference row")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out-dir", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    budget = dict(BUDGETS["quick" if args.quick else "default"])
+    for key in ("steps", "batch_size", "eval_n"):
+        if getattr(args, key) is not None:
+            budget[key] = getattr(args, key)
+    if args.child:
+        print(json.dumps(child(args.child, budget["steps"], budget["batch_size"], budget["eval_n"], args.out_dir)))
+        return
+
+    from tunelab.methods.registry import list_methods
+
+    known = list(list_methods())
+    names = known if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        sys.exit(f"unknown method(s): {', '.join(unknown)}; known: {', '.join(known)}")
+    if not args.no_untrained:
+        names = [UNTRAINED] + names
+    print(f"{len(names)} rows; budget {budget['steps']} steps x {budget['batch_size']} examples, "
+          f"{budget['eval_n']} held-out items; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}", flush=True)
+    rows = []
+    t_all = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tunelab-bench-methods-") as out_dir:
+        for name in names:
+            t0, cpu0 = time.perf_counter(), children_cpu_s()
+            r = run_child(__file__, name, ["--steps", str(budget["steps"]), "--batch-size", str(budget["batch_size"]),
+                                           "--eval-n", str(budget["eval_n"]), "--out-dir", out_dir],
+                          timeout=args.timeout)
+            r["child_cpu_s"] = children_cpu_s() - cpu0
+            rows.append(r)
+            status = f"FAILED: {r['error']}" if "error" in r else (
+                f"exact match {100 * (r.get('exact_match') or 0):.0f}%  eval loss {r.get('eval_loss') or 0:.3f}")
+            print(f"[{len(rows)}/{len(names)}] {name:<16} {time.perf_counter() - t0:6.0f} s wall "
+                  f"{r['child_cpu_s']:6.0f} s CPU  {status}", flush=True)
+    total = time.perf_counter() - t_all
+    print()
+    print(text_table(rows))
+    cpu_total = sum(r["child_cpu_s"] for r in rows)
+    print(f"\ntotal {total / 60:.1f} min wall, {cpu_total / 60:.1f} min CPU; {sum('error' in r for r in rows)} failed")
+    if args.markdown:
+        print()
+        print(markdown_table(rows))
+    if args.json:
+        meta = {"budget": budget, "total_s": total, "cpu_total_s": cpu_total, "date": time.strftime("%Y-%m-%d"), "machine": platform.processor()
+                or platform.machine(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                "affinity": sorted(os.sched_getaffinity(0)), "command": " ".join(sys.argv)}
+        with open(args.json, "w") as f:
+            json.dump({"conditions": meta, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
