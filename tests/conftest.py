@@ -14,6 +14,17 @@ import torch
 from tiny import build_tiny_model, build_tiny_tokenizer, tiny_recipe_dict  # noqa: F401
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One torch thread for every test: the models and matrices are tiny, and on a shared 2-core machine
+    OpenMP barrier waits with 2 threads made them ~10-50x slower (measured: 59 s -> 6 s for an end-to-end test).
+    Subprocesses (torchrun, benchmarks) choose their own."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """An HF model directory (config, safetensors weights, tokenizer with chat template)."""

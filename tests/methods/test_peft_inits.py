@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_peft_methods import fixed_batch, load_tiny, one_thread, prepared, sft_logits, train_steps  # noqa: F401
+from test_peft_methods import fixed_batch, load_tiny, prepared, sft_logits, train_steps  # noqa: F401
 
 from tunelab.methods._peft_common import CalibrationMissing
 from tunelab.methods.registry import build_method

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_peft_methods import (fixed_batch, load_tiny, one_thread, pattern_batch, prepared,  # noqa: F401
+from test_peft_methods import (fixed_batch, load_tiny, pattern_batch, prepared,  # noqa: F401
                                sft_loss, train_steps)
 
 from tunelab.methods.registry import build_method

@@ -15,13 +15,6 @@ from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class Crash(Exception):
     pass

@@ -16,13 +16,6 @@ from tunelab.objectives.base import build_objective
 from tunelab.train.loop import forward_backward
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _targets(model):
     return {f"{n}.weight": m.weight for n, m in model.named_modules()

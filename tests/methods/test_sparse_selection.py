@@ -14,14 +14,6 @@ from tunelab.methods.registry import build_method
 from tunelab.train.precision import cast_frozen_linears
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the test models are tiny: one thread is fastest, and much faster on a loaded machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _layer_names(model, layers) -> set[str]:
     return {n for n, _ in model.named_parameters() if layer_index(n) in set(layers)}
