@@ -92,9 +92,12 @@ def test_tensorboard_tracking_writes_events(tiny_model_dir, tmp_path):
     assert list(ws.run_dir.rglob("events.out.tfevents.*"))
 
 
-def test_run_argument_with_equals_is_an_override_of_the_default_recipe(tmp_path):
+
+def test_run_argument_with_equals_is_an_override_of_the_quickstart():
+    from tunelab.cli import _resolve_recipe, _split_recipe_arg
     from tunelab.runner import resolve_recipe_arg
 
-    recipe, run_dir = resolve_recipe_arg("train.lr=0.5", ["method.r=4"])
-    assert recipe.train.lr == 0.5 and recipe.method_options()["r"] == 4 and run_dir is None
-    assert recipe.data.train.builtin == "date_format"  # the quickstart's data
+    path, overrides = _split_recipe_arg("train.lr=0.5", ["method.r=4"])
+    recipe, run_dir = resolve_recipe_arg(_resolve_recipe(path), overrides)
+    assert recipe.name == "quickstart" and run_dir is None
+    assert recipe.train.lr == 0.5 and recipe.method_options()["r"] == 4

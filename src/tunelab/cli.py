@@ -49,6 +49,13 @@ def builtin_recipe_path(name: str) -> Path | None:
     return Path(str(candidate)) if candidate.is_file() else None
 
 
+def _split_recipe_arg(recipe: Optional[str], overrides: Optional[list[str]]) -> tuple[Optional[str], list[str]]:
+    """`tunelab run train.lr=1e-4`: a first argument with `=` that is not a file is an override of the quickstart."""
+    if recipe is not None and "=" in recipe and not Path(recipe).exists():
+        return None, [recipe, *(overrides or [])]
+    return recipe, list(overrides or [])
+
+
 def _resolve_recipe(recipe: Optional[str]) -> Optional[str]:
     """A path, a run directory, or the name of a built-in recipe (`quickstart`)."""
     if recipe is None:
@@ -78,7 +85,8 @@ def _guard(fn):
 @app.command()
 def run(
     recipe: Optional[str] = typer.Argument(None, help="Recipe YAML, built-in recipe name, or run directory. "
-                                                      "Default: the quickstart."),
+                                                      "Default: the quickstart (`tunelab run train.lr=1e-4` "
+                                                      "overrides it)."),
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in its directory from the last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory of the same name."),
@@ -88,7 +96,8 @@ def run(
     from tunelab.runner import resolve_recipe_arg, run_recipe
 
     def go():
-        r, run_dir = resolve_recipe_arg(_resolve_recipe(recipe), overrides or [])
+        path, extra = _split_recipe_arg(recipe, overrides)
+        r, run_dir = resolve_recipe_arg(_resolve_recipe(path), extra)
         run_recipe(r, run_dir=run_dir, overwrite=overwrite, resume=resume or run_dir is not None)
 
     _guard(go)

@@ -48,12 +48,7 @@ def make_accelerator(recipe: Recipe, run_dir: Path):
 
 
 def resolve_recipe_arg(path: str | None, overrides: list[str]) -> tuple[Recipe, Path | None]:
-    """A recipe file, or a run directory (its saved recipe.yaml; the run continues in that directory).
-
-    `tunelab run train.lr=1e-4` (no recipe, overrides only): an argument with `=` that is not a file is the
-    first override of the default recipe."""
-    if path is not None and "=" in path and not Path(path).exists():
-        path, overrides = None, [path, *overrides]
+    """A recipe file, or a run directory (its saved recipe.yaml; the run continues in that directory)."""
     if path is not None and Path(path).is_dir():
         saved = Path(path) / "recipe.yaml"
         if not saved.is_file():
