@@ -19,7 +19,8 @@ choice); GeRe replays ../shared/data/wikitext-2/valid.txt (disjoint from the per
 Finished runs are reused (their summary.json); --retrain redoes them.
 
 Run:  python benchmarks/continual.py --quick      (2 steps per stage, 4 held-out items, 8 generated tokens, the
-                                                  base evaluated in the naive rows only: checks it works)
+                                                  base evaluated in the naive rows only, so FWT and general
+                                                  retention only there: checks that every row runs)
       python benchmarks/continual.py              (60 steps per stage, 100 held-out items per task)
 """
 
@@ -73,7 +74,8 @@ def recipe(args, method: str, name: str, strategy: list[dict], joint: bool) -> d
             "method": m,
             "train": {"max_steps": args.steps, "batch_size": 8, "lr": lr, "warmup_ratio": 0.1, "precision": "bf16",
                       "seed": 0},
-            # quick: short answers and the untrained model evaluated in the naive rows only (FWT elsewhere "-")
+            # quick: short answers, the untrained model evaluated in the naive rows only (elsewhere FWT and the
+            # general-ability changes, which compare with it, show "-")
             "eval": {"max_new_tokens": 8 if args.quick else 24, "batch_size": 32,
                      "before": not args.quick or not strategy},
             "export": {"adapter": False, "merged": False},
