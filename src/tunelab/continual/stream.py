@@ -50,7 +50,8 @@ from tunelab.runner import calibrate_method, make_accelerator
 from tunelab.track.run import new_run_dir
 from tunelab.train.checkpoint import atomic_write_json, atomic_write_text
 from tunelab.train.loop import train
-from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for, restore_frozen_linears
+from tunelab.train.engine import configure_engine
+from tunelab.train.precision import restore_frozen_weights
 
 log = logging.getLogger("tunelab")
 
@@ -118,12 +119,10 @@ class Stream:
         calibrate_method(method, model, cr.stage_recipe(0), calibration_data, self.objective,
                          self.tokenizer.pad_token_id)
         model = method.prepare(model)
-        if method.is_adapter:
-            # frozen base weights in the compute dtype (no per-step casts); a method that trains the weights
-            # themselves keeps them in full precision, since a later stage may train what is frozen now (HFT)
-            cast_frozen_linears(model, frozen_dtype_for(cr.base.train.frozen_dtype, cr.base.train.precision))
-        if cr.base.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # the engine's switches as in `tunelab run`; frozen base weights go to the compute dtype only under an
+        # adapter: a method that trains the weights themselves keeps them in full precision, since a later
+        # stage may train what is frozen now (HFT)
+        configure_engine(model, cr.base.train, self.accelerator.device, cast_frozen=method.is_adapter)
         return model
 
     # -- stage state (resume) ----------------------------------------------------------------------------
@@ -321,7 +320,7 @@ class Stream:
         if self.state.get("exports") is None and (cr.base.export.adapter or cr.base.export.merged):
             print("exporting the final model ...")
             if cr.base.export.merged and self.method.is_adapter:
-                restore_frozen_linears(model, load_model(cr.base.model).state_dict())
+                restore_frozen_weights(model, load_model(cr.base.model).state_dict())
             self.state["exports"] = export_all(self.method, model, self.tokenizer, self.run_dir / "export",
                                                adapter=cr.base.export.adapter, merged=cr.base.export.merged)
             atomic_write_json(self.cdir / "state.json", self.state)

@@ -87,13 +87,17 @@ def compiled_layers(model: torch.nn.Module, enabled: bool):
             layer._compiled_call_impl = None  # back to eager (nn.Module.compile's own attribute)
 
 
-def configure_engine(model: torch.nn.Module, tc: TrainConfig, device: torch.device) -> dict[str, object]:
-    """Apply the engine's switches to a prepared model; returns what was applied (for the run's log)."""
+def configure_engine(model: torch.nn.Module, tc: TrainConfig, device: torch.device, *,
+                     cast_frozen: bool = True) -> dict[str, object]:
+    """Apply the engine's switches to a prepared model; returns what was applied (for the run's log).
+
+    cast_frozen=False keeps frozen weights in their dtype: `tunelab continual` passes it for methods that
+    train the weights themselves, since a later stage may train what is frozen now (HFT)."""
     applied: dict[str, object] = {}
     if device.type == "cpu":
         applied["cpu_allocator_keeps_freed"] = keep_freed_memory()
     applied["frozen_params_cast"] = cast_frozen_linears(
-        model, frozen_dtype_for(tc.frozen_dtype, tc.precision), everything=tc.frozen_cast == "all")
+        model, frozen_dtype_for(tc.frozen_dtype, tc.precision), everything=tc.frozen_cast == "all") if cast_frozen else 0
     applied["attention"] = set_attention(model, tc.attention, device)
     if tc.gradient_checkpointing:
         # non-reentrant checkpointing works with frozen inputs (adapters) without enable_input_require_grads

@@ -94,5 +94,3 @@ def restore_frozen_weights(model: torch.nn.Module, original: dict[str, torch.Ten
             n += 1
     return n
 
-
-restore_frozen_linears = restore_frozen_weights  # the name callers used before frozen_cast=all existed

@@ -40,6 +40,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from tunelab.objectives.base import Objective, ObjectiveOutput
+from tunelab.registry import Registry
 
 
 class StrategyOptions(BaseModel):
@@ -125,20 +126,12 @@ class Strategy:
         return set()
 
 
-_STRATEGIES: dict[str, type[Strategy]] = {}
+_STRATEGIES: Registry = Registry("strategy")
 
 
 def register_strategy(name: str, paper: str | None = None):
     """Class decorator registering a Strategy under `name`."""
-
-    def wrap(cls: type[Strategy]) -> type[Strategy]:
-        if name in _STRATEGIES and _STRATEGIES[name] is not cls:
-            raise ValueError(f"strategy {name!r} registered twice")
-        cls.name, cls.paper = name, paper
-        _STRATEGIES[name] = cls
-        return cls
-
-    return wrap
+    return _STRATEGIES.register(name, paper)
 
 
 def load_builtin_strategies() -> None:
@@ -151,14 +144,12 @@ def load_builtin_strategies() -> None:
 
 def get_strategy_class(name: str) -> type[Strategy]:
     load_builtin_strategies()
-    if name not in _STRATEGIES:
-        raise KeyError(f"unknown strategy {name!r}; known: {', '.join(sorted(_STRATEGIES))}")
-    return _STRATEGIES[name]
+    return _STRATEGIES.get(name)
 
 
 def list_strategies() -> dict[str, type[Strategy]]:
     load_builtin_strategies()
-    return dict(sorted(_STRATEGIES.items()))
+    return _STRATEGIES.sorted()
 
 
 def build_strategy(name: str, options: dict[str, Any]) -> Strategy:
