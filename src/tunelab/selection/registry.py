@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tunelab.data.formats import ChatExample, DataError, PreferenceExample, TextExample
+from tunelab.registry import Registry
 
 if TYPE_CHECKING:
     from tunelab.selection.config import SelectConfig
@@ -123,27 +124,16 @@ class Selector:
         raise NotImplementedError
 
 
-_SCORERS: dict[str, type[Scorer]] = {}
-_SELECTORS: dict[str, type[Selector]] = {}
-
-
-def _register(table: dict, kind: str, name: str, paper: str | None):
-    def wrap(cls):
-        if name in table and table[name] is not cls:
-            raise ValueError(f"{kind} {name!r} registered twice")
-        cls.name, cls.paper = name, paper
-        table[name] = cls
-        return cls
-
-    return wrap
+_SCORERS: Registry = Registry("scorer")
+_SELECTORS: Registry = Registry("selector")
 
 
 def register_scorer(name: str, paper: str | None = None):
-    return _register(_SCORERS, "scorer", name, paper)
+    return _SCORERS.register(name, paper)
 
 
 def register_selector(name: str, paper: str | None = None):
-    return _register(_SELECTORS, "selector", name, paper)
+    return _SELECTORS.register(name, paper)
 
 
 def _load(package: str) -> None:
@@ -153,29 +143,25 @@ def _load(package: str) -> None:
             importlib.import_module(f"{package}.{info.name}")
 
 
-def _get(table: dict, kind: str, name: str):
-    _load(f"tunelab.selection.{kind}s")
-    if name not in table:
-        raise KeyError(f"unknown {kind} {name!r}; known: {', '.join(sorted(table))}")
-    return table[name]
-
-
 def get_scorer_class(name: str) -> type[Scorer]:
-    return _get(_SCORERS, "scorer", name)
+    _load("tunelab.selection.scorers")
+    return _SCORERS.get(name)
 
 
 def get_selector_class(name: str) -> type[Selector]:
-    return _get(_SELECTORS, "selector", name)
+    _load("tunelab.selection.selectors")
+    return _SELECTORS.get(name)
 
 
 def list_scorers() -> dict[str, type[Scorer]]:
     _load("tunelab.selection.scorers")
-    return dict(sorted(_SCORERS.items()))
+    return _SCORERS.sorted()
 
 
 def list_selectors() -> dict[str, type[Selector]]:
     _load("tunelab.selection.selectors")
-    return dict(sorted(_SELECTORS.items()))
+    return _SELECTORS.sorted()
+
 
 
 def build_scorer(name: str, options: dict[str, Any]) -> Scorer:
