@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 
@@ -40,14 +41,25 @@ def child_env() -> dict[str, str]:
             "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def run_child(script: str, name: str, args: list[str], timeout: float | None = None) -> dict:
+def run_child(script: str, name: str, args: list[str], timeout: float | None = None,
+              cpu_limit: int | None = None) -> dict:
     """Run `python script --child name *args` in a fresh process; returns its JSON line, or
-    {"name": name, "error": "..."} when it fails, times out or prints no JSON."""
+    {"name": name, "error": "..."} when it fails, times out or prints no JSON.
+
+    `cpu_limit` (seconds of CPU time, RLIMIT_CPU) bounds a child independently of how busy a shared machine is;
+    `timeout` is wall-clock."""
     cmd = [sys.executable, script, "--child", name, *args]
+
+    def limit_cpu():
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, cpu_limit + 5))
+
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=timeout)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=timeout,
+                             preexec_fn=limit_cpu if cpu_limit else None)
     except subprocess.TimeoutExpired:
-        return {"name": name, "error": f"timed out after {timeout:.0f} s"}
+        return {"name": name, "error": f"timed out after {timeout:.0f} s (wall clock)"}
+    if cpu_limit and out.returncode in (-signal.SIGXCPU, -signal.SIGKILL):
+        return {"name": name, "error": f"stopped at the CPU-time limit of {cpu_limit} s"}
     lines = out.stdout.strip().splitlines()
     if out.returncode == 0 and lines:
         try:

@@ -19,7 +19,8 @@ Columns:
                 optimizer state, activations (and calibration, for the methods that calibrate)
   base MB       resident set right after the model and data are loaded; `extra` = peak - base
 A row `(untrained)` evaluates the starting point (LoRA prepared, B = 0: the base model) for reference.
-A method that fails is reported in its row with the error; the table still completes.
+A method that fails, or runs past `--cpu-limit` CPU seconds, is reported in its row with the error; the table
+still completes. Each child deletes its run's checkpoint after reading the metrics (up to 1.6 GB for full FT).
 
   default   16 steps x 8 examples (~9.6k training tokens), exact match and loss on 32 held-out items
             (about 30 CPU-minutes on one core: well under 30 minutes on 2 unshared cores)
@@ -38,6 +39,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import tempfile
@@ -56,7 +58,7 @@ RECIPE = os.path.join(HERE, "..", "src", "tunelab", "recipes", "quickstart.yaml"
 DEFAULT_LR = 1e-3
 LR = {
     "full": 2e-5, "freeze": 1e-4, "surgical": 1e-4, "hft": 3e-5, "lisa": 5e-5, "galore": 1e-4,
-    "lift": 1e-4, "spiel": 5e-4, "gmt": 5e-5, "diablo": 1e-4,
+    "lift": 1e-4, "spiel": 5e-4, "gmt": 5e-5, "diablo": 5e-4,
     "mezo": 1e-6,
     "pissa": 2e-4, "olora": 2e-4, "corda": 2e-4, "lora_ga": 2e-4, "loraplus": 2e-4,
     "vera": 1e-2, "ia3": 1e-2, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2, "p_tuning": 3e-3,
@@ -109,6 +111,7 @@ def child(name: str, steps: int, batch_size: int, eval_n: int, out_dir: str) -> 
         cpu_at_step: dict[int, float] = {}  # CPU seconds of this process when step k ended (before any checkpoint)
         model, result, _ = train_workspace(ws, on_step=lambda k, loss: cpu_at_step.__setitem__(k, time.process_time()))
         row["peak_mb"] = peak_rss_mb()
+        shutil.rmtree(ws.run_dir / "checkpoints", ignore_errors=True)  # up to ~1.6 GB each (full + AdamW state)
         steps_log = [json.loads(line) for line in (ws.run_dir / "metrics.jsonl").read_text().splitlines()]
         timed = steps_log[1:] or steps_log  # steps 2..N: the first step's warm-up excluded
         cpu = [cpu_at_step[k] - cpu_at_step[k - 1] for k in range(2, result.steps + 1)] or [float("nan")]
@@ -175,7 +178,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per method (overrides the budget)")
     ap.add_argument("--batch-size", type=int, default=None, help="examples per step (overrides the budget)")
     ap.add_argument("--eval-n", type=int, default=None, help="held-out items (overrides the budget)")
-    ap.add_argument("--timeout", type=float, default=600, help="seconds per method before it is reported failed")
+    ap.add_argument("--cpu-limit", type=int, default=420,
+                    help="CPU seconds per method (RLIMIT_CPU) before it is reported failed; wall-clock limit 3x that")
     ap.add_argument("--json", default=None, help="also write the rows and the conditions to this JSON file")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown too")
     ap.add_argument("--no-untrained", action="store_true", help="skip the untrained reference row")
@@ -208,7 +212,7 @@ def main() -> None:
             t0, cpu0 = time.perf_counter(), children_cpu_s()
             r = run_child(__file__, name, ["--steps", str(budget["steps"]), "--batch-size", str(budget["batch_size"]),
                                            "--eval-n", str(budget["eval_n"]), "--out-dir", out_dir],
-                          timeout=args.timeout)
+                          timeout=3 * args.cpu_limit, cpu_limit=args.cpu_limit)
             r["child_cpu_s"] = children_cpu_s() - cpu0
             rows.append(r)
             status = f"FAILED: {r['error']}" if "error" in r else (
