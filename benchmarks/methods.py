@@ -23,8 +23,8 @@ A method that fails, or runs past `--cpu-limit` CPU seconds, is reported in its 
 still completes. Each child deletes its run's checkpoint after reading the metrics (up to 1.6 GB for full FT).
 
   default   16 steps x 8 examples (~9.6k training tokens), exact match and loss on 32 held-out items
-            (about 30 CPU-minutes on one core: well under 30 minutes on 2 unshared cores)
-  --quick   4 steps x 8 examples, 12 held-out items (about 12 CPU-minutes)
+            (measured: 34 CPU-minutes on one core, 6 of them EVA's calibration; docs/methods.md)
+  --quick   4 steps x 8 examples, 12 held-out items (measured: 18 CPU-minutes on one core)
 `cpu s` is each child's whole CPU time (imports, load, calibration, training, evaluation); on a core shared with
 other jobs the wall time is longer by the share lost, while the CPU-time columns stay comparable.
 Run (one core, as measured in docs/methods.md):
