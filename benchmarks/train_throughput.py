@@ -81,7 +81,7 @@ def worker_baseline(kind: str, steps: int, warmup: int, device: torch.device) ->
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS,
                                                  task_type="CAUSAL_LM"))
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)  # as tunelab (decay 0)
     rows = text_rows(tok, BATCH * (steps + warmup))
     # the rows in the order tunelab's sampler visits them (seed 0), so the last losses are comparable
     from tunelab.data.batching import StepSampler
@@ -116,6 +116,7 @@ def worker_ours(kind: str, steps: int, warmup: int, device: torch.device, extra:
     method = ["method.name=lora", "method.r=16", "method.alpha=32"] if kind == "lora" else ["method.name=full"]
     recipe = load_recipe(None, method + [f"train.max_steps={steps + warmup}", f"train.batch_size={BATCH}",
                                          "train.precision=bf16", "train.warmup_ratio=0", "train.lr=1e-4",
+                                         "train.scheduler=constant", "train.max_grad_norm=null",  # as the baseline loop
                                          "data.eval=null", *extra])
     run_dir = Path(tempfile.mkdtemp(prefix="bench-"))
     tok = load_tokenizer(recipe.model)
