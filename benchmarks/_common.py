@@ -36,9 +36,8 @@ def peak_rss_mb() -> float:
 
 
 def child_env() -> dict[str, str]:
-    """The parent's environment with one OpenMP thread unless set, and src/ on PYTHONPATH."""
-    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-            "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    """The parent's environment (OMP_NUM_THREADS as set: unset = torch's default, every core), src/ on PYTHONPATH."""
+    return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 def run_child(script: str, name: str, args: list[str], timeout: float | None = None,
