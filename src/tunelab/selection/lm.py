@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from tunelab.data.encode import IGNORE_INDEX, _tokenize_with_mask, assistant_spans, render
 from tunelab.data.formats import ChatExample, DataError
-from tunelab.train.chunked_ce import _has_logit_postprocessing, _plain_lm_head, _unwrap_peft
+from tunelab.train.chunked_ce import _has_logit_postprocessing, _plain_lm_head, unwrap_peft
 from tunelab.train.loop import autocast_context
 
 
@@ -67,7 +67,7 @@ def response_input(tokenizer, ex: ChatExample, *, max_length: int, max_response_
 
 
 def _head(model) -> tuple[torch.nn.Module, str, torch.nn.Linear] | None:
-    base = _unwrap_peft(model)
+    base = unwrap_peft(model)
     head = _plain_lm_head(base)
     name = next((n for n, m in base.named_children() if m is head), None) if head is not None else None
     if head is None or name is None or _has_logit_postprocessing(base):

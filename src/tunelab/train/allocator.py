@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_MAX = 32 * 2**20  # glibc's ceiling on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX); larger is refused
-TRIM_THRESHOLD = 2**62           # never trim the heap top while the process runs
+TRIM_THRESHOLD = 2**31 - 1       # the largest value mallopt's int takes: never trim the heap top in practice
 
 _done = False
 
@@ -40,8 +40,7 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
-    trim_value = min(TRIM_THRESHOLD, 2**31 - 1)  # mallopt takes an int
-    ok = mallopt(M_TRIM_THRESHOLD, trim_value) == 1 and ok
+    ok = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
     _done = ok
     log.debug("glibc malloc thresholds set: %s", ok)
     return ok

@@ -386,7 +386,7 @@ def chunked_cross_entropy(
 # ---------------------------------------------------------------------------
 
 
-def _unwrap_peft(model: nn.Module) -> nn.Module:
+def unwrap_peft(model: nn.Module) -> nn.Module:
     """The HF ``*ForCausalLM`` inside a PEFT ``PeftModel`` (LoRA layers stay inside its modules)."""
     get_base = getattr(model, "get_base_model", None)
     if callable(get_base):
@@ -478,7 +478,7 @@ def causal_lm_loss(
     Falls back to :func:`naive_causal_lm_loss` when the lm_head is not a plain bias-free
     ``nn.Linear`` (e.g. LoRA on ``lm_head``) or the model post-processes its logits.
     """
-    base = _unwrap_peft(model)
+    base = unwrap_peft(model)
     head = _plain_lm_head(base)
     head_name = next((n for n, m in base.named_children() if m is head), None) if head is not None else None
     if head is None or head_name is None or _has_logit_postprocessing(base):

@@ -23,6 +23,7 @@ import torch
 
 from tunelab.recipe import TrainConfig
 from tunelab.train.allocator import keep_freed_memory
+from tunelab.train.chunked_ce import unwrap_peft
 from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for
 
 log = logging.getLogger(__name__)
@@ -41,11 +42,7 @@ def set_attention(model: torch.nn.Module, choice: str, device: torch.device) -> 
         from tunelab.train.attention import register
 
         register()
-    base = model
-    while not hasattr(base, "set_attn_implementation") and hasattr(base, "base_model") and base.base_model is not base:
-        base = base.base_model  # PeftModel -> LoraModel -> the transformers model
-    if hasattr(base, "model") and not hasattr(base, "set_attn_implementation"):
-        base = base.model
+    base = unwrap_peft(model)
     try:
         base.set_attn_implementation(name)
     except (ValueError, AttributeError, ImportError) as e:

@@ -52,7 +52,7 @@ def cast_frozen_linears(model: torch.nn.Module, dtype: torch.dtype | None, *, ev
                     and p.dtype != dtype):
                 p.data = p.data.to(dtype)
                 n += p.numel()
-        return n + cast_frozen_linears(model, dtype)
+        return n  # frozen Linear weights and biases are frozen parameters too: nothing is left to cast
     tied = _tied_to_embeddings(model)
     n = 0
     for m in model.modules():

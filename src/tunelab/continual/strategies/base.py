@@ -40,6 +40,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from tunelab.objectives.base import Objective, ObjectiveOutput
+from tunelab.objectives.sft import unwrap_model
 from tunelab.registry import Registry
 
 
@@ -197,11 +198,7 @@ class StrategyObjective(Objective):
 # -- helpers shared by strategies -------------------------------------------------------------------
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under DDP-style wrappers."""
-    while not hasattr(model, "get_input_embeddings") and hasattr(model, "module"):
-        model = model.module
-    return model
+unwrap = unwrap_model  # the model under DDP-style wrappers (objectives.sft's), as the strategies call it
 
 
 def trainable_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
