@@ -176,19 +176,15 @@ def evaluate_suite(ws: Workspace, model, label: str) -> dict[str, float | None]:
     """`eval.suite` on `model`, written as eval_suite_<label>.json (the layout `tunelab eval` writes, which
     `tunelab report` reads); returns {task: primary metric} for the run's table. A failing task is recorded
     with its error and costs only itself."""
-    import datetime
-
-    from tunelab.evaluate.suite import SuiteSettings, run_suite
+    from tunelab.evaluate.suite import SuiteSettings, run_suite, suite_record
 
     ev, t0 = ws.recipe.eval, time.perf_counter()
     settings = SuiteSettings(n=ev.suite_n, batch_size=ev.batch_size, precision=ws.recipe.train.precision,
                              max_new_tokens=ev.max_new_tokens)
     suite = run_suite(model, ws.tokenizer, list(ev.suite), settings, data_cfg=ws.recipe.data)
     if ws.accelerator.is_main_process:
-        write_json(ws.run_dir, f"eval_suite_{label}.json", {
-            "target": str(ws.run_dir), "label": label, "model": ws.recipe.model.name_or_path, "base": label == "before",
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), **suite,
-            "wall_time_s": time.perf_counter() - t0})
+        write_json(ws.run_dir, f"eval_suite_{label}.json", suite_record(
+            str(ws.run_dir), label, ws.recipe.model.name_or_path, label == "before", suite, time.perf_counter() - t0))
     return {name: (r.get(r.get("primary", "")) if "error" not in r else None) for name, r in suite["tasks"].items()}
 
 

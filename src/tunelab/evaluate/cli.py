@@ -106,10 +106,9 @@ def evaluate_target(target: str, *, task: str | None = None, n: int = 100, tasks
     """
     if not tasks and not harness:
         return _legacy_eval(target, task=task, n=n)
-    import datetime
     import time
 
-    from tunelab.evaluate.suite import SuiteSettings, run_suite
+    from tunelab.evaluate.suite import SuiteSettings, run_suite, suite_record
 
     t0 = time.perf_counter()
     recipe, model, tok = _load_target(target, base=base)
@@ -126,11 +125,8 @@ def evaluate_target(target: str, *, task: str | None = None, n: int = 100, tasks
     suite = run_suite(model, tok, specs, settings, harness=harness_tasks or None, data_cfg=recipe.data)
     run = run_dir_of(target)
     label = label or ("before" if base else "after")
-    results: dict[str, Any] = {
-        "target": str(target), "label": label, "model": recipe.model.name_or_path if base or run is None else str(run),
-        "base": base, "date": datetime.datetime.now().isoformat(timespec="seconds"), **suite,
-        "wall_time_s": time.perf_counter() - t0,
-    }
+    results = suite_record(str(target), label, recipe.model.name_or_path if base or run is None else str(run), base,
+                           suite, time.perf_counter() - t0)
     if diagnostics and run is not None and not base:
         from tunelab.evaluate.diagnostics import diagnose_run
 

@@ -186,6 +186,16 @@ def run_suite(model, tokenizer, specs: list[str], settings: SuiteSettings | None
     return {"tasks": tasks, "failed": failed, "settings": asdict(s)}
 
 
+def suite_record(target: str, label: str, model: str, base: bool, suite: dict[str, Any],
+                 wall_time_s: float) -> dict[str, Any]:
+    """The eval_suite_<label>.json layout that `tunelab eval` and a recipe's `eval.suite` write and
+    `tunelab report` reads: what was evaluated, when, and `run_suite`'s tasks / failed / settings."""
+    import datetime
+
+    return {"target": target, "label": label, "model": model, "base": base,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), **suite, "wall_time_s": wall_time_s}
+
+
 def _run_harness_tasks(model, tokenizer, names: list[str], s: SuiteSettings) -> dict[str, dict[str, Any]]:
     from tunelab.evaluate.harness import lm_eval_version, run_harness
 
