@@ -3,11 +3,11 @@
 glibc's malloc serves large blocks (above a threshold that starts at 128 KiB) with fresh `mmap`s and gives
 them back with `munmap` on free, and trims the heap top as soon as 128 KiB are free. A training step
 allocates and frees the same activation-sized tensors (MBs each) thousands of times, so every one of them
-is page-faulted in again: on 2 cores, a SmolLM2-135M LoRA step spent ~20% of its time in the kernel
-(`sys` time). Raising the mmap threshold to its maximum and the trim threshold out of reach makes freed
-blocks reusable; measured on that step: 3.86 -> 3.23 s on one core (`benchmarks/train_throughput.py`
-reports the effect as part of the engine), for ~10% more peak RSS. CUDA has its own caching allocator;
-this is a no-op off Linux/glibc.
+is page-faulted in again. Raising the mmap threshold to its maximum and the trim threshold out of reach
+makes freed blocks reusable. What it pays depends on the machine's load: on one core while the other was
+busy, a SmolLM2-135M LoRA step went from 3.86 s to 3.23 s (kernel time 6.6 s -> 1.8 s); on a quiet 2-core
+machine `benchmarks/engine_levers.py` measures no difference (1595 vs 1631 ms per step, peak RSS +1%).
+CUDA has its own caching allocator; this is a no-op off Linux/glibc.
 """
 
 from __future__ import annotations
