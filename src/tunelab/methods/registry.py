@@ -19,20 +19,18 @@ The training loop only talks to this interface:
   merged_model(model)      -> a plain HF model with the method folded into the weights
   save_adapter(model, dir) -> a PEFT-format adapter, or raise ExportUnsupported
   state_dict()/load_state_dict() -> method state that a checkpoint must carry (masks, seeds, ...)
-Adding a method is one new file in this package: it is imported (and so registered) by
-`load_builtin_methods`.
+Adding a method is one new file in this package: the registry imports (and so registers) every module of
+it on the first lookup (`tunelab.core.registry`).
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from tunelab.registry import Registry
+from tunelab.core.registry import Registry
 
 
 class ExportUnsupported(RuntimeError):
@@ -126,7 +124,7 @@ class Method:
         raise ExportUnsupported(f"method {self.name!r} trains the model's own weights; it has no adapter to export")
 
 
-_METHODS: Registry = Registry("method")
+_METHODS: Registry = Registry("method", package="tunelab.methods", skip=("registry",))
 
 
 def register(name: str, paper: str | None = None):
@@ -134,22 +132,11 @@ def register(name: str, paper: str | None = None):
     return _METHODS.register(name, paper)
 
 
-def load_builtin_methods() -> None:
-    """Import every module of `tunelab.methods` so their @register decorators run."""
-    import tunelab.methods as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name != "registry" and not info.name.startswith("_"):
-            importlib.import_module(f"tunelab.methods.{info.name}")
-
-
 def get_method_class(name: str) -> type[Method]:
-    load_builtin_methods()
     return _METHODS.get(name)
 
 
 def list_methods() -> dict[str, type[Method]]:
-    load_builtin_methods()
     return _METHODS.sorted()
 
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from tunelab.registry import Registry
+from tunelab.core.registry import Registry
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Objective:
         return "none"
 
 
-_OBJECTIVES: Registry = Registry("objective")
+_OBJECTIVES: Registry = Registry("objective", package="tunelab.objectives", skip=("base",))
 
 
 def register_objective(name: str, paper: str | None = None):
@@ -68,25 +68,11 @@ def register_objective(name: str, paper: str | None = None):
     return _OBJECTIVES.register(name, paper)
 
 
-def _load_builtin_objectives() -> None:
-    # Importing the modules runs their @register_objective decorators.
-    import importlib
-
-    for mod in ("sft", "preference", "distill"):
-        try:
-            importlib.import_module(f"tunelab.objectives.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"tunelab.objectives.{mod}":
-                raise
-
-
 def get_objective_class(name: str) -> type[Objective]:
-    _load_builtin_objectives()
     return _OBJECTIVES.get(name)
 
 
 def list_objectives() -> dict[str, type[Objective]]:
-    _load_builtin_objectives()
     return _OBJECTIVES.sorted()
 
 

@@ -17,9 +17,7 @@ scorer or selector is one new file.
 
 from __future__ import annotations
 
-import importlib
 import math
-import pkgutil
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -27,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from tunelab.data.formats import ChatExample, DataError, PreferenceExample, TextExample
-from tunelab.registry import Registry
+from tunelab.core.registry import Registry
 
 if TYPE_CHECKING:
     from tunelab.selection.config import SelectConfig
@@ -124,8 +122,8 @@ class Selector:
         raise NotImplementedError
 
 
-_SCORERS: Registry = Registry("scorer")
-_SELECTORS: Registry = Registry("selector")
+_SCORERS: Registry = Registry("scorer", package="tunelab.selection.scorers")
+_SELECTORS: Registry = Registry("selector", package="tunelab.selection.selectors")
 
 
 def register_scorer(name: str, paper: str | None = None):
@@ -136,30 +134,19 @@ def register_selector(name: str, paper: str | None = None):
     return _SELECTORS.register(name, paper)
 
 
-def _load(package: str) -> None:
-    pkg = importlib.import_module(package)
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{package}.{info.name}")
-
-
 def get_scorer_class(name: str) -> type[Scorer]:
-    _load("tunelab.selection.scorers")
     return _SCORERS.get(name)
 
 
 def get_selector_class(name: str) -> type[Selector]:
-    _load("tunelab.selection.selectors")
     return _SELECTORS.get(name)
 
 
 def list_scorers() -> dict[str, type[Scorer]]:
-    _load("tunelab.selection.scorers")
     return _SCORERS.sorted()
 
 
 def list_selectors() -> dict[str, type[Selector]]:
-    _load("tunelab.selection.selectors")
     return _SELECTORS.sorted()
 
 

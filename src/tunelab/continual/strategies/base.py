@@ -30,8 +30,6 @@ strategy is one new file.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Iterator
@@ -41,7 +39,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tunelab.objectives.base import Objective, ObjectiveOutput
 from tunelab.objectives.sft import unwrap_model
-from tunelab.registry import Registry
+from tunelab.core.registry import Registry
 
 
 class StrategyOptions(BaseModel):
@@ -127,7 +125,7 @@ class Strategy:
         return set()
 
 
-_STRATEGIES: Registry = Registry("strategy")
+_STRATEGIES: Registry = Registry("strategy", package="tunelab.continual.strategies", skip=("base",))
 
 
 def register_strategy(name: str, paper: str | None = None):
@@ -135,21 +133,11 @@ def register_strategy(name: str, paper: str | None = None):
     return _STRATEGIES.register(name, paper)
 
 
-def load_builtin_strategies() -> None:
-    import tunelab.continual.strategies as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name != "base" and not info.name.startswith("_"):
-            importlib.import_module(f"tunelab.continual.strategies.{info.name}")
-
-
 def get_strategy_class(name: str) -> type[Strategy]:
-    load_builtin_strategies()
     return _STRATEGIES.get(name)
 
 
 def list_strategies() -> dict[str, type[Strategy]]:
-    load_builtin_strategies()
     return _STRATEGIES.sorted()
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from tunelab.registry import Registry
+from tunelab.core.registry import Registry
 
 
 def test_register_get_and_errors():
@@ -21,3 +21,15 @@ def test_register_get_and_errors():
     with pytest.raises(ValueError, match="widget 'a' registered twice"):
         table.register("a")(type("Other", (), {}))
     table.register("a")(A)  # re-registering the same class (a module imported twice) is fine
+
+
+def test_discovery_and_unknown_name_error():
+    """A table with a package imports its modules on the first lookup; an unknown name is `UnknownName`, a
+    KeyError of its own type whose message is the sentence itself (not KeyError's repr)."""
+    from tunelab.core.registry import UnknownName
+    from tunelab.methods.registry import _METHODS
+
+    assert "lora" in _METHODS and "mezo" in _METHODS  # found by discovery, nothing lists the modules
+    with pytest.raises(UnknownName) as err:
+        _METHODS.get("nope")
+    assert str(err.value).startswith("unknown method 'nope'; known: ") and not str(err.value).startswith('"')

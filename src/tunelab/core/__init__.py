@@ -1,0 +1,1 @@
+"""Layer 1: helpers that import nothing else of tunelab."""
