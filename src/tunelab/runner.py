@@ -32,8 +32,8 @@ from tunelab.model import load_model, load_tokenizer
 from tunelab.objectives.base import Objective, build_objective
 from tunelab.recipe import Recipe, RecipeError, load_recipe, recipe_to_yaml
 from tunelab.track.run import new_run_dir, write_json
-from tunelab.train.loop import TrainResult, evaluate_loss, train
 from tunelab.train.engine import configure_engine
+from tunelab.train.loop import TrainResult, evaluate_loss, train
 from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for, restore_frozen_weights
 
 log = logging.getLogger("tunelab")
@@ -197,12 +197,12 @@ def model_key(recipe: Recipe) -> str:
 def setup_reference(ws: Workspace) -> None:
     """Give the objective its reference (see the module docstring); call with the INITIAL model, before
     `method.prepare`. Sets `ws.ref`, or attaches cached reference log-probs to the training and eval pairs."""
-    from tunelab.objectives.preference import FrozenCopyReference
     from tunelab.objectives.reference_cache import (
         attach_reference_logps,
         needs_reference_logps,
         precompute_reference_logps,
     )
+    from tunelab.objectives.references import FrozenCopyReference
 
     use = ws.objective.reference_use()
     adapter = getattr(ws.method, "is_adapter", False)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.objectives.distill import token_kl
-from tunelab.objectives.preference import average_logps, sequence_logps, token_logps
+from tunelab.objectives.preference_losses import average_logps, sequence_logps, token_logps
 from tunelab.objectives.sft_variants import dft_token_weights, masked_thought, neftune_noise
 
 

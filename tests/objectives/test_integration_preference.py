@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_recipe_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tiny import tiny_recipe_dict
 from tunelab.data.batching import collate_preference
 from tunelab.data.formats import DataError
 from tunelab.objectives.base import build_objective
-from tunelab.objectives.preference import FrozenCopyReference
 from tunelab.objectives.reference_cache import (
     attach_reference_logps,
     cache_path,
@@ -23,6 +22,7 @@ from tunelab.objectives.reference_cache import (
     pairs_fingerprint,
     precompute_reference_logps,
 )
+from tunelab.objectives.references import FrozenCopyReference
 from tunelab.recipe import Recipe
 
 V = 96
@@ -221,7 +221,7 @@ def test_dpo_full_finetune_uses_the_reference_cache(tiny_model_dir, tmp_path, mo
     ({"name": "dpo"}, {"name": "lora", "r": 4}, "the base model with the adapter disabled"),
 ])
 def test_runner_picks_the_reference(objective, method, expect, tiny_model_dir, tmp_path, capsys):
-    from tunelab.objectives.preference import FrozenCopyReference
+    from tunelab.objectives.references import FrozenCopyReference
     from tunelab.runner import open_workspace, train_workspace
 
     pairs = objective["name"] != "asft"
@@ -413,7 +413,7 @@ def test_over_long_pair_skip_is_logged_by_the_runner(tiny_model_dir, tmp_path, c
 def test_dpo_rpo_alpha_adds_the_chosen_nll():
     from peft import LoraConfig, get_peft_model
 
-    from tunelab.objectives.preference import pair_logps
+    from tunelab.objectives.references import pair_logps
 
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                     init_lora_weights=False))

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_recipe_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tiny import tiny_recipe_dict
 from tunelab.objectives.base import build_objective, get_objective_class
 from tunelab.objectives.distill import token_kl
-from tunelab.objectives.preference import FrozenCopyReference
+from tunelab.objectives.references import FrozenCopyReference
 from tunelab.objectives.sft_variants import dft_token_weights
 
 V = 96

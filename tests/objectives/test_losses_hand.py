@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tunelab.objectives.distill import token_kl
-from tunelab.objectives.preference import (
+from tunelab.objectives.preference_losses import (
     dpo_sigmoid,
     hinge,
     ipo,

@@ -10,20 +10,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tunelab.objectives.base import ObjectiveOutput, build_objective, get_objective_class
 from tunelab.objectives.distill import token_kl
-from tunelab.objectives.preference import (
+from tunelab.objectives.preference_losses import average_logps, dpo_sigmoid, ipo, kto, kto_kl_estimate, orpo, simpo
+from tunelab.objectives.references import (
     AdapterDisabledReference,
     FrozenCopyReference,
-    average_logps,
     concatenate_pair,
-    dpo_sigmoid,
-    ipo,
-    kto,
-    kto_kl_estimate,
     mismatched_pairs,
     model_sequence_logps,
-    orpo,
     pair_logps,
-    simpo,
 )
 
 V = 128

@@ -49,8 +49,8 @@ from tunelab.recipe import recipe_to_yaml
 from tunelab.runner import calibrate_method, make_accelerator
 from tunelab.track.run import new_run_dir
 from tunelab.train.checkpoint import atomic_write_json, atomic_write_text
-from tunelab.train.loop import train
 from tunelab.train.engine import configure_engine
+from tunelab.train.loop import train
 from tunelab.train.precision import restore_frozen_weights
 
 log = logging.getLogger("tunelab")

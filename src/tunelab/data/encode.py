@@ -23,9 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tunelab.core.constants import IGNORE_INDEX
 from tunelab.data.formats import ChatExample, DataError, PreferenceExample, TextExample
-
-IGNORE_INDEX = -100
 
 
 @dataclass

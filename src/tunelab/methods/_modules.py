@@ -3,7 +3,7 @@
 - `target_linears`: the nn.Linear modules a method adapts, matched by name suffix like PEFT's
   `target_modules` (or "all-linear": every linear but the output embedding), optionally only in some layers;
 - `FoldableWrapper`: a module wrapping one nn.Linear (`.base`) that can fold itself back into a plain
-  layer (`fold()`), or raises ExportUnsupported where the change is not a weight edit; `unwrap_model`
+  layer (`fold()`), or raises ExportUnsupported where the change is not a weight edit; `fold_wrappers`
   replaces every wrapper by its folded layer;
 - `plan_bias_config` / `apply_bias_config` (`sync_bias_config` = both): biases added to the linears of an
   architecture without them (Llama) must be declared in the config (`attention_bias` / `mlp_bias`), or
@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from tunelab.methods.registry import ExportUnsupported
-
 
 ADAPTER_WEIGHTS = "tunelab_adapter.safetensors"
 ADAPTER_CONFIG = "tunelab_adapter.json"
@@ -115,7 +114,7 @@ def wrap_targets(model: nn.Module, targets: list[tuple[str, nn.Linear]], factory
     return [n for n, _ in targets]
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
+def fold_wrappers(model: nn.Module) -> nn.Module:
     """Fold every FoldableWrapper back into a plain layer (in place), and declare new biases in the config.
 
     Everything that can refuse (an unfoldable wrapper, biases the architecture cannot declare) is checked before

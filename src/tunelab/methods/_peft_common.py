@@ -33,7 +33,6 @@ from pydantic import Field
 from tunelab.methods.lora import LoRAOptions, PeftAdapterMethod
 from tunelab.methods.registry import ExportUnsupported, MethodOptions
 
-
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")  # what calibration passes to the model
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from tunelab.methods._modules import FoldableWrapper, OwnAdapterMixin, target_linears, unwrap_model, wrap_targets
+from tunelab.methods._modules import FoldableWrapper, OwnAdapterMixin, fold_wrappers, target_linears, wrap_targets
 from tunelab.methods.lora import DEFAULT_TARGETS
 from tunelab.methods.registry import Method, MethodOptions, register
 
@@ -81,4 +81,4 @@ class DiaBlo(OwnAdapterMixin, Method):
         return model
 
     def merged_model(self, model):
-        return unwrap_model(model)
+        return fold_wrappers(model)

@@ -10,8 +10,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-IGNORE_INDEX = -100
+from tunelab.core.constants import IGNORE_INDEX
+from tunelab.objectives.base import Objective, ObjectiveOptions, ObjectiveOutput, register_objective
 
 
 def token_kl(
@@ -59,14 +61,6 @@ def token_kl(
 # Objective (runs models). Everything above is pure tensor code.
 # ==============================================================================================
 
-from pydantic import Field  # noqa: E402
-
-from tunelab.objectives.base import (  # noqa: E402
-    Objective,
-    ObjectiveOptions,
-    ObjectiveOutput,
-    register_objective,
-)
 
 
 class DistillOptions(ObjectiveOptions):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from tunelab.objectives.base import Objective
-from tunelab.objectives.preference import pair_logps
+from tunelab.objectives.references import pair_logps
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from tunelab.objectives.preference import _eval_mode, concatenate_pair, model_sequence_logps
+from tunelab.objectives.references import concatenate_pair, eval_mode, model_sequence_logps
 
 KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 _PAIR_FIELDS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
@@ -126,7 +126,7 @@ def precompute_reference_logps(
         device = next(module.parameters()).device
     device = torch.device(device)
     chosen, rejected = [], []
-    with _eval_mode(module):
+    with eval_mode(module):
         for start in range(0, len(encoded_pairs), batch_size):
             batch = {k: v.to(device) for k, v in _pad_batch(encoded_pairs[start: start + batch_size], pad_id).items()}
             with autocast_context(device, precision):

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
+from tunelab.core.constants import IGNORE_INDEX
+from tunelab.core.unwrap import unwrap_model
 from tunelab.objectives.base import Objective, ObjectiveOptions, ObjectiveOutput, register_objective
 from tunelab.train.chunked_ce import causal_lm_loss, naive_causal_lm_loss
-
-IGNORE_INDEX = -100
 
 
 def shifted_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,13 +85,6 @@ class SFTOptions(ObjectiveOptions):
     # 256: faster than 1024 on CPU (the [C, V] buffers stay in cache) and 4x less logits memory (docs/engine.md)
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The model under DDP-style wrappers (anything with `.module` and no `get_input_embeddings`)."""
-    while not hasattr(model, "get_input_embeddings") and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 @contextmanager
 def neftune_hook(model: torch.nn.Module, alpha: float, mask: torch.Tensor | None):
     """Add NEFTune noise to the input-embedding output while the context is open; the hook is removed after.
@@ -133,14 +126,14 @@ def reference_logits(model: torch.nn.Module, ref, inputs: dict[str, torch.Tensor
     `ref` is a `Reference` of `tunelab.objectives.preference` (or anything with a `.model`); None means
     the policy's own base with its PEFT adapter disabled (no second copy of the weights).
     """
-    from tunelab.objectives.preference import AdapterDisabledReference, _eval_mode, default_reference
+    from tunelab.objectives.references import AdapterDisabledReference, default_reference, eval_mode
 
     reference = default_reference(model, ref)
     ref_model = getattr(reference, "model", None)
     if ref_model is None:
         raise ValueError("the KL anchor needs a reference with a `.model` "
                          "(AdapterDisabledReference, FrozenCopyReference)")
-    with torch.no_grad(), _eval_mode(ref_model):
+    with torch.no_grad(), eval_mode(ref_model):
         if isinstance(reference, AdapterDisabledReference):
             with ref_model.disable_adapter():
                 return ref_model(**inputs, use_cache=False).logits

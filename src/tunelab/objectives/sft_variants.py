@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+from tunelab.core.constants import IGNORE_INDEX
 
 
 def dft_token_weights(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

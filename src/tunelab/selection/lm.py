@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tunelab.core.unwrap import unwrap_peft
 from tunelab.data.encode import IGNORE_INDEX, _tokenize_with_mask, assistant_spans, render
 from tunelab.data.formats import ChatExample, DataError
-from tunelab.train.chunked_ce import _has_logit_postprocessing, _plain_lm_head, unwrap_peft
+from tunelab.train.chunked_ce import _has_logit_postprocessing, _plain_lm_head
 from tunelab.train.loop import autocast_context
 
 

@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tunelab.core.unwrap import unwrap_peft
+
 __all__ = ["chunked_cross_entropy", "causal_lm_loss", "naive_causal_lm_loss"]
 
 
@@ -384,14 +386,6 @@ def chunked_cross_entropy(
 # ---------------------------------------------------------------------------
 # causal-LM wrappers
 # ---------------------------------------------------------------------------
-
-
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The HF ``*ForCausalLM`` inside a PEFT ``PeftModel`` (LoRA layers stay inside its modules)."""
-    get_base = getattr(model, "get_base_model", None)
-    if callable(get_base):
-        return get_base()
-    return model
 
 
 def _plain_lm_head(base: nn.Module) -> nn.Linear | None:

@@ -21,9 +21,9 @@ import logging
 
 import torch
 
+from tunelab.core.unwrap import unwrap_peft
 from tunelab.recipe import TrainConfig
 from tunelab.train.allocator import keep_freed_memory
-from tunelab.train.chunked_ce import unwrap_peft
 from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for
 
 log = logging.getLogger(__name__)

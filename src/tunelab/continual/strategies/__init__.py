@@ -5,8 +5,8 @@ strategy module of this package.
 """
 
 from tunelab.continual.strategies.base import (
-    StrategyError,
     Strategy,
+    StrategyError,
     StrategyObjective,
     StrategyOptions,
     StreamContext,

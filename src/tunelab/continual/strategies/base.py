@@ -37,9 +37,9 @@ from typing import Any, ClassVar, Iterator
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from tunelab.objectives.base import Objective, ObjectiveOutput
-from tunelab.objectives.sft import unwrap_model
 from tunelab.core.registry import Registry
+from tunelab.core.unwrap import unwrap_model
+from tunelab.objectives.base import Objective, ObjectiveOutput
 
 
 class StrategyOptions(BaseModel):
@@ -186,7 +186,7 @@ class StrategyObjective(Objective):
 # -- helpers shared by strategies -------------------------------------------------------------------
 
 
-unwrap = unwrap_model  # the model under DDP-style wrappers (objectives.sft's), as the strategies call it
+unwrap = unwrap_model  # the model under DDP-style wrappers (core.unwrap's), as the strategies call it
 
 
 def trainable_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -1,0 +1,22 @@
+"""Reaching the model inside its wrappers: one implementation each, used everywhere."""
+
+from __future__ import annotations
+
+import torch
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under process wrappers (DDP, accelerate, torch.compile's `_orig_mod` is not one of these):
+    anything with `.module` and no `get_input_embeddings`. A PEFT model is returned as it is."""
+    while not hasattr(model, "get_input_embeddings") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF ``*ForCausalLM`` inside a PEFT ``PeftModel`` (LoRA layers stay inside its modules); the model
+    itself when it is no PeftModel."""
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        return get_base()
+    return model
