@@ -75,14 +75,14 @@ def recipe_for(method: str, steps: int, batch_size: int, eval_n: int, out_dir: s
     validates a recipe file."""
     import yaml
 
-    from tunelab.recipe import load_recipe
+    from tunelab.validate import load_validated_recipe
 
     data = yaml.safe_load(open(RECIPE))
     data["method"] = {"name": method}
     path = os.path.join(out_dir, f"recipe-{method}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(data, f)
-    return load_recipe(path, [f"name=bench-{method}", f"output_dir={out_dir}", f"train.max_steps={steps}",
+    return load_validated_recipe(path, [f"name=bench-{method}", f"output_dir={out_dir}", f"train.max_steps={steps}",
                               f"train.batch_size={batch_size}", f"train.lr={LR.get(method, DEFAULT_LR)}",
                               "train.save_every=null", "train.keep_checkpoints=1", f"eval.n={eval_n}",
                               f"data.train.n={steps * batch_size}", f"data.eval.n={eval_n}",

@@ -107,14 +107,14 @@ def worker_baseline(kind: str, steps: int, warmup: int, device: torch.device) ->
 def worker_ours(kind: str, steps: int, warmup: int, device: torch.device, extra: list[str]) -> dict:
     import tempfile
 
-    from tunelab.recipe import load_recipe
+    from tunelab.validate import load_validated_recipe
     from tunelab.runner import Workspace, make_accelerator, train_workspace
     from tunelab.methods.registry import build_method
     from tunelab.model import load_model, load_tokenizer
     from tunelab.objectives.base import build_objective
 
     method = ["method.name=lora", "method.r=16", "method.alpha=32"] if kind == "lora" else ["method.name=full"]
-    recipe = load_recipe(None, method + [f"train.max_steps={steps + warmup}", f"train.batch_size={BATCH}",
+    recipe = load_validated_recipe(None, method + [f"train.max_steps={steps + warmup}", f"train.batch_size={BATCH}",
                                          "train.precision=bf16", "train.warmup_ratio=0", "train.lr=1e-4",
                                          "train.scheduler=constant", "train.max_grad_norm=null",  # as the baseline loop
                                          "data.eval=null", *extra])

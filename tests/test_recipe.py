@@ -1,10 +1,11 @@
 import pytest
 
-from tunelab.recipe import RecipeError, load_recipe, parse_override
+from tunelab.recipe import RecipeError, parse_override
+from tunelab.validate import load_validated_recipe
 
 
 def test_defaults_validate_and_resolve():
-    r = load_recipe(None)
+    r = load_validated_recipe(None)
     assert r.method.name == "lora" and r.objective.name == "sft"
     assert r.model.name_or_path == "smollm2-135m-instruct"
     assert r.data.loss_mask == "completion"
@@ -14,25 +15,25 @@ def test_unknown_key_names_the_field(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("train:\n  lrr: 0.1\n")
     with pytest.raises(RecipeError, match=r"recipe field 'train.lrr': unknown field"):
-        load_recipe(p)
+        load_validated_recipe(p)
 
 
 def test_bad_value_names_field_and_value():
     with pytest.raises(RecipeError, match=r"'train.batch_size'.*got 'many'"):
-        load_recipe(None, ["train.batch_size=many"])
+        load_validated_recipe(None, ["train.batch_size=many"])
 
 
 def test_method_options_validated_by_the_method_config():
     with pytest.raises(RecipeError, match=r"recipe field 'method.rank': unknown field"):
-        load_recipe(None, ["method.rank=8"])
+        load_validated_recipe(None, ["method.rank=8"])
     with pytest.raises(RecipeError, match=r"'method.r'"):
-        load_recipe(None, ["method.r=0"])
-    assert load_recipe(None, ["method.r=8"]).method_options()["r"] == 8
+        load_validated_recipe(None, ["method.r=0"])
+    assert load_validated_recipe(None, ["method.r=8"]).method_options()["r"] == 8
 
 
 def test_unknown_method_lists_known_ones():
     with pytest.raises(RecipeError, match=r"method.name.*unknown method 'nope'.*lora"):
-        load_recipe(None, ["method.name=nope"])
+        load_validated_recipe(None, ["method.name=nope"])
 
 
 @pytest.mark.parametrize("item,keys,value", [
@@ -48,25 +49,25 @@ def test_parse_override(item, keys, value):
 
 def test_override_without_equals_is_an_error():
     with pytest.raises(RecipeError, match="a.b.c=value"):
-        load_recipe(None, ["train.lr"])
+        load_validated_recipe(None, ["train.lr"])
 
 
 def test_non_mapping_yaml(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text("- a\n- b\n")
     with pytest.raises(RecipeError, match="must be a mapping"):
-        load_recipe(p)
+        load_validated_recipe(p)
 
 
 def test_dataset_needs_exactly_one_source():
     with pytest.raises(RecipeError, match="exactly one of"):
-        load_recipe(None, ["data.train.path=x.jsonl", "data.train.builtin=date_format"])
+        load_validated_recipe(None, ["data.train.path=x.jsonl", "data.train.builtin=date_format"])
 
 
 def test_shipped_quickstart_recipe_validates():
     from tunelab.cli import builtin_recipe_path
 
-    r = load_recipe(builtin_recipe_path("quickstart"))
+    r = load_validated_recipe(builtin_recipe_path("quickstart"))
     assert r.name == "quickstart" and r.data.train.builtin == "date_format"
 
 
@@ -81,6 +82,7 @@ def test_recipe_docs_are_current():
 
 def test_tensorboard_tracking_writes_events(tiny_model_dir, tmp_path):
     from tiny import tiny_recipe_dict
+
     from tunelab.recipe import Recipe
     from tunelab.runner import open_workspace, train_workspace
 

@@ -219,7 +219,7 @@ def methods(
         return
     from tunelab.methods.registry import build_method, count_parameters
     from tunelab.model import load_model
-    from tunelab.recipe import load_recipe
+    from tunelab.validate import load_validated_recipe
 
     def go():
         from tunelab.data.pipeline import encode_spec
@@ -227,7 +227,7 @@ def methods(
         from tunelab.objectives.base import build_objective
         from tunelab.runner import calibrate_method
 
-        r = load_recipe(_resolve_recipe(count))
+        r = load_validated_recipe(_resolve_recipe(count))
         method = build_method(r.method.name, r.method_options())
         base = load_model(r.model)
         if getattr(method, "needs_calibration", False) or hasattr(method, "calibrate_from_examples"):
@@ -258,12 +258,13 @@ def recipe_cmd(
     overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
 ):
     """List every recipe field with its default and meaning, or print a recipe resolved."""
-    from tunelab.recipe import fields_markdown, load_recipe, recipe_to_yaml
+    from tunelab.recipe import fields_markdown, recipe_to_yaml
+    from tunelab.validate import load_validated_recipe
 
     if show is None:
         typer.echo(fields_markdown())
         return
-    _guard(lambda: typer.echo(recipe_to_yaml(load_recipe(_resolve_recipe(show), overrides or []))))
+    _guard(lambda: typer.echo(recipe_to_yaml(load_validated_recipe(_resolve_recipe(show), overrides or []))))
 
 
 @app.command()

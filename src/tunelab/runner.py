@@ -30,11 +30,12 @@ from tunelab.data.pipeline import EvalItem, encode_spec, eval_items
 from tunelab.methods.registry import Method, build_method, count_parameters
 from tunelab.model import load_model, load_tokenizer
 from tunelab.objectives.base import Objective, build_objective
-from tunelab.recipe import Recipe, RecipeError, load_recipe, recipe_to_yaml
+from tunelab.recipe import Recipe, RecipeError, recipe_to_yaml
 from tunelab.track.run import new_run_dir, write_json
 from tunelab.train.engine import configure_engine
 from tunelab.train.loop import TrainResult, evaluate_loss, train
 from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for, restore_frozen_weights
+from tunelab.validate import load_validated_recipe
 
 log = logging.getLogger("tunelab")
 
@@ -53,8 +54,8 @@ def resolve_recipe_arg(path: str | None, overrides: list[str]) -> tuple[Recipe, 
         saved = Path(path) / "recipe.yaml"
         if not saved.is_file():
             raise RecipeError(f"{path} is a directory without a recipe.yaml: not a run directory")
-        return load_recipe(saved, overrides), Path(path)
-    return load_recipe(path, overrides), None
+        return load_validated_recipe(saved, overrides), Path(path)
+    return load_validated_recipe(path, overrides), None
 
 
 def shared_run_dir(recipe: Recipe, *, overwrite: bool, resume: bool) -> Path:

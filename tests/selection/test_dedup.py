@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tunelab.data.formats import ChatExample, TextExample
-from tunelab.selection.config import DedupConfig
+from tunelab.recipe.select import DedupConfig
 from tunelab.selection.dedup import deduplicate, example_text, jaccard, shingles
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "

@@ -3,9 +3,10 @@
 import json
 
 import pytest
-
 from tiny import tiny_recipe_dict
-from tunelab.recipe import Recipe, RecipeError, load_recipe
+
+from tunelab.recipe import Recipe, RecipeError
+from tunelab.validate import load_validated_recipe
 
 
 def test_recipe_selects_before_training(tiny_model_dir, tmp_path):
@@ -36,8 +37,8 @@ def test_recipe_selects_before_training(tiny_model_dir, tmp_path):
 
 def test_recipe_select_options_are_validated(tmp_path):
     with pytest.raises(RecipeError, match="data.select"):
-        load_recipe(None, ["data.select.selector.name=kcenter"])  # needs an embedding
+        load_validated_recipe(None, ["data.select.selector.name=kcenter"])  # needs an embedding
     with pytest.raises(RecipeError, match="scorer.bogus: unknown field"):
-        load_recipe(None, ["data.select.scorer.name=ifd_loss", "data.select.scorer.bogus=1"])
-    r = load_recipe(None, ["data.select.budget=0.05", "data.select.scorer.name=ifd_loss"])
+        load_validated_recipe(None, ["data.select.scorer.name=ifd_loss", "data.select.scorer.bogus=1"])
+    r = load_validated_recipe(None, ["data.select.budget=0.05", "data.select.scorer.name=ifd_loss"])
     assert r.data.select.budget == "5%" and r.data.select.scorer.name == "ifd_loss"

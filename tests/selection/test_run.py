@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from tunelab.cli import app
 from tunelab.data.formats import load_records
-from tunelab.selection.config import SelectConfig
+from tunelab.recipe.select import SelectConfig
 from tunelab.selection.context import ScoringContext
 from tunelab.selection.registry import SelectionError
 from tunelab.selection.run import SCORE_FIELD, select_file, select_records

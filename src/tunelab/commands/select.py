@@ -51,7 +51,7 @@ def register(app: typer.Typer) -> None:
             from pydantic import ValidationError
 
             from tunelab.recipe import ModelConfig, RecipeError, apply_overrides, format_validation_error
-            from tunelab.selection.config import SelectConfig
+            from tunelab.recipe.select import SelectConfig
             from tunelab.selection.context import ScoringContext
             from tunelab.selection.run import select_file, summary_lines
 

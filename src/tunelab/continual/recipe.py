@@ -37,8 +37,8 @@ from tunelab.recipe import (
     apply_overrides,
     describe_fields,
     format_validation_error,
-    validate_components,
 )
+from tunelab.validate import validate_recipe
 
 
 class StageSpec(_Strict):
@@ -176,7 +176,7 @@ def parse_continual_recipe(data: dict[str, Any]) -> ContinualRecipe:
     except ValidationError as e:
         raise RecipeError(format_validation_error(e)) from None
     try:
-        validate_components(cr.base)
+        validate_recipe(cr.base)
     except RecipeError as e:  # name the field from the top of this recipe
         raise RecipeError(str(e).replace("recipe field '", "recipe field 'base.")) from None
     validate_strategies(cr)

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 from tunelab.data.formats import ChatExample, PreferenceExample, TextExample
-from tunelab.selection.config import DedupConfig
+from tunelab.recipe.select import DedupConfig
 
 
 @dataclass

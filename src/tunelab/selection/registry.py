@@ -28,7 +28,7 @@ from tunelab.data.formats import ChatExample, DataError, PreferenceExample, Text
 from tunelab.core.registry import Registry
 
 if TYPE_CHECKING:
-    from tunelab.selection.config import SelectConfig
+    from tunelab.recipe.select import SelectConfig
     from tunelab.selection.context import ScoringContext
 
 

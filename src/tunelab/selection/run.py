@@ -20,12 +20,21 @@ from typing import Any
 import numpy as np
 
 from tunelab.data.formats import DataError, Record, detect_format, load_records, to_example
+from tunelab.recipe import RecipeError
+from tunelab.recipe.select import SelectConfig
 from tunelab.selection.cache import ScoreCache, cache_key, data_hash
-from tunelab.selection.config import SelectConfig
 from tunelab.selection.context import ScoringContext
 from tunelab.selection.dedup import deduplicate
-from tunelab.selection.registry import (Pool, ScoreOutput, Scorer, SelectionError, build_scorer, build_selector,
-                                        resolve_budget)
+from tunelab.selection.registry import (
+    Pool,
+    ScoreOutput,
+    Scorer,
+    SelectionError,
+    build_scorer,
+    build_selector,
+    resolve_budget,
+    validate_select_config,
+)
 from tunelab.selection.report import build_report, plot_histograms
 from tunelab.train.checkpoint import atomic_write_json
 
@@ -95,7 +104,12 @@ def score_cached(scorer: Scorer, examples: list, rows: list[dict], ctx: ScoringC
 
 def select_records(records: list[Record], cfg: SelectConfig, ctx: ScoringContext, *, fmt: str = "auto",
                    system_prompt: str | None = None, cache_dir: str | Path | None = None) -> SelectionResult:
-    """Choose a subset of `records` as `cfg` says. Raises SelectionError with the reason when it cannot."""
+    """Choose a subset of `records` as `cfg` says. Raises SelectionError with the reason when it cannot, and
+    RecipeError (naming `select`) when the config's scorer/selector options do not fit their classes."""
+    try:
+        validate_select_config(cfg)
+    except ValueError as e:
+        raise RecipeError(f"recipe field 'select': {e}") from None
     examples = to_examples(records, fmt, system_prompt)
     scorer = build_scorer(cfg.scorer.name, cfg.scorer.options()) if cfg.scorer else None
     embedder = build_scorer(cfg.embedding.name, cfg.embedding.options()) if cfg.embedding else None

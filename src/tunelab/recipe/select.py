@@ -1,15 +1,16 @@
-"""The selection config: what `tunelab select` and a recipe's `data.select:` section say.
+"""The selection config's shape: what `tunelab select` and a recipe's `data.select:` section say.
 
-Kept free of torch and of `tunelab.recipe` (which imports this module for `data.select`). Scorer and
-selector options are open dictionaries here (`scorer: {name: ifd_ppl, batch_size: 16}`) validated by the
-registered class's own `Config`, as methods and objectives are, so a new scorer never touches this file.
+Schema only (layer 2). Scorer and selector options are open dictionaries here (`scorer: {name: ifd_ppl,
+batch_size: 16}`) validated by the registered class's own `Config` in `selection.registry.validate_select_config`
+(called by `tunelab.validate` for recipes and by `selection.run` before any work), as methods and objectives
+are, so a new scorer never touches this file.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class _Strict(BaseModel):
@@ -98,10 +99,3 @@ class SelectConfig(_Strict):
     @classmethod
     def _budget(cls, v: Any) -> int | str | None:
         return parse_budget_value(v)
-
-    @model_validator(mode="after")
-    def _components(self) -> "SelectConfig":
-        from tunelab.selection.registry import validate_select_config
-
-        validate_select_config(self)
-        return self

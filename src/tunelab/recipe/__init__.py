@@ -5,7 +5,8 @@ named in the error), can be overridden from the command line with ``a.b.c=value`
 saved resolved (defaults filled in) into the run directory so every run can be reproduced.
 
 Method and objective options are open dictionaries here (``method: {name: lora, r: 16}``) and are
-validated by the registered method's / objective's own ``Config`` class, so adding a method never
+validated by the registered method's / objective's own ``Config`` class (`tunelab.validate`, above the
+registries: this package is schema only and imports nothing of tunelab but itself), so adding a method never
 touches this file.
 """
 
@@ -17,7 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tunelab.selection.config import SelectConfig
+from tunelab.recipe.select import SelectConfig
 
 
 class RecipeError(ValueError):
@@ -242,7 +243,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Read a YAML recipe (or the defaults when `path` is None), apply overrides, validate everything."""
+    """Read a YAML recipe (or the defaults when `path` is None), apply overrides, validate its shape.
+
+Method, objective and selection options are checked against their registries one layer up
+(`tunelab.validate.load_validated_recipe`), which is what commands call."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -262,27 +266,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
         recipe = Recipe.model_validate(data)
     except ValidationError as e:
         raise RecipeError(format_validation_error(e)) from None
-    validate_components(recipe)
     return recipe
-
-
-def validate_components(recipe: Recipe) -> None:
-    """Validate `method` and `objective` options against their registered Config classes."""
-    from tunelab.methods.registry import get_method_class
-    from tunelab.objectives.base import get_objective_class
-
-    for section, getter, name, options in (
-        ("method", get_method_class, recipe.method.name, recipe.method_options()),
-        ("objective", get_objective_class, recipe.objective.name, recipe.objective_options()),
-    ):
-        try:
-            cls = getter(name)
-        except KeyError as e:
-            raise RecipeError(f"recipe field '{section}.name': {e.args[0]}") from None
-        try:
-            cls.Config.model_validate(options)
-        except ValidationError as e:
-            raise RecipeError(format_validation_error(e, prefix=section)) from None
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:
