@@ -2,10 +2,10 @@
 every task (and general ability) evaluated after every stage, with anti-forgetting strategies.
 
   recipe.py      the continual recipe (a base Recipe + stages + strategies + general evaluation)
-  metrics.py     the R-matrix metrics (ACC, BWT, FWT, forgetting, general retention): the one implementation
   stream.py      run_continual: validate all data, evaluate, train stage by stage, resume, joint bound, export
   evaluation.py  scoring every task and the general-ability files on a model
   strategies/    naive, replay, gere, ewc, l2, lwf, olora, ilora, hft, lines (one file each)
 
-Kept free of heavy imports: `tunelab report` imports `tunelab.continual.metrics`.
+The R-matrix metrics (ACC, BWT, FWT, forgetting, general retention) are `tunelab.evaluate.forgetting`, the one
+implementation, which `tunelab report` uses too.
 """

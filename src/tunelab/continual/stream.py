@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from tunelab.continual.evaluation import ContinualError, evaluate_model, load_general, load_tasks
-from tunelab.continual.metrics import general_retention, r_matrix_metrics
+from tunelab.evaluate.forgetting import general_retention, r_matrix_metrics
 from tunelab.continual.recipe import ContinualRecipe, continual_recipe_to_yaml
 from tunelab.continual.strategies.base import StrategyError, StrategyObjective, StreamContext, build_strategy
 from tunelab.methods.registry import build_method, count_parameters

@@ -9,7 +9,7 @@ in the page's notes, never fatal):
   diagnostics.json        weight diagnostics (tunelab.evaluate.diagnostics)
   continual/r_matrix.json {"tasks": [...], "b": [...], "R": [[...]]}: R[i][j] = score on task j after training
                           stage i; b[j] = the base model's score on task j (optional; for forward transfer);
-                          checked and summarised by tunelab.continual.metrics (the one implementation)
+                          checked and summarised by tunelab.evaluate.forgetting (the one implementation)
 Figures are matplotlib PNGs embedded as base64 (track/plots.py); a few lines of inline JavaScript make the
 table sortable. Nothing is fetched: the page works offline and can be mailed.
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.continual.metrics import SUMMARY_KEYS, r_matrix_metrics, validate_r_matrix  # noqa: F401 (re-exported)
+from tunelab.evaluate.forgetting import SUMMARY_KEYS, r_matrix_metrics, validate_r_matrix
 from tunelab.track import plots
 
 PERCENT_METRICS = {"exact_match", "score", "acc", "acc_norm", "refusal_rate", "over_refusal_rate"}

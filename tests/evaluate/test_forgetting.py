@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunelab.continual import metrics as M
+from tunelab.evaluate import forgetting as M
 
 # rows = after stage t, columns = task i; task 0 improves a little at stage 1 (0.85) before being forgotten
 R = [[0.80, 0.10, 0.00],
