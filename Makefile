@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunelab-installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# ruff (lint + import order), the layer contracts (import-linter, pyproject [tool.importlinter]) and mypy on the
+# core packages; CI runs it before the tests
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
+	$(BIN)/mypy src/tunelab/core src/tunelab/recipe src/tunelab/train src/tunelab/objectives
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_throughput.py

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tunelab.merging import lora as L
-from tunelab.merging.io import AdapterReader, lora_scaling
+from tunelab.weights import AdapterReader, lora_scaling
 
 T = torch.tensor
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")

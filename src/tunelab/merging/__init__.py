@@ -6,7 +6,8 @@
 * :mod:`.score` - the held-out score the CLI gives them (exact match or loss on built-in tasks).
 * :mod:`.compress` - BitDelta and SVD low-rank delta compression (``merge_method: bitdelta | svd_delta``).
 * :mod:`.lora` - LoRA-level merging of adapters (linear on factors, concatenation, SVD).
-* :mod:`.io` - lazy safetensors / PEFT adapter reading and atomic checkpoint writing.
+* :mod:`tunelab.weights` (one layer down, shared with diagnostics) - lazy safetensors / PEFT adapter reading and
+  atomic checkpoint writing.
 * :mod:`.resolve` - what a model reference means (checkpoint, adapter, tunelab run dir, alias).
 * :mod:`.recipe`, :mod:`.run` - mergekit-shaped recipe and :func:`run_merge`.
 """

@@ -31,7 +31,7 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
-from .io import (
+from tunelab.weights import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     COPY_PATTERNS,

@@ -9,7 +9,7 @@ A reference is one of
   (a full checkpoint, self-contained) or, for the LoRA-level methods, ``<run>/export/adapter``;
   the other one is the fallback when the preferred export is missing;
 * a tunelab built-in model alias (``smollm2-135m-instruct``) - its cached HF conversion;
-* a hub id already in the local HF cache (resolved later by :func:`tunelab.merging.io.resolve_model_path`).
+* a hub id already in the local HF cache (resolved later by :func:`tunelab.weights.resolve_model_path`).
 
 :func:`resolve_recipe` rewrites every reference of a recipe this way, so the recipe saved with the
 output names the directories that were actually read.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .io import ADAPTER_CONFIG, SAFE_INDEX, SAFE_SINGLE
+from tunelab.weights import ADAPTER_CONFIG, SAFE_INDEX, SAFE_SINGLE
 from .recipe import LORA_METHODS, Recipe
 
 __all__ = ["is_run_dir", "resolve_ref", "resolve_recipe"]

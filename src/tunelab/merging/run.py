@@ -40,7 +40,7 @@ import torch
 
 from . import ops
 from .compress import DeltaCompressor
-from .io import AdapterReader, CheckpointReader, CheckpointWriter, is_adapter_dir, resolve_model_path
+from tunelab.weights import AdapterReader, CheckpointReader, CheckpointWriter, is_adapter_dir, resolve_model_path
 from .recipe import COMPRESS_METHODS, LORA_METHODS, Recipe, load_recipe
 from .resolve import resolve_recipe
 from .score import TaskScorer

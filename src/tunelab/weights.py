@@ -1,4 +1,4 @@
-"""Lazy, tensor-by-tensor I/O for merging.
+"""Lazy, tensor-by-tensor I/O of model weights (layer 3: merging, diagnostics and exports read through it).
 
 * :class:`CheckpointReader` reads a Hugging Face safetensors checkpoint (single file or sharded
   ``model.safetensors.index.json``) one tensor at a time through ``safetensors.safe_open``
