@@ -42,7 +42,8 @@ class Registry(Generic[T]):
         def wrap(cls: T) -> T:
             if name in self._classes and self._classes[name] is not cls:
                 raise ValueError(f"{self.kind} {name!r} registered twice")
-            cls.name, cls.paper = name, paper
+            setattr(cls, "name", name)  # every plug-in class carries its registered name and paper
+            setattr(cls, "paper", paper)
             self._classes[name] = cls
             return cls
 
@@ -50,7 +51,7 @@ class Registry(Generic[T]):
 
     def discover(self) -> None:
         """Import every plug-in module of `package` once (their decorators fill the table)."""
-        if self._discovered:
+        if self._discovered or self.package is None:
             return
         self._discovered = True
         pkg = importlib.import_module(self.package)

@@ -8,8 +8,8 @@ import torch
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model under process wrappers (DDP, accelerate, torch.compile's `_orig_mod` is not one of these):
     anything with `.module` and no `get_input_embeddings`. A PEFT model is returned as it is."""
-    while not hasattr(model, "get_input_embeddings") and hasattr(model, "module"):
-        model = model.module
+    while not hasattr(model, "get_input_embeddings") and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module  # type: ignore[assignment]
     return model
 
 
