@@ -146,6 +146,14 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep on disk.")
 
 
+class DistributedConfig(_Strict):
+    """How training is spread over processes (launched by torchrun or accelerate launch)."""
+
+    backend: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="`ddp`: every process holds the whole model, gradients are averaged (one process: no "
+        "wrapper). `fsdp` (FSDP2) and `deepspeed` (ZeRO) are not available yet: they come with the scale-out work.")
+
+
 class EvalConfig(_Strict):
     """Evaluation before and after training."""
 
@@ -188,6 +196,7 @@ class Recipe(_Strict):
     method: MethodConfig = Field(default_factory=MethodConfig)
     objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
