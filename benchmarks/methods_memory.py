@@ -73,6 +73,7 @@ def child(name: str, quick: bool, steps: int, precision: str) -> dict:
     from tunelab.methods.registry import build_method, count_parameters
     from tunelab.objectives.base import build_objective
     from tunelab.recipe import TrainConfig
+    from tunelab.train.backends import DDPBackend
     from tunelab.train.loop import autocast_context, forward_backward
     from tunelab.train.optim import build_optimizer
 
@@ -82,6 +83,7 @@ def child(name: str, quick: bool, steps: int, precision: str) -> dict:
     ids = torch.randint(3, vocab, shape, generator=torch.Generator().manual_seed(0))  # [batch, seq]
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     acc = Accelerator(cpu=not torch.cuda.is_available())
+    backend = DDPBackend(acc)
     model.to(acc.device)
     batch = {k: v.to(acc.device) for k, v in batch.items()}
     cuda = acc.device.type == "cuda"
@@ -112,9 +114,9 @@ def child(name: str, quick: bool, steps: int, precision: str) -> dict:
         for step in range(steps + 1):
             t0 = time.perf_counter()
             custom = method.custom_step(model=model, batches=[batch], objective=sft, optimizer=opt, lr=tc.lr,
-                                        step=step, ref=None, accelerator=acc)
+                                        step=step, ref=None, backend=backend)
             if custom is None:
-                forward_backward(model, sft, [batch], acc, precision)
+                forward_backward(model, sft, [batch], backend, precision)
                 torch.nn.utils.clip_grad_norm_(clip, 1.0)
                 opt.step()
                 opt.zero_grad(set_to_none=True)

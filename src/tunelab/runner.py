@@ -32,9 +32,11 @@ from tunelab.model import load_model, load_tokenizer
 from tunelab.objectives.base import Objective, build_objective
 from tunelab.recipe import Recipe, RecipeError, recipe_to_yaml
 from tunelab.track.run import new_run_dir, write_json
+from tunelab.train.backends import Backend, backend_class, build_backend
 from tunelab.train.engine import configure_engine
 from tunelab.train.loop import TrainResult, evaluate_loss, train
 from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for, restore_frozen_weights
+from tunelab.train.sources import StaticBatchSource
 from tunelab.validate import load_validated_recipe
 
 log = logging.getLogger("tunelab")
@@ -90,10 +92,16 @@ class Workspace:
     prepared: Any = None  # the model after `method.prepare` (set by prepare_workspace)
     params: dict = field(default_factory=dict)  # trainable / total parameter counts of the prepared model
     engine: dict = field(default_factory=dict)  # what train.engine.configure_engine applied
+    backend: Backend | None = None  # the distributed backend (`distributed.backend`); built from the recipe if None
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            self.backend = build_backend(self.recipe, self.accelerator)
 
 
 def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool = False, resume: bool = False,
                    need_train: bool = True) -> Workspace:
+    make_backend = backend_class(recipe.distributed)  # an unavailable backend is refused before any run dir exists
     if run_dir is None:
         run_dir = shared_run_dir(recipe, overwrite=overwrite, resume=resume)
     accelerator = make_accelerator(recipe, run_dir)
@@ -125,7 +133,8 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
         if recipe.data.eval.builtin and recipe.eval.exact_match:
             items = eval_items(recipe.data.eval, recipe.data)[: recipe.eval.n or None]
     model = load_model(recipe.model)
-    return Workspace(recipe, run_dir, accelerator, tokenizer, model, method, objective, train_data, eval_data, items)
+    return Workspace(recipe, run_dir, accelerator, tokenizer, model, method, objective, train_data, eval_data, items,
+                     backend=make_backend(accelerator))
 
 
 def _is_pairs(data: list[dict] | None) -> bool:
@@ -267,9 +276,11 @@ def prepare_workspace(ws: Workspace):
 def train_workspace(ws: Workspace, *, resume: bool = False, on_step=None) -> tuple[Any, TrainResult, dict]:
     """Prepare the model (if `prepare_workspace` has not) and train it; returns (trained model, result, counts)."""
     model = prepare_workspace(ws)
-    result = train(ws.recipe, model, ws.method, ws.objective, ws.train_data, run_dir=ws.run_dir,
-                   accelerator=ws.accelerator, pad_id=ws.tokenizer.pad_token_id, eval_data=ws.eval_data,
-                   resume=resume, ref=ws.ref, on_step=on_step)
+    source = StaticBatchSource.from_recipe(ws.recipe, ws.train_data, batch_kind=ws.objective.batch_kind,
+                                           pad_id=ws.tokenizer.pad_token_id, backend=ws.backend)
+    result = train(ws.recipe, model, ws.method, ws.objective, source, run_dir=ws.run_dir, backend=ws.backend,
+                   pad_id=ws.tokenizer.pad_token_id, eval_data=ws.eval_data, resume=resume, ref=ws.ref,
+                   on_step=on_step)
     return model, result, ws.params
 
 
@@ -339,10 +350,10 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
 
     t0 = time.perf_counter()
     ws = open_workspace(recipe, run_dir=run_dir, overwrite=overwrite, resume=resume)
-    main = ws.accelerator.is_main_process
+    main, evaluates = ws.backend.is_main_process, ws.backend.is_eval_process
     before = after = None
     model = prepare_workspace(ws)  # method applied and reference set up: "before" sees the starting point
-    if recipe.eval.before and not resume and main:
+    if recipe.eval.before and not resume and evaluates:
         print("evaluating the base model ...")
         before = evaluate(ws, model, "before")
     elif resume and (ws.run_dir / "eval_before.json").is_file():
@@ -351,7 +362,7 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
         before = json.loads((ws.run_dir / "eval_before.json").read_text())
     ws.accelerator.wait_for_everyone()
     model, result, params = train_workspace(ws, resume=resume)  # trains `model` (ws.prepared)
-    if recipe.eval.after and main:
+    if recipe.eval.after and evaluates:
         print("evaluating the trained model ...")
         after = evaluate(ws, model, "after")
     exports: dict[str, str] = {}

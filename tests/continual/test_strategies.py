@@ -47,13 +47,15 @@ def test_terms_added_per_unit_give_exactly_the_penalty_gradient_through_the_loop
     """Two micro-batches of 1 and 3 examples: the step's gradient must be that of mean_i (a0 x_i)^2 + a0^2."""
     from accelerate import Accelerator
 
+    from tunelab.train.backends import DDPBackend
     from tunelab.train.loop import forward_backward
 
     model = Scalar()
     micro = [{"input_ids": torch.tensor([1.0])}, {"input_ids": torch.tensor([2.0, 3.0, 4.0])}]
     obj = StrategyObjective(SquareObjective(), [ConstantTerm()])
     model.train()
-    loss_sum, metrics, units, _ = forward_backward(model, obj, micro, Accelerator(cpu=True), "fp32")
+    step = forward_backward(model, obj, micro, DDPBackend(Accelerator(cpu=True)), "fp32")
+    metrics, units = step.metric_sums, step.global_units
     a0, xs = 1.0, [1.0, 2.0, 3.0, 4.0]
     # d/da0 [ (1/4) sum (a0 x)^2 + a0^2 ] = (1/4) sum 2 a0 x^2 + 2 a0
     assert model.a.grad[0].item() == pytest.approx(sum(2 * a0 * x * x for x in xs) / 4 + 2 * a0)

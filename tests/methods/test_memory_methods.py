@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from test_sparse_common import (accelerator, assert_resume_exact, changed, run, setup, snapshot, task, tiny,
+from test_sparse_common import (assert_resume_exact, backend, changed, run, setup, snapshot, task, tiny,
                                 train_config)
 from tunelab.methods.registry import build_method
 from tunelab.objectives.base import build_objective
@@ -136,8 +136,9 @@ def test_mezo_step_is_w_minus_lr_g_z_with_no_backward_and_no_state():
         units = int((batch["labels"][:, 1:] != -100).sum())
         loss_at_w = float(sft.compute(model.eval(), batch).loss_sum) / units
     model.train()
-    loss_sum, _, global_units, _ = method.custom_step(model=model, batches=[batch], objective=sft, optimizer=opt,
-                                                      lr=1e-3, step=7, ref=None, accelerator=accelerator())
+    result = method.custom_step(model=model, batches=[batch], objective=sft, optimizer=opt, lr=1e-3, step=7, ref=None,
+                                backend=backend())
+    loss_sum, global_units = result.loss_sum, result.global_units
     assert global_units == units and loss_sum / units == pytest.approx(loss_at_w, abs=2e-3)  # (L+ + L-)/2 + O(eps^2)
     assert all(p.grad is None for p in model.parameters()) and not opt.state
     from tunelab.methods.mezo import regenerate_z, step_seed

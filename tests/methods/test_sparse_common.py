@@ -22,6 +22,7 @@ from tiny import build_tiny_model
 from tunelab.methods.registry import build_method, list_methods
 from tunelab.objectives.base import build_objective
 from tunelab.recipe import TrainConfig
+from tunelab.train.backends import DDPBackend
 from tunelab.train.loop import forward_backward
 from tunelab.train.optim import build_optimizer
 
@@ -47,14 +48,14 @@ def train_config(**kw) -> TrainConfig:
     return TrainConfig(**{"lr": 1e-2, "precision": "fp32", "max_grad_norm": 1.0, "weight_decay": 0.0, **kw})
 
 
-_ACC = None
+_BACKEND = None
 
 
-def accelerator():
-    global _ACC
-    if _ACC is None:
-        _ACC = Accelerator(cpu=True)
-    return _ACC
+def backend() -> DDPBackend:
+    global _BACKEND
+    if _BACKEND is None:
+        _BACKEND = DDPBackend(Accelerator(cpu=True))
+    return _BACKEND
 
 
 def setup(method, model, tc: TrainConfig):
@@ -72,18 +73,16 @@ def run(method, model, opt, steps: range, tc: TrainConfig, batch=None) -> list[f
     losses = []
     for step in steps:
         micro = [batch]
-        custom = method.custom_step(model=model, batches=micro, objective=sft, optimizer=opt, lr=tc.lr, step=step,
-                                    ref=None, accelerator=accelerator())
-        if custom is None:
-            loss_sum, _, units, _ = forward_backward(model, sft, micro, accelerator(), tc.precision)
+        result = method.custom_step(model=model, batches=micro, objective=sft, optimizer=opt, lr=tc.lr, step=step,
+                                    ref=None, backend=backend())
+        if result is None:
+            result = forward_backward(model, sft, micro, backend(), tc.precision)
             if tc.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(clip, tc.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        else:
-            loss_sum, _, units, _ = custom
         method.on_step_end(model, step + 1, opt)
-        losses.append(loss_sum / units)
+        losses.append(result.loss_sum / result.global_units)
     return losses
 
 

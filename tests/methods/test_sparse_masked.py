@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from test_sparse_common import (accelerator, assert_resume_exact, run, setup, snapshot, task, tiny,
+from test_sparse_common import (assert_resume_exact, backend, run, setup, snapshot, task, tiny,
                                 train_config)
 from tunelab.methods.gmt import MaskedAdamW, blocks_to_mask
 from tunelab.methods.lift import principal_mask
@@ -24,7 +24,7 @@ def _targets(model):
 
 def _grads_of_next_step(model, opt, batch):
     """Backward one step as the loop does and return the (clipped) gradients the optimizer will see."""
-    forward_backward(model, build_objective("sft", {}), [batch], accelerator(), "fp32")
+    forward_backward(model, build_objective("sft", {}), [batch], backend(), "fp32")
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     return {id(p): p.grad.clone() for g in opt.param_groups for p in g["params"] if p.grad is not None}
 
@@ -222,7 +222,7 @@ def test_spiel_prune_and_regrow_matches_an_independent_computation():
     run(method, model, opt, range(2, 3), tc, batch=batch)
     assert all(d.accum.any() for d in deltas.values())
     # step 4 by hand: backward, step, then compare the reselection with an independent recomputation
-    forward_backward(model, build_objective("sft", {}), [batch], accelerator(), "fp32")
+    forward_backward(model, build_objective("sft", {}), [batch], backend(), "fp32")
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -13,6 +13,7 @@ from tunelab.objectives.base import build_objective
 from tunelab.recipe import Recipe
 from tunelab.runner import open_workspace, train_workspace
 from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint
+from tunelab.train.backends import DDPBackend
 from tunelab.train.loop import TrainingDiverged, forward_backward
 
 
@@ -37,7 +38,7 @@ def _grads(model):
 def test_accumulated_gradient_equals_one_big_batch(tiny_model, split):
     examples = _examples()
     sft = build_objective("sft", {})
-    acc = Accelerator(cpu=True)
+    backend = DDPBackend(Accelerator(cpu=True))
     # reference: token-mean CE over the whole batch, one backward
     tiny_model.zero_grad()
     big = collate_sft(examples, pad_id=2)
@@ -51,7 +52,8 @@ def test_accumulated_gradient_equals_one_big_batch(tiny_model, split):
     for size in split:
         micro.append(collate_sft(examples[start: start + size], pad_id=2))
         start += size
-    loss_sum, _, units, _ = forward_backward(tiny_model, sft, micro, acc, "fp32")
+    step = forward_backward(tiny_model, sft, micro, backend, "fp32")
+    loss_sum, units = step.loss_sum, step.global_units
     assert units == sum(len(e["labels"]) - e["labels"].count(-100) for e in examples)
     assert loss_sum / units == pytest.approx(ref_loss.item(), rel=1e-5)
     got = _grads(tiny_model)

@@ -48,10 +48,12 @@ from tunelab.objectives.base import build_objective
 from tunelab.recipe import recipe_to_yaml
 from tunelab.runner import calibrate_method, make_accelerator
 from tunelab.track.run import new_run_dir
+from tunelab.train.backends import build_backend
 from tunelab.train.checkpoint import atomic_write_json, atomic_write_text
 from tunelab.train.engine import configure_engine
 from tunelab.train.loop import train
 from tunelab.train.precision import restore_frozen_weights
+from tunelab.train.sources import StaticBatchSource
 
 log = logging.getLogger("tunelab")
 
@@ -78,6 +80,7 @@ class Stream:
     def load(self) -> None:
         cr = self.cr
         self.accelerator = make_accelerator(cr.base, self.run_dir)
+        self.backend = build_backend(cr.base, self.accelerator)
         if self.accelerator.num_processes > 1:
             raise ContinualError("tunelab continual runs in one process for now (multi-process stages are not "
                                  "implemented); launch it without torchrun / accelerate launch")
@@ -124,6 +127,10 @@ class Stream:
         # stage may train what is frozen now (HFT)
         configure_engine(model, cr.base.train, self.accelerator.device, cast_frozen=method.is_adapter)
         return model
+
+    def _source(self, recipe, data: list[dict], objective) -> StaticBatchSource:
+        return StaticBatchSource.from_recipe(recipe, data, batch_kind=objective.batch_kind,
+                                             pad_id=self.tokenizer.pad_token_id, backend=self.backend)
 
     # -- stage state (resume) ----------------------------------------------------------------------------
     def _model_dir(self, k: int) -> Path:
@@ -199,9 +206,9 @@ class Stream:
             for s in self.strategies:
                 s.on_step(model, step)
 
-        result = train(recipe, model, self.method, objective, data, run_dir=sdir, accelerator=self.accelerator,
-                       pad_id=self.tokenizer.pad_token_id, eval_data=self.tasks[i].eval_encoded, on_step=on_step,
-                       progress=self.progress)
+        result = train(recipe, model, self.method, objective, self._source(recipe, data, objective), run_dir=sdir,
+                       backend=self.backend, pad_id=self.tokenizer.pad_token_id, eval_data=self.tasks[i].eval_encoded,
+                       on_step=on_step, progress=self.progress)
         self.accelerator.free_memory()  # drop the accelerator's references to this stage's optimizer
         t0 = time.perf_counter()
         for s in self.strategies:
@@ -282,8 +289,8 @@ class Stream:
         shutil.rmtree(jdir, ignore_errors=True)
         jdir.mkdir()
         print(f"\njoint upper bound: {len(union)} examples of {len(self.tasks)} tasks, {sum(steps)} steps")
-        result = train(recipe, model, method, self.objective, union, run_dir=jdir, accelerator=self.accelerator,
-                       pad_id=self.tokenizer.pad_token_id, progress=self.progress)
+        result = train(recipe, model, method, self.objective, self._source(recipe, union, self.objective), run_dir=jdir,
+                       backend=self.backend, pad_id=self.tokenizer.pad_token_id, progress=self.progress)
         self.accelerator.free_memory()
         ev = evaluate_model(model, self.tokenizer, self.tasks, self.general, cr, objective=self.objective,
                             device=self.accelerator.device, progress=self.progress)

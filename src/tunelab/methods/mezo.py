@@ -28,6 +28,8 @@ from pydantic import Field
 
 from tunelab.methods.lora import LoRAOptions, lora_peft_config
 from tunelab.methods.registry import Method, register
+from tunelab.train.interfaces import StepResult
+from tunelab.train.loop import autocast_context, global_counts
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -96,22 +98,19 @@ class MeZO(Method):
         groups = [g for g in self.param_groups(model, train_config.weight_decay) if g["params"]]
         return torch.optim.SGD(groups, lr=train_config.lr)  # stateless: carries groups and the schedule's lr
 
-    def custom_step(self, *, model, batches, objective, optimizer, lr, step, ref, accelerator, **_):
-        from tunelab.train.loop import _all_reduce_sum, _tokens_in, autocast_context, count_units
-
-        local_units = sum(count_units(objective, b) for b in batches)
-        global_units, global_tokens = _all_reduce_sum(accelerator, [local_units, sum(_tokens_in(b) for b in batches)])
+    def custom_step(self, *, model, batches, objective, optimizer, lr, step, ref, backend, **_) -> StepResult:
+        global_units, global_tokens = global_counts(objective, batches, backend)
         params = [p for g in optimizer.param_groups for p in g["params"]]
 
         def loss() -> tuple[float, float, dict[str, float]]:
             total, metrics = 0.0, {}
             for b in batches:
-                with autocast_context(accelerator.device, self.precision):
+                with autocast_context(backend.device, self.precision):
                     out = objective.compute(model, b, ref)
                 total += float(out.loss_sum)
                 for k, v in out.metrics.items():
                     metrics[k] = metrics.get(k, 0.0) + float(v)
-            global_sum = _all_reduce_sum(accelerator, [total])[0]  # every process gets the same g
+            global_sum = backend.reduce_sum([total])[0]  # every process gets the same g
             return global_sum / max(global_units, 1.0), total, metrics
 
         was_training = model.training
@@ -123,7 +122,8 @@ class MeZO(Method):
         self.last_projected_grad = g
         self.update(optimizer, step_seed(self.config.seed, step), g, lr)
         metrics = {k: (plus[2].get(k, 0.0) + minus[2].get(k, 0.0)) / 2 for k in plus[2]}
-        return (plus[1] + minus[1]) / 2, metrics, global_units, global_tokens
+        return StepResult(loss_sum=(plus[1] + minus[1]) / 2, metric_sums=metrics, global_units=global_units,
+                          global_tokens=global_tokens)
 
     @torch.no_grad()
     def update(self, optimizer, seed: int, g: float, lr: float) -> None:

@@ -31,6 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from tunelab.core.registry import Registry
+from tunelab.train.interfaces import StepResult
 
 
 class ExportUnsupported(RuntimeError):
@@ -87,11 +88,13 @@ class Method:
     def on_step_end(self, model: torch.nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Called after every optimizer step (step counts from 1)."""
 
-    def custom_step(self, *, model, batches, objective, optimizer, lr, step, ref, accelerator) -> Any:
+    def custom_step(self, *, model, batches, objective, optimizer, lr, step, ref, backend) -> StepResult | None:
         """An update rule of the method's own (MeZO), or None for the default backward + optimizer step.
 
-        If it returns, it has already updated the weights, and returns the tuple that
-        `tunelab.train.loop.forward_backward` does: (local loss sum, metric sums, global units, global tokens).
+        `backend` (tunelab.train.backends) gives the device and `reduce_sum` across processes. If it returns, it
+        has already updated the weights, and returns what `tunelab.train.loop.forward_backward` does: a
+        `StepResult(loss_sum, metric_sums, global_units, global_tokens)` (this process's loss and metric sums,
+        the whole global batch's units and tokens; `loop.global_counts` computes the last two).
         """
         return None
 

@@ -9,20 +9,13 @@ training give the same gradient as one big batch (see `tunelab.train.loop`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
 from tunelab.core.registry import Registry
-
-
-@dataclass
-class ObjectiveOutput:
-    loss_sum: torch.Tensor  # scalar: SUM of the loss over this micro-batch's units
-    n_units: torch.Tensor  # scalar: number of units (target tokens, or examples/pairs)
-    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # SUMS over units; the loop divides by n_units
+from tunelab.train.interfaces import ObjectiveOutput  # noqa: F401 - defined with the loop's interfaces; imported from here too
 
 
 class ObjectiveOptions(BaseModel):

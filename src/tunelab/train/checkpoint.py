@@ -3,7 +3,7 @@
 Layout of `<run>/checkpoints/step-000120/`:
   trainable.safetensors   the trainable tensors by parameter name (all weights for full fine-tuning)
   optimizer.pt            optimizer state (tensors + plain values; loaded with weights_only=True)
-  state.json              step, scheduler state, method state, data position
+  state.json              step, scheduler state, method state, batch-source state (the data position)
   rng-<rank>.pt           torch / python / numpy RNG state of each process
 `<run>/checkpoints/latest` names the newest complete checkpoint. A directory appears under its final
 name only once every file in it is written, so a crash mid-save leaves the previous one intact.
@@ -71,7 +71,8 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer_state: dict,
                     state: dict[str, Any], rng_states: list[dict[str, Any]], keep: int) -> Path:
-    """Write checkpoint `step` atomically and prune all but the newest `keep`. Main process only."""
+    """Write checkpoint `step` atomically and prune all but the newest `keep`. One process writes it: the
+    backend's (train/backends.py) `save_checkpoint`, which every process calls, decides which."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"

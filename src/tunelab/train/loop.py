@@ -1,7 +1,9 @@
-"""The one training loop, on accelerate.
+"""The one training loop, on accelerate, between two seams: a batch source and a distributed backend.
 
 Per optimizer step:
-  1. this process takes its `grad_accum` micro-batches of the step's global window (StepSampler);
+  1. the batch SOURCE (train/sources.py) gives this process's `grad_accum` micro-batches of the step, on the
+     device (the static source: the step's global window of a fixed dataset; a generating source runs the model
+     in `generation_mode`: eval mode, no grad, no compiled regions);
   2. the number of loss units (target tokens, or pairs) of the WHOLE global batch is all-reduced first,
      so each micro-batch's loss SUM is divided by the same global count. DDP averages gradients over
      processes, so the scale is world_size / global_units. The resulting gradient equals that of one
@@ -9,9 +11,13 @@ Per optimizer step:
   3. forward under autocast (bf16 by default, on CPU too: AMX makes it ~7x faster than fp32 there),
      backward, gradient sync on the last micro-batch only;
   4. a non-finite loss stops the run before the update (TrainingDiverged), so the last checkpoint stays good;
-  5. clip, AdamW step, schedule step, the method's per-step hook, log, eval, checkpoint.
-Resuming restores trainable weights, optimizer, scheduler, RNG and method state; the data position is
-the step number itself (see StepSampler), so the resumed loss curve equals the uninterrupted one.
+  5. clip (global norm), optimizer step, schedule step, the method's per-step hook, log, eval, checkpoint.
+The BACKEND (train/backends.py) prepares the model and then the optimizer, runs backward / no_sync /
+all-reduces, clips, saves and loads checkpoints (every process calls it) and says which processes evaluate.
+Resuming restores trainable weights, optimizer, scheduler, RNG, method and source state, so the resumed
+loss curve equals the uninterrupted one.
+
+train/ sits below methods/ and objectives/: the loop is typed with the Protocols of train/interfaces.py.
 """
 
 from __future__ import annotations
@@ -20,21 +26,23 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from tunelab.data.batching import COLLATORS, StepSampler, make_collator
-from tunelab.methods.registry import Method
-from tunelab.objectives.base import Objective
+from tunelab.data.batching import COLLATORS
 from tunelab.recipe import Recipe
 from tunelab.track.run import MetricsLog, peak_memory_mb
 from tunelab.train import checkpoint as ckpt
+from tunelab.train.backends import Backend
 from tunelab.train.engine import compiled_layers
+from tunelab.train.interfaces import StepResult, TrainMethod, TrainObjective
 from tunelab.train.optim import build_optimizer, build_scheduler
+from tunelab.train.sources import BatchSource, generation_mode
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +72,7 @@ def autocast_context(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def count_units(objective: Objective, batch: dict[str, torch.Tensor]) -> int:
+def count_units(objective: TrainObjective, batch: dict[str, torch.Tensor]) -> int:
     """Loss units of a micro-batch, known before the forward pass (needed to normalise up front)."""
     if objective.unit == "token":
         return int((batch["labels"][:, 1:] != -100).sum())
@@ -72,12 +80,22 @@ def count_units(objective: Objective, batch: dict[str, torch.Tensor]) -> int:
     return int(batch[key].shape[0])
 
 
-def _tokens_in(batch: dict[str, torch.Tensor]) -> int:
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Attended (non-padding) tokens of a micro-batch, for throughput."""
     return int(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask") or k == "real_token_mask"))
 
 
+def global_counts(objective: TrainObjective, micro: list[dict[str, torch.Tensor]],
+                  backend: Backend) -> tuple[float, float]:
+    """(loss units, attended tokens) of the step's whole global batch: this process's micro-batches, summed
+    over processes. Known before any forward pass, so every micro-batch is scaled by the same count."""
+    local = [float(sum(count_units(objective, b) for b in micro)), float(sum(count_tokens(b) for b in micro))]
+    units, tokens = backend.reduce_sum(local)
+    return units, tokens
+
+
 @torch.no_grad()
-def evaluate_loss(model, objective: Objective, data: list[dict], *, batch_size: int, pad_id: int,
+def evaluate_loss(model, objective: TrainObjective, data: list[dict], *, batch_size: int, pad_id: int,
                   device: torch.device, precision: str, ref=None) -> float:
     """Mean held-out loss per unit (per target token for SFT)."""
     was_training = model.training
@@ -94,110 +112,98 @@ def evaluate_loss(model, objective: Objective, data: list[dict], *, batch_size: 
     return total / max(units, 1.0)
 
 
-def _all_reduce_sum(accelerator, values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        t = accelerator.reduce(t, reduction="sum")
-    return t.tolist()
-
-
-def forward_backward(model, objective: Objective, micro: list[dict[str, torch.Tensor]], accelerator,
-                     precision: str, ref=None) -> tuple[float, dict[str, float], float, float]:
+def forward_backward(model, objective: TrainObjective, micro: list[dict[str, torch.Tensor]], backend: Backend,
+                     precision: str, ref=None) -> StepResult:
     """Accumulate the gradient of one optimizer step over this process's micro-batches.
 
     Each micro-batch's loss SUM is scaled by world_size / (units in the whole global batch), counted and
     all-reduced before any forward pass, so the summed gradient is that of the global token-mean loss.
-    Returns (local loss sum, local metric sums, global units, global attended tokens).
+    Gradients are all-reduced on the last micro-batch only (`backend.no_sync` on the others).
     """
-    world = accelerator.num_processes
-    local_units = sum(count_units(objective, b) for b in micro)
-    local_tokens = sum(_tokens_in(b) for b in micro)
-    global_units, global_tokens = _all_reduce_sum(accelerator, [local_units, local_tokens])
+    world = backend.num_processes
+    global_units, global_tokens = global_counts(objective, micro, backend)
     scale = world / max(global_units, 1.0)
-    loss_sum_local, metric_sums = 0.0, {}
+    loss_sum_local = 0.0
+    metric_sums: dict[str, float] = {}
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1
-        ctx = contextlib.nullcontext() if sync or world == 1 else accelerator.no_sync(model)
-        with ctx:
-            with autocast_context(accelerator.device, precision):
+        with contextlib.nullcontext() if sync else backend.no_sync(model):
+            with autocast_context(backend.device, precision):
                 out = objective.compute(model, batch, ref)
-            accelerator.backward(out.loss_sum * scale)
+            backend.backward(out.loss_sum * scale)
         loss_sum_local += float(out.loss_sum.detach())
         for k, v in out.metrics.items():
             metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-    return loss_sum_local, metric_sums, global_units, global_tokens
+    return StepResult(loss_sum_local, metric_sums, global_units, global_tokens)
 
 
-def train(recipe: Recipe, model, method: Method, objective: Objective, train_data: list[dict], *,
-          run_dir: Path, accelerator, pad_id: int, eval_data: list[dict] | None = None, resume: bool = False,
+def train(recipe: Recipe, model, method: TrainMethod, objective: TrainObjective, source: BatchSource, *,
+          run_dir: Path, backend: Backend, pad_id: int, eval_data: list[dict] | None = None, resume: bool = False,
           ref=None, on_step: Callable[[int, float], None] | None = None, progress: bool = True) -> TrainResult:
-    """Train `model` (already prepared by `method`) on encoded examples; returns what happened."""
+    """Train `model` (already prepared by `method`) on the batches of `source`; returns what happened."""
     tc = recipe.train
-    device = accelerator.device
-    world, rank = accelerator.num_processes, accelerator.process_index
-    sampler = StepSampler(len(train_data), tc.batch_size, tc.grad_accum, world, rank, tc.seed)
-    total_steps = tc.max_steps or sampler.steps_for_epochs(tc.epochs)
-    collate = make_collator(objective.batch_kind, recipe.data)
+    device = backend.device
+    total_steps = source.steps if source.steps is not None else tc.max_steps
+    if total_steps is None:
+        raise ValueError("this batch source has no length of its own: set train.max_steps")
 
-    optimizer = method.build_optimizer(model, tc) or build_optimizer(method.param_groups(model, tc.weight_decay), tc)
-    scheduler = build_scheduler(optimizer, tc, total_steps)
+    def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return method.build_optimizer(m, tc) or build_optimizer(method.param_groups(m, tc.weight_decay), tc)
+
     unwrapped = model
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = backend.prepare(model, make_optimizer)
+    scheduler = build_scheduler(optimizer, tc, total_steps)
     # every parameter the optimizer holds: methods may switch requires_grad during training (LISA)
     clip_params = [p for g in optimizer.param_groups for p in g["params"]]
-    metrics = MetricsLog(run_dir, enabled=accelerator.is_main_process)
+    metrics = MetricsLog(run_dir, enabled=backend.is_main_process)
+    accelerator = backend.accelerator  # printing and trackers only
 
     start_step = 0
     if resume and (path := ckpt.latest_checkpoint(run_dir)) is not None:
-        loaded = ckpt.load_checkpoint(path, rank)
-        method.load_trainable_state_dict(unwrapped, loaded["trainable"])
-        optimizer.load_state_dict(loaded["optimizer"])
-        scheduler.load_state_dict(loaded["state"]["scheduler"])
-        method.load_state_dict(loaded["state"].get("method", {}))
-        if loaded["rng"] is not None:
-            ckpt.set_rng_state(loaded["rng"])
-        start_step = loaded["state"]["step"]
+        state = backend.load_checkpoint(path, model=unwrapped, method=method, optimizer=optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        method.load_state_dict(state.get("method", {}))
+        if "source" in state:
+            source.load_state_dict(state["source"])
+        start_step = state["step"]
         metrics.truncate_after(start_step)
         accelerator.print(f"resumed from {path} (step {start_step} of {total_steps})")
     elif resume:
         accelerator.print(f"--resume: no checkpoint in {run_dir}; starting from step 0")
 
     def save(step: int) -> None:
-        rngs = [ckpt.rng_state()]
-        if world > 1:  # gather every process's RNG state so each resumes its own stream
-            from accelerate.utils import gather_object
-
-            rngs = gather_object(rngs)
-        if accelerator.is_main_process:
-            ckpt.save_checkpoint(run_dir, step, trainable=method.trainable_state_dict(unwrapped),
-                                 optimizer_state=optimizer.state_dict(),
-                                 state={"scheduler": scheduler.state_dict(), "method": method.state_dict(),
-                                        "total_steps": total_steps, "examples_seen": step * sampler.global_batch},
-                                 rng_states=rngs, keep=tc.keep_checkpoints)
-        accelerator.wait_for_everyone()
+        backend.save_checkpoint(run_dir, step, model=unwrapped, method=method, optimizer=optimizer,
+                                state={"scheduler": scheduler.state_dict(), "method": method.state_dict(),
+                                       "source": source.state_dict(), "total_steps": total_steps},
+                                keep=tc.keep_checkpoints)
 
     method.on_train_start(unwrapped, total_steps)
     model.train()
     losses: list[float] = []
     eval_losses: dict[int, float] = {}
     tokens_total = 0
+    done = start_step
     t_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (progress and accelerator.is_local_main_process))
     with compiled_layers(unwrapped, tc.compile):  # regional torch.compile for the steps only (train.compile)
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
-            micro = [{k: v.to(device) for k, v in collate([train_data[i] for i in idx], pad_id).items()}
-                     for idx in sampler.micro_batches(step)]
-            custom = method.custom_step(model=model, batches=micro, objective=objective, optimizer=optimizer,
-                                        lr=scheduler.get_last_lr()[0], step=step, ref=ref, accelerator=accelerator)
-            if custom is not None:
-                loss_sum_local, metric_sums, global_units, global_tokens = custom
-            else:
-                loss_sum_local, metric_sums, global_units, global_tokens = forward_backward(
-                    model, objective, micro, accelerator, tc.precision, ref)
-            names = sorted(metric_sums)
-            reduced = _all_reduce_sum(accelerator, [loss_sum_local] + [metric_sums[k] for k in names])
+            with generation_mode(unwrapped) if source.generates else contextlib.nullcontext():
+                micro = source.micro_batches(step, unwrapped)
+            if not micro:  # a source without a fixed length ran dry: the run ends here
+                accelerator.print(f"the batch source has no more batches after step {step}")
+                if done > start_step and not (tc.save_every and done % tc.save_every == 0):
+                    save(done)
+                break
+            result = method.custom_step(model=model, batches=micro, objective=objective, optimizer=optimizer,
+                                        lr=scheduler.get_last_lr()[0], step=step, ref=ref, backend=backend)
+            custom = result is not None
+            if result is None:
+                result = forward_backward(model, objective, micro, backend, tc.precision, ref)
+            names = sorted(result.metric_sums)
+            reduced = backend.reduce_sum([result.loss_sum] + [result.metric_sums[k] for k in names])
+            global_units, global_tokens = result.global_units, result.global_tokens
             loss = reduced[0] / max(global_units, 1.0)
             if not math.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
@@ -206,31 +212,31 @@ def train(recipe: Recipe, model, method: Method, objective: Objective, train_dat
                     f"loss is {loss} at step {step + 1}; stopped before the update. The last good checkpoint is "
                     f"{ckpt.latest_checkpoint(run_dir) or 'none (no checkpoint was saved yet)'}. Try a lower train.lr, "
                     f"train.max_grad_norm, or train.precision=fp32.")
-            if custom is None:
+            grad_norm = None  # absent from the record when not clipped, or when the backend reports no norm
+            if not custom:
                 method.after_backward(unwrapped, step + 1)
-                grad_norm = None
                 if tc.max_grad_norm is not None:
-                    grad_norm = float(accelerator.clip_grad_norm_(clip_params, tc.max_grad_norm))
+                    grad_norm = backend.clip_grad_norm(clip_params, tc.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            else:
-                grad_norm = None
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             method.on_step_end(unwrapped, step + 1, optimizer)
+            done = step + 1
 
             dt = time.perf_counter() - t0
             tokens_total += int(global_tokens)
             losses.append(loss)
-            record = {"step": step + 1, "loss": loss, "lr": lr, "tokens": int(global_tokens),
-                      "tokens_per_s": global_tokens / dt, "step_time_s": dt, "memory_mb": peak_memory_mb(device)}
+            record: dict[str, Any] = {"step": step + 1, "loss": loss, "lr": lr, "tokens": int(global_tokens),
+                                      "tokens_per_s": global_tokens / dt, "step_time_s": dt,
+                                      "memory_mb": peak_memory_mb(device)}
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             record.update({k: v / max(global_units, 1.0) for k, v in zip(names, reduced[1:])})
-            if tc.eval_every and eval_data and (step + 1) % tc.eval_every == 0:
+            if tc.eval_every and eval_data and (step + 1) % tc.eval_every == 0 and backend.is_eval_process:
                 eval_losses[step + 1] = record["eval_loss"] = evaluate_loss(
-                    model, objective, eval_data, batch_size=recipe.eval.batch_size, pad_id=pad_id, device=device,
-                    precision=tc.precision, ref=ref)
+                    unwrapped, objective, eval_data, batch_size=recipe.eval.batch_size, pad_id=pad_id,
+                    device=device, precision=tc.precision, ref=ref)
             if (step + 1) % tc.log_every == 0 or step + 1 == total_steps:
                 metrics.write(record)
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step + 1)
@@ -242,6 +248,6 @@ def train(recipe: Recipe, model, method: Method, objective: Objective, train_dat
                 save(step + 1)
     bar.close()
     wall = time.perf_counter() - t_start
-    return TrainResult(steps=total_steps, final_loss=losses[-1] if losses else float("nan"), tokens=tokens_total,
+    return TrainResult(steps=done, final_loss=losses[-1] if losses else float("nan"), tokens=tokens_total,
                        wall_time_s=wall, tokens_per_s=tokens_total / max(wall, 1e-9),
                        peak_memory_mb=peak_memory_mb(device), losses=losses, eval_losses=eval_losses)
