@@ -12,7 +12,7 @@
 * :mod:`.recipe`, :mod:`.run` - mergekit-shaped recipe and :func:`run_merge`.
 """
 
-from . import compress, io, lora, ops, soup
+from . import compress, lora, ops, soup
 from .compress import Compressed, DeltaCompressor, bitdelta_compress, svd_compress
 from .recipe import Recipe, load_recipe
 from .resolve import resolve_recipe, resolve_ref
@@ -25,7 +25,6 @@ __all__ = [
     "soup",
     "compress",
     "lora",
-    "io",
     "Recipe",
     "load_recipe",
     "resolve_recipe",
