@@ -103,7 +103,9 @@ def child(name: str, quick: bool, steps: int, precision: str) -> dict:
     else:
         tc = TrainConfig(lr=1e-5, precision=precision, optimizer=optimizer_name, weight_decay=0.0)
         method = build_method(method_name, options)
-        if hasattr(method, "calibrate"):
+        if method.capabilities.needs_calibration:  # CorDA, EVA, LoRA-GA: initialised from the batch
+            method.calibrate(model, [batch])
+        elif method.capabilities.calibrates_from_examples:  # surgical: Fisher scores of the batch under SFT
             method.calibrate(model, [batch], objective=sft)
         model = method.prepare(model)
         trainable = count_parameters(model)[0]

@@ -53,6 +53,11 @@ def build_tiny_model(vocab_size: int, seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**cfg))
 
 
+# method options that fit the tiny Llama (hidden 64, intermediate 128, kv 32, 2 layers); others take defaults
+TINY_METHOD_OPTIONS = {"houlsby": {"bottleneck": 8}, "loreft": {"r": 2}, "diablo": {"num_blocks": 8}, "vera": {"r": 8},
+                       "galore": {"rank": 4}, "lift": {"rank": 4}, "cola": {"r": 4, "alpha": 8}}
+
+
 def tiny_recipe_dict(model_dir: Path, output_dir: Path, **sections) -> dict:
     """A recipe for the tiny model on the built-in date task that trains in seconds."""
     recipe = {

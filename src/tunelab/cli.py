@@ -230,7 +230,7 @@ def methods(
         r = load_validated_recipe(_resolve_recipe(count))
         method = build_method(r.method.name, r.method_options())
         base = load_model(r.model)
-        if getattr(method, "needs_calibration", False) or hasattr(method, "calibrate_from_examples"):
+        if method.capabilities.needs_calibration or method.capabilities.calibrates_from_examples:
             tok = load_tokenizer(r.model)
             data, _ = encode_spec(tok, r.data.train, r.data)
             calibrate_method(method, base, r, data, build_objective(r.objective.name, r.objective_options()),

@@ -215,7 +215,7 @@ def setup_reference(ws: Workspace) -> None:
     from tunelab.objectives.references import FrozenCopyReference
 
     use = ws.objective.reference_use()
-    adapter = getattr(ws.method, "is_adapter", False)
+    adapter = ws.method.capabilities.is_adapter
     device, acc = ws.accelerator.device, ws.accelerator
     if use == "model" or (use == "live" and not adapter):
         teacher = getattr(ws.objective.config, "teacher", None)
@@ -294,18 +294,19 @@ def calibrate_method(method: Method, model, recipe: Recipe, train_data: list[dic
     """
     from tunelab.data.batching import COLLATORS, StepSampler
 
-    if hasattr(method, "total_steps"):
+    caps = method.capabilities
+    if caps.needs_run_length:
         sampler = StepSampler(len(train_data), recipe.train.batch_size, recipe.train.grad_accum, world_size, 0,
                               recipe.train.seed)
         method.total_steps = recipe.train.max_steps or sampler.steps_for_epochs(recipe.train.epochs)
-    if hasattr(method, "calibrate_from_examples"):
+    if caps.calibrates_from_examples:
         method.calibrate_from_examples(model, train_data, objective, pad_id=pad_id, batch_size=recipe.train.batch_size)
-    if getattr(method, "needs_calibration", False):
+    if caps.needs_calibration:
         if objective.batch_kind != "sft":
             raise ValueError(f"method {method.name!r} calibrates on SFT batches; objective "
                              f"{objective.name!r} has {objective.batch_kind} data")
         bs = recipe.train.batch_size
-        n = getattr(method, "n_calibration_batches", 4)
+        n = method.n_calibration_batches
         batches = [COLLATORS["sft"](train_data[i: i + bs], pad_id) for i in range(0, min(len(train_data), n * bs), bs)]
         method.calibrate(model, batches)
 

@@ -9,14 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny import build_tiny_model
+from tiny import TINY_METHOD_OPTIONS, build_tiny_model
 from tunelab.methods._catalog import ADAPTER_FORMATS, methods_markdown
 from tunelab.methods.registry import ExportUnsupported, build_method, list_methods
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "methods.md"
-# options that fit the tiny Llama (hidden 64, intermediate 128, kv 32, 2 layers)
-TINY_OPTIONS = {"houlsby": {"bottleneck": 8}, "loreft": {"r": 2}, "diablo": {"num_blocks": 8}, "vera": {"r": 8},
-                "galore": {"rank": 4}, "lift": {"rank": 4}, "cola": {"r": 4, "alpha": 8}}
 CALIBRATED = {"corda", "eva", "lora_ga", "surgical"}  # need training batches before prepare (covered elsewhere)
 
 
@@ -30,7 +27,7 @@ def test_every_method_declares_its_catalogue_entry():
 
 @pytest.mark.parametrize("name", sorted(set(list_methods()) - CALIBRATED))
 def test_declarations_match_the_export_code(name, tmp_path):
-    method = build_method(name, TINY_OPTIONS.get(name, {}))
+    method = build_method(name, TINY_METHOD_OPTIONS.get(name, {}))
     model = method.prepare(build_tiny_model(256, seed=0))
     try:
         method.save_adapter(model, str(tmp_path / "adapter"))

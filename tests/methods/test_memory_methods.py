@@ -164,7 +164,7 @@ def test_mezo_lora_perturbs_only_the_adapter(tmp_path):
     method = build_method("mezo", {"params": "lora", "r": 4, "alpha": 8})
     tc = train_config(lr=0.1)
     model, opt = setup(method, tiny(2), tc)
-    assert method.is_adapter
+    assert method.capabilities.is_adapter
     before = snapshot(model)
     run(method, model, opt, range(3), tc)
     moved = changed(before, model)

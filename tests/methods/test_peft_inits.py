@@ -84,7 +84,7 @@ def test_converted_export_needs_the_conversion(name, tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("name", ["corda", "eva", "lora_ga"])
 def test_data_dependent_inits_require_calibration(name, tiny_model):
     method = build_method(name, {"r": 4})
-    assert method.needs_calibration and method.n_calibration_batches == 8
+    assert method.capabilities.needs_calibration and method.n_calibration_batches == 8
     with pytest.raises(CalibrationMissing, match="calibrate"):
         method.prepare(tiny_model)
     with pytest.raises(ValueError, match="input_ids"):

@@ -132,7 +132,7 @@ def prepared(name: str, model_dir, options: dict | None = None):
     torch.manual_seed(0)
     method = build_method(name, CASES[name].options if options is None else options)
     base, reference = load_tiny(model_dir), load_tiny(model_dir)
-    if getattr(method, "needs_calibration", False):
+    if method.capabilities.needs_calibration:
         method.calibrate(base, [fixed_batch(seed=100 + i, rows=4) for i in range(method.n_calibration_batches)])
     return method, method.prepare(base), reference
 
@@ -265,7 +265,7 @@ def test_registered_with_papers_docstrings_and_strict_configs():
     methods = list_methods()
     for name, arxiv in PAPERS.items():
         cls = methods[name]
-        assert cls.paper == f"https://arxiv.org/abs/{arxiv}" and cls.is_adapter
+        assert cls.paper == f"https://arxiv.org/abs/{arxiv}" and cls.capabilities.is_adapter
         doc = sys.modules[cls.__module__].__doc__
         assert "Update rule" in doc and arxiv in doc and "Defaults" in doc, name
         with pytest.raises(pydantic.ValidationError):

@@ -125,7 +125,7 @@ class Stream:
         # the engine's switches as in `tunelab run`; frozen base weights go to the compute dtype only under an
         # adapter: a method that trains the weights themselves keeps them in full precision, since a later
         # stage may train what is frozen now (HFT)
-        configure_engine(model, cr.base.train, self.accelerator.device, cast_frozen=method.is_adapter)
+        configure_engine(model, cr.base.train, self.accelerator.device, cast_frozen=method.capabilities.is_adapter)
         return model
 
     def _source(self, recipe, data: list[dict], objective) -> StaticBatchSource:
@@ -326,7 +326,7 @@ class Stream:
             s.finish(self.ctx, model)
         if self.state.get("exports") is None and (cr.base.export.adapter or cr.base.export.merged):
             print("exporting the final model ...")
-            if cr.base.export.merged and self.method.is_adapter:
+            if cr.base.export.merged and self.method.capabilities.is_adapter:
                 restore_frozen_weights(model, load_model(cr.base.model).state_dict())
             self.state["exports"] = export_all(self.method, model, self.tokenizer, self.run_dir / "export",
                                                adapter=cr.base.export.adapter, merged=cr.base.export.merged)

@@ -4,7 +4,7 @@ Three things several PEFT methods need beyond `PeftAdapterMethod` (wrap, merge, 
 
 1. Calibration data. CorDA, EVA and LoRA-GA initialise from a few batches of the training data
    (input covariances, activation SVD, full gradients). `Method.prepare` only gets the model, so such a
-   method sets `needs_calibration = True` and the runner calls, BEFORE `prepare`:
+   method declares `Capabilities(needs_calibration=True)` and `tunelab.assemble` calls, BEFORE `prepare`:
 
        method.calibrate(model, batches)   # batches: the first `method.n_calibration_batches` collated
                                           # training batches (dicts of input_ids/attention_mask/labels [B, T])
@@ -47,18 +47,16 @@ class CalibrationOptions(MethodOptions):
 class PeftMethod(PeftAdapterMethod):
     """A PEFT-backed method, plus calibration data and conversion of base-mutating initialisations."""
 
-    needs_calibration: ClassVar[bool] = False
     mutates_base: ClassVar[bool] = False  # the init subtracts B0 @ A0 from W: export converts to plain LoRA
 
     def __init__(self, config=None):
         super().__init__(config)
         self.calibration_batches: list[dict[str, torch.Tensor]] | None = None
-        self.total_steps: int | None = None  # set by the runner for schedule-aware methods (AdaLoRA)
         self._initial_adapter: dict[str, torch.Tensor] | None = None
 
     # -- calibration ------------------------------------------------------------------------------
     @property
-    def n_calibration_batches(self) -> int:
+    def n_calibration_batches(self) -> int:  # the `calibration_batches` option (CalibrationOptions)
         return int(getattr(self.config, "calibration_batches", 0))
 
     def calibrate(self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:

@@ -10,7 +10,8 @@ Defaults: init_r=12 -> target_r=8, beta1=beta2=0.85, orth_reg_weight=0.5 (PEFT's
 so the scale alpha / init_r = 2 matches `lora`'s alpha / r. The schedule is in fractions of the run, so
 it scales with its length: the first 10% at the full budget, the last 20% at the final one, a
 re-allocation every 10 steps. The total step count comes from the runner (`method.total_steps`, set
-before `prepare`), else the `total_step` option, else 1000 (with a warning).
+before `prepare` by `tunelab.assemble`: `needs_run_length`), else the `total_step` option, else 1000 (with a
+warning).
 
 Loop contract: the budget step needs the gradients, so it runs in `after_backward(model, step)`, which
 the loop must call after backward (gradients synced) and before clipping and optimizer.step(); without
@@ -30,7 +31,7 @@ from pydantic import Field
 
 from tunelab.methods._peft_common import PeftMethod
 from tunelab.methods.lora import DEFAULT_TARGETS
-from tunelab.methods.registry import MethodOptions, register
+from tunelab.methods.registry import Capabilities, MethodOptions, register
 
 log = logging.getLogger(__name__)
 _STATE = "adalora_state::"  # prefix of the importance EMAs that checkpoints carry with the trainable tensors
@@ -57,6 +58,7 @@ class AdaLoRA(PeftMethod):
     trains = "SVD-form adapters P, E, Q whose rank is re-allocated during training"
 
     Config = AdaLoRAOptions
+    capabilities = Capabilities(is_adapter=True, needs_run_length=True)
 
     def schedule(self) -> tuple[int, int, int]:
         """(total_step, tinit, tfinal) in optimizer steps."""

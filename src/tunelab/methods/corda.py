@@ -19,7 +19,7 @@ from pydantic import Field
 
 from tunelab.methods._peft_common import CalibrationOptions, PeftMethod, lora_init_config
 from tunelab.methods.lora import LoRAOptions
-from tunelab.methods.registry import register
+from tunelab.methods.registry import Capabilities, register
 
 
 class CorDAOptions(LoRAOptions, CalibrationOptions):
@@ -34,7 +34,7 @@ class CorDA(PeftMethod):
     trains = "LoRA A, B initialised from the SVD of W x input covariance (calibration)"
 
     Config = CorDAOptions
-    needs_calibration = True
+    capabilities = Capabilities(is_adapter=True, needs_calibration=True)
     mutates_base = True
 
     def peft_config(self):

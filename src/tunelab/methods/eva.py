@@ -22,7 +22,7 @@ from pydantic import Field
 
 from tunelab.methods._peft_common import CalibrationOptions, PeftMethod, lora_init_config
 from tunelab.methods.lora import LoRAOptions
-from tunelab.methods.registry import register
+from tunelab.methods.registry import Capabilities, register
 
 
 class EVAOptions(LoRAOptions, CalibrationOptions):
@@ -39,7 +39,7 @@ class EVA(PeftMethod):
     trains = "LoRA A, B with A from the SVD of the layers' input activations (calibration)"
 
     Config = EVAOptions
-    needs_calibration = True
+    capabilities = Capabilities(is_adapter=True, needs_calibration=True)
 
     def peft_config(self):
         from peft.tuners.lora.config import EvaConfig

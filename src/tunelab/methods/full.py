@@ -6,12 +6,14 @@ https://arxiv.org/abs/1801.06146). Update rule: W <- AdamW(W, dL/dW) for all W.
 
 from __future__ import annotations
 
-from tunelab.methods.registry import Method, MethodOptions, register
+from tunelab.methods.registry import Capabilities, Method, MethodOptions, register
 
 
 @register("full", paper="https://arxiv.org/abs/1801.06146")
 class Full(Method):
     trains = "every parameter"
+    capabilities = Capabilities(supports_sharding=True)  # FSDP2 per decoder layer + root (DESIGN.md)
+
     class Config(MethodOptions):
         pass
 

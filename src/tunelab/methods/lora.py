@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from tunelab.methods.registry import Method, MethodOptions, register
+from tunelab.methods.registry import Capabilities, Method, MethodOptions, register
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -49,7 +49,7 @@ def lora_peft_config(opts: LoRAOptions, **extra):
 class PeftAdapterMethod(Method):
     """Shared behaviour of methods implemented by a PEFT config: wrap, merge, save."""
 
-    is_adapter = True
+    capabilities = Capabilities(is_adapter=True)
     adapter_format = "peft"
 
     def peft_config(self):
@@ -72,6 +72,7 @@ class PeftAdapterMethod(Method):
 class LoRA(PeftAdapterMethod):
     trains = "low-rank A, B on the attention and MLP linears"
     Config = LoRAOptions
+    capabilities = Capabilities(is_adapter=True, supports_sharding=True)  # FSDP2 shards PEFT LoRA (DESIGN.md)
 
     def peft_config(self):
         return lora_peft_config(self.config)

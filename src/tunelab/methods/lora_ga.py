@@ -19,7 +19,7 @@ from pydantic import Field
 
 from tunelab.methods._peft_common import CalibrationOptions, PeftMethod, lora_init_config
 from tunelab.methods.lora import LoRAOptions
-from tunelab.methods.registry import register
+from tunelab.methods.registry import Capabilities, register
 
 
 class LoRAGAOptions(LoRAOptions, CalibrationOptions):
@@ -35,7 +35,7 @@ class LoRAGA(PeftMethod):
     trains = "LoRA A, B initialised from the SVD of the full gradient (calibration)"
 
     Config = LoRAGAOptions
-    needs_calibration = True
+    capabilities = Capabilities(is_adapter=True, needs_calibration=True)
     mutates_base = True
 
     def peft_config(self):

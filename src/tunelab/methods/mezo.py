@@ -21,13 +21,14 @@ Restoring W by +eps z after -2 eps z is exact up to float rounding (as in the or
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field
 
 from tunelab.methods.lora import LoRAOptions, lora_peft_config
-from tunelab.methods.registry import Method, register
+from tunelab.methods.registry import Capabilities, Method, register
 from tunelab.train.interfaces import StepResult
 from tunelab.train.loop import autocast_context, global_counts
 
@@ -77,10 +78,12 @@ class MeZOOptions(LoRAOptions):
 class MeZO(Method):
     trains = "every parameter (or LoRA's A, B), by zeroth-order SPSA: no backward"
     Config = MeZOOptions
+    capabilities = Capabilities(custom_step=True)
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.is_adapter = self.config.params == "lora"
+        # params: lora wraps the model in a PEFT LoRA: an adapter (reference = the base with it disabled)
+        self.capabilities = replace(MeZO.capabilities, is_adapter=self.config.params == "lora")
         self.precision = "fp32"
 
     def prepare(self, model):

@@ -8,16 +8,28 @@ A method is a small class with a typed `Config`, registered under a name with it
             r: int = 16
         def prepare(self, model): ...
 
-The training loop only talks to this interface:
+What the method needs from whoever prepares it is DATA, its `capabilities` (a `Capabilities`), read by
+`tunelab.assemble` (and the runner, the continual stream, the loop) instead of probing for attributes:
+  needs_calibration        -> calibrate(model, batches) with the first SFT batches before prepare (CorDA, EVA,
+                              LoRA-GA; `n_calibration_batches` of them)
+  calibrates_from_examples -> calibrate_from_examples(model, examples, objective, ...) before prepare (surgical)
+  needs_run_length         -> `total_steps` (the run's optimizer steps) set before prepare (AdaLoRA's schedule)
+  is_adapter               -> the prepared model is a PEFT wrapper around a frozen base (a reference model is the
+                              base with the adapter disabled; frozen weights may be stored in the compute dtype)
+  supports_sharding        -> the method has been checked under sharded training (FSDP2 / ZeRO-3)
+  custom_step              -> custom_step() replaces backward + optimizer step (MeZO)
+
+The training loop talks to this interface:
   prepare(model)           -> the model to train (frozen / wrapped as the method needs)
   param_groups(model, wd)  -> optimizer parameter groups (e.g. LoRA+ gives B a larger lr)
-  build_optimizer(...)     -> an optimizer of its own (GaLore); None = train.optimizer over param_groups
-  on_train_start(model, n)  -> once, knowing the number of steps (COLA's restart schedule)
-  after_backward(model, k)  -> with gradients in place, before clipping/update (AdaLoRA's rank allocation)
-  on_step_end(...)         -> per-step hook (LISA re-sampling, GaLore projection, prune/regrow)
+  build_optimizer(...)     -> an optimizer of its own (GaLore's projected AdamW, GMT's masked AdamW); None =
+                              train.optimizer over param_groups
+  on_train_start(model, n) -> once, knowing the number of steps (COLA's restart schedule)
+  after_backward(model, k) -> with gradients in place, before clipping/update (AdaLoRA's rank allocation)
+  on_step_end(...)         -> per-step hook (LISA re-sampling, COLA restarts, SpIEL prune/regrow)
   custom_step(...)         -> an update rule of its own (MeZO: no backward); None = the default
   merged_model(model)      -> a plain HF model with the method folded into the weights
-  save_adapter(model, dir) -> a PEFT-format adapter, or raise ExportUnsupported
+  save_adapter(model, dir) -> the method's adapter (PEFT format, or tunelab's own), or raise ExportUnsupported
   state_dict()/load_state_dict() -> method state that a checkpoint must carry (masks, seeds, ...)
 Adding a method is one new file in this package: the registry imports (and so registers) every module of
 it on the first lookup (`tunelab.core.registry`).
@@ -25,6 +37,7 @@ it on the first lookup (`tunelab.core.registry`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -44,19 +57,53 @@ class MethodOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method needs from the code that prepares and trains it (see the module docstring).
+
+    Declared once per class (`capabilities = Capabilities(is_adapter=True)`); a method whose needs depend on its
+    options sets its own in `__init__` (MeZO is an adapter with `params: lora`). tests/methods/test_capabilities.py
+    checks every registered method's declaration against what it does.
+    """
+
+    needs_calibration: bool = False  # calibrate(model, batches) before prepare; prepare raises without it
+    calibrates_from_examples: bool = False  # calibrate_from_examples(model, examples, objective, ...) before prepare
+    needs_run_length: bool = False  # reads `total_steps` in prepare
+    is_adapter: bool = False  # prepare returns a PEFT wrapper whose adapter can be disabled (the frozen base)
+    supports_sharding: bool = False  # checked under sharded training; only DDP runs the others
+    custom_step: bool = False  # custom_step() updates the weights itself (no backward + optimizer step)
+
+
 class Method:
     name: ClassVar[str] = ""
     paper: ClassVar[str | None] = None
     Config: ClassVar[type[BaseModel]] = MethodOptions
-    is_adapter: ClassVar[bool] = False  # True when the trained model is a PEFT wrapper around a frozen base
+    capabilities: Capabilities = Capabilities()  # a class declaration; an instance may refine it from its options
     # What docs/methods.md (`tunelab methods --markdown`) says of the method, with the default options; every
     # registered method sets `trains` (tests check it) and overrides the other two where the default is wrong.
     trains: ClassVar[str] = ""  # which parameters train, in a few words
     mergeable: ClassVar[bool] = True  # merged_model() folds the change into a plain HF model
     adapter_format: ClassVar[str | None] = None  # save_adapter() writes: "peft" | "tunelab" | "sparse_delta" | None
 
+    # set before `prepare` for methods with `capabilities.needs_run_length`: the run's optimizer steps
+    total_steps: int | None = None
+    # how many training batches `calibrate` wants (`capabilities.needs_calibration`)
+    n_calibration_batches: int = 0
+
     def __init__(self, config: BaseModel | None = None):
         self.config = config if config is not None else self.Config()
+
+    # -- before prepare (see `capabilities`) -------------------------------------------------------
+    def calibrate(self, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> Any:
+        """Methods with `capabilities.needs_calibration`: keep what `prepare` initialises from, given the first
+        `n_calibration_batches` collated SFT training batches (dicts of input_ids/attention_mask/labels [B, T])."""
+        raise NotImplementedError(f"method {self.name!r} does not calibrate")
+
+    def calibrate_from_examples(self, model: torch.nn.Module, examples: list[dict], objective: Any, *, pad_id: int,
+                                batch_size: int) -> Any:
+        """Methods with `capabilities.calibrates_from_examples`: calibrate on the encoded training examples (in
+        data order) with the run's objective."""
+        raise NotImplementedError(f"method {self.name!r} does not calibrate")
 
     # -- the model ---------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -27,7 +27,7 @@ import torch
 from pydantic import Field
 
 from tunelab.methods.freeze import layer_index, num_layers
-from tunelab.methods.registry import Method, MethodOptions, register
+from tunelab.methods.registry import Capabilities, Method, MethodOptions, register
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ def layer_fisher(model, batches: list[dict[str, torch.Tensor]], objective=None) 
 @register("surgical", paper="https://arxiv.org/abs/2210.11466")
 class Surgical(Method):
     trains = "the top-k decoder layers by Fisher score (calibration)"
+    capabilities = Capabilities(calibrates_from_examples=True)
+
     class Config(MethodOptions):
         top_k: int = Field(2, ge=1, description="Number of decoder layers to train (highest Fisher score).")
         calibration_batches: int = Field(4, ge=1, description="Batches used to estimate the Fisher scores.")

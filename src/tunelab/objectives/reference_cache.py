@@ -56,7 +56,7 @@ def cache_path(cache_dir: str | Path, fingerprint: str) -> Path:
 
 def needs_reference_logps(objective, method) -> bool:
     """True when the objective reads cached reference log-probs and the method has no adapter to disable."""
-    return objective.name in CACHEABLE_OBJECTIVES and not getattr(method, "is_adapter", False)
+    return objective.name in CACHEABLE_OBJECTIVES and not method.capabilities.is_adapter
 
 
 def save_reference_logps(path: Path, logps: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

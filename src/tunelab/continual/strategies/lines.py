@@ -50,7 +50,7 @@ class LiNeS(Strategy):
         beta: float | None = Field(None, description="Added scale at the deepest layer; default 1 - alpha.")
 
     def check(self, ctx):
-        if ctx.method.is_adapter and ctx.recipe.base.method.name != "lora":
+        if ctx.method.capabilities.is_adapter and ctx.recipe.base.method.name != "lora":
             raise StrategyError(f"strategy lines scales LoRA deltas or full weights; method "
                                 f"{ctx.recipe.base.method.name!r} is another kind of adapter")
 
@@ -61,7 +61,7 @@ class LiNeS(Strategy):
 
         alpha = self.config.alpha if self.config.alpha is not None else 1.0 / ctx.n_stages
         base_state = None
-        if not ctx.method.is_adapter:
+        if not ctx.method.capabilities.is_adapter:
             from tunelab.model import load_model
 
             base_state = load_model(ctx.recipe.base.model).state_dict()
