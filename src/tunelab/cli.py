@@ -167,7 +167,7 @@ def eval_cmd(
 ):
     """Evaluate a model, adapter, checkpoint or run: held-out loss and exact match, or a suite of tasks."""
     _setup_logging()
-    from tunelab.evaluate.cli import evaluate_target, show_results
+    from tunelab.evaluate.targets import evaluate_target, show_results
 
     def go():
         results = evaluate_target(
@@ -191,7 +191,7 @@ def export(
 ):
     """Export a run's latest checkpoint: adapter (PEFT format) and merged model (HF format)."""
     _setup_logging()
-    from tunelab.evaluate.cli import export_run
+    from tunelab.evaluate.targets import export_run
 
     _guard(lambda: export_run(run_dir, adapter=adapter, merged=merged))
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tunelab.data.formats import DataError
-from tunelab.evaluate.cli import evaluate_target, show_results
+from tunelab.evaluate.targets import evaluate_target, show_results
 from tunelab.evaluate.suite import SuiteSettings, parse_spec, run_suite
 
 
@@ -96,7 +96,7 @@ def test_run_recipe_evaluates_the_suite_before_and_after_and_the_report_shows_it
 def test_own_format_adapter_is_evaluated_on_its_base(tmp_path, tiny_model_dir):
     import torch
 
-    from tunelab.evaluate.cli import _load_target
+    from tunelab.evaluate.targets import _load_target
     from tunelab.methods.registry import build_method
     from tunelab.model import load_model
     from tunelab.recipe import ModelConfig

@@ -1,4 +1,4 @@
-"""`tunelab eval` and `tunelab export` over run directories, checkpoints, adapters and plain models."""
+"""What `tunelab eval` evaluates: run directories, checkpoints, adapters and plain models, loaded as models."""
 
 from __future__ import annotations
 
