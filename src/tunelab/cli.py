@@ -191,7 +191,7 @@ def export(
 ):
     """Export a run's latest checkpoint: adapter (PEFT format) and merged model (HF format)."""
     _setup_logging()
-    from tunelab.evaluate.targets import export_run
+    from tunelab.export import export_run
 
     _guard(lambda: export_run(run_dir, adapter=adapter, merged=merged))
 
@@ -217,26 +217,13 @@ def methods(
             doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             typer.echo(f"{name:<14} {cls.paper or '-':<36} {doc}")
         return
-    from tunelab.methods.registry import build_method, count_parameters
-    from tunelab.model import load_model
+    from tunelab.assemble import assemble
     from tunelab.validate import load_validated_recipe
 
     def go():
-        from tunelab.data.pipeline import encode_spec
-        from tunelab.model import load_tokenizer
-        from tunelab.objectives.base import build_objective
-        from tunelab.runner import calibrate_method
-
         r = load_validated_recipe(_resolve_recipe(count))
-        method = build_method(r.method.name, r.method_options())
-        base = load_model(r.model)
-        if method.capabilities.needs_calibration or method.capabilities.calibrates_from_examples:
-            tok = load_tokenizer(r.model)
-            data, _ = encode_spec(tok, r.data.train, r.data)
-            calibrate_method(method, base, r, data, build_objective(r.objective.name, r.objective_options()),
-                             tok.pad_token_id)
-        model = method.prepare(base)
-        trainable, total = count_parameters(model)
+        prepared, _ = assemble(r)  # calibrated on the training data where the method needs it
+        trainable, total = prepared.params["trainable_params"], prepared.params["total_params"]
         typer.echo(f"{r.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
 
     _guard(go)

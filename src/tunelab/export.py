@@ -62,6 +62,17 @@ def export_merged(method: Method, model, tokenizer, directory: Path) -> Path:
     return _atomic_dir(directory, write)
 
 
+def export_run(run_dir: Path, *, adapter: bool = True, merged: bool = True,
+               checkpoint: Path | None = None) -> dict[str, str]:
+    """`tunelab export RUN`: the run's latest checkpoint (or `checkpoint`), prepared as the run prepared it
+    (`tunelab.assemble.restore_run`), exported into `<run>/export/`."""
+    from tunelab.assemble import restore_run
+
+    restored = restore_run(run_dir, checkpoint)
+    return export_all(restored.method, restored.model, restored.tokenizer, Path(run_dir) / "export", adapter=adapter,
+                      merged=merged)
+
+
 def export_all(method: Method, model, tokenizer, out_dir: Path, *, adapter: bool = True, merged: bool = True,
                log=print) -> dict[str, str]:
     """Run the exports a recipe asks for; returns {kind: path or reason skipped}."""

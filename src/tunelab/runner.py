@@ -26,14 +26,14 @@ from typing import Any
 
 import torch
 
+from tunelab.assemble import build_method_for, build_objective_for, prepare_model
 from tunelab.data.pipeline import EvalItem, encode_spec, eval_items
-from tunelab.methods.registry import Method, build_method, count_parameters
+from tunelab.methods.registry import Method
 from tunelab.model import load_model, load_tokenizer
 from tunelab.objectives.base import Objective, build_objective
 from tunelab.recipe import Recipe, RecipeError, recipe_to_yaml
 from tunelab.track.run import new_run_dir, write_json
 from tunelab.train.backends import Backend, backend_class, build_backend
-from tunelab.train.engine import configure_engine
 from tunelab.train.loop import TrainResult, evaluate_loss, train
 from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for, restore_frozen_weights
 from tunelab.train.sources import StaticBatchSource
@@ -112,8 +112,7 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     accelerator.print(f"run directory: {run_dir}")
     tokenizer = load_tokenizer(recipe.model)
-    method = build_method(recipe.method.name, recipe.method_options())
-    objective = build_objective(recipe.objective.name, recipe.objective_options())
+    method, objective = build_method_for(recipe), build_objective_for(recipe)
     train_data = None
     if need_train:
         train_spec = recipe.data.train
@@ -251,7 +250,9 @@ def setup_reference(ws: Workspace) -> None:
 
 
 def prepare_workspace(ws: Workspace):
-    """Set the reference up, calibrate and apply the method; returns the model to train (kept in `ws.prepared`).
+    """Set the reference up, then prepare the model through `tunelab.assemble.prepare_model` (calibration, run
+    length, method.prepare, the engine's switches, parameter counts); returns the model to train (kept in
+    `ws.prepared`).
 
     Idempotent: the second call returns the same model. `run_recipe` calls it before the "before" evaluation,
     which therefore scores the model training starts from (for LoRA-style adapters, whose update starts at
@@ -260,17 +261,13 @@ def prepare_workspace(ws: Workspace):
     if ws.prepared is not None:
         return ws.prepared
     setup_reference(ws)
-    torch.manual_seed(ws.recipe.train.seed)
-    calibrate_method(ws.method, ws.model, ws.recipe, ws.train_data, ws.objective, ws.tokenizer.pad_token_id,
-                     world_size=ws.accelerator.num_processes)
-    model = ws.method.prepare(ws.model)
-    ws.engine = configure_engine(model, ws.recipe.train, ws.accelerator.device)
-    trainable, total = count_parameters(model)
-    ws.params = {"trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / total}
-    ws.accelerator.print(f"method {ws.method.name}: {trainable:,} trainable of {total:,} parameters "
-                         f"({ws.params['trainable_pct']:.3f}%)")
-    ws.prepared = model
-    return model
+    prepared = prepare_model(ws.recipe, ws.model, ws.method, ws.objective, train_data=ws.train_data,
+                             pad_id=ws.tokenizer.pad_token_id, device=ws.accelerator.device,
+                             world_size=ws.accelerator.num_processes)
+    ws.engine, ws.params = prepared.engine, prepared.params
+    ws.accelerator.print(prepared.describe())
+    ws.prepared = prepared.model
+    return ws.prepared
 
 
 def train_workspace(ws: Workspace, *, resume: bool = False, on_step=None) -> tuple[Any, TrainResult, dict]:
@@ -282,33 +279,6 @@ def train_workspace(ws: Workspace, *, resume: bool = False, on_step=None) -> tup
                    pad_id=ws.tokenizer.pad_token_id, eval_data=ws.eval_data, resume=resume, ref=ws.ref,
                    on_step=on_step)
     return model, result, ws.params
-
-
-def calibrate_method(method: Method, model, recipe: Recipe, train_data: list[dict], objective: Objective,
-                     pad_id: int, world_size: int = 1) -> None:
-    """Give a method what it needs to know before `prepare`: the run's length, and data for methods whose
-    initialisation or selection is computed from the model on a few batches (CorDA, EVA, LoRA-GA, surgical).
-
-    Batches are the first examples in file order, padded (not packed), so every process and every resume
-    computes the same initialisation.
-    """
-    from tunelab.data.batching import COLLATORS, StepSampler
-
-    caps = method.capabilities
-    if caps.needs_run_length:
-        sampler = StepSampler(len(train_data), recipe.train.batch_size, recipe.train.grad_accum, world_size, 0,
-                              recipe.train.seed)
-        method.total_steps = recipe.train.max_steps or sampler.steps_for_epochs(recipe.train.epochs)
-    if caps.calibrates_from_examples:
-        method.calibrate_from_examples(model, train_data, objective, pad_id=pad_id, batch_size=recipe.train.batch_size)
-    if caps.needs_calibration:
-        if objective.batch_kind != "sft":
-            raise ValueError(f"method {method.name!r} calibrates on SFT batches; objective "
-                             f"{objective.name!r} has {objective.batch_kind} data")
-        bs = recipe.train.batch_size
-        n = method.n_calibration_batches
-        batches = [COLLATORS["sft"](train_data[i: i + bs], pad_id) for i in range(0, min(len(train_data), n * bs), bs)]
-        method.calibrate(model, batches)
 
 
 TABLE_ROWS = (  # (key in eval_<label>.json, label, shown as a percentage)

@@ -42,15 +42,13 @@ from tunelab.continual.evaluation import ContinualError, evaluate_model, load_ge
 from tunelab.evaluate.forgetting import general_retention, r_matrix_metrics
 from tunelab.continual.recipe import ContinualRecipe, continual_recipe_to_yaml
 from tunelab.continual.strategies.base import StrategyError, StrategyObjective, StreamContext, build_strategy
-from tunelab.methods.registry import build_method, count_parameters
+from tunelab.assemble import Prepared, build_method_for, build_objective_for, prepare_model
 from tunelab.model import load_model, load_tokenizer
-from tunelab.objectives.base import build_objective
 from tunelab.recipe import recipe_to_yaml
-from tunelab.runner import calibrate_method, make_accelerator
+from tunelab.runner import make_accelerator
 from tunelab.track.run import new_run_dir
 from tunelab.train.backends import build_backend
 from tunelab.train.checkpoint import atomic_write_json, atomic_write_text
-from tunelab.train.engine import configure_engine
 from tunelab.train.loop import train
 from tunelab.train.precision import restore_frozen_weights
 from tunelab.train.sources import StaticBatchSource
@@ -90,8 +88,7 @@ class Stream:
         self.tasks = load_tasks(cr, self.tokenizer)  # every stage's data, before any training
         self.general = load_general(cr)
         self.strategies = [build_strategy(s.name, s.options()) for s in cr.strategy]
-        self.method = build_method(cr.base.method.name, cr.base.method_options())
-        self.objective = build_objective(cr.base.objective.name, cr.base.objective_options())
+        self.method, self.objective = build_method_for(cr.base), build_objective_for(cr.base)
         self.ctx = StreamContext(recipe=cr, task_names=cr.task_names, train_data=[t.train for t in self.tasks],
                                  objective=self.objective, method=self.method, tokenizer=self.tokenizer,
                                  device=self.accelerator.device, precision=cr.base.train.precision,
@@ -109,8 +106,9 @@ class Stream:
             return evaluate_model(model, self.tokenizer, self.tasks, self.general, self.cr, objective=self.objective,
                                   device=self.accelerator.device, progress=self.progress)
 
-    def prepare_model(self, method, calibration_data: list[dict], evaluate_before: bool = False):
-        """Load the base, (evaluate it,) calibrate and prepare it with the method."""
+    def prepare_model(self, recipe, method, calibration_data: list[dict], evaluate_before: bool = False) -> Prepared:
+        """Load the base, (evaluate it,) and prepare it for `recipe` (its seed, run length, calibration) through
+        `tunelab.assemble.prepare_model`."""
         cr = self.cr
         model = load_model(cr.base.model).to(self.accelerator.device)
         if evaluate_before:
@@ -118,15 +116,12 @@ class Stream:
             before = evaluate_model(model, self.tokenizer, self.tasks, self.general, cr, objective=self.objective,
                                     device=self.accelerator.device, progress=self.progress)
             atomic_write_json(self.cdir / "before.json", before)
-        torch.manual_seed(cr.base.train.seed)
-        calibrate_method(method, model, cr.stage_recipe(0), calibration_data, self.objective,
-                         self.tokenizer.pad_token_id)
-        model = method.prepare(model)
         # the engine's switches as in `tunelab run`; frozen base weights go to the compute dtype only under an
         # adapter: a method that trains the weights themselves keeps them in full precision, since a later
         # stage may train what is frozen now (HFT)
-        configure_engine(model, cr.base.train, self.accelerator.device, cast_frozen=method.capabilities.is_adapter)
-        return model
+        return prepare_model(recipe, model, method, self.objective, train_data=calibration_data,
+                             pad_id=self.tokenizer.pad_token_id, device=self.accelerator.device,
+                             cast_frozen=method.capabilities.is_adapter)
 
     def _source(self, recipe, data: list[dict], objective) -> StaticBatchSource:
         return StaticBatchSource.from_recipe(recipe, data, batch_kind=objective.batch_kind,
@@ -283,8 +278,8 @@ class Stream:
         union = [ex for t in self.tasks for ex in t.train]
         recipe = cr.stage_recipe(0).model_copy(update={"name": f"{cr.name}/joint"})
         recipe = recipe.model_copy(update={"train": recipe.train.model_copy(update={"max_steps": sum(steps)})})
-        method = build_method(cr.base.method.name, cr.base.method_options())
-        model = self.prepare_model(method, union)
+        prepared = self.prepare_model(recipe, build_method_for(cr.base), union)  # AdaLoRA: the joint run's length
+        model, method = prepared.model, prepared.method
         jdir = self.cdir / "joint"
         shutil.rmtree(jdir, ignore_errors=True)
         jdir.mkdir()
@@ -306,10 +301,10 @@ class Stream:
         cr, t_start = self.cr, time.perf_counter()
         self.load()
         need_before = cr.base.eval.before and not (self.resume and (self.cdir / "before.json").is_file())
-        model = self.prepare_model(self.method, self.tasks[0].train, evaluate_before=need_before)
-        trainable, total = count_parameters(model)
-        print(f"method {self.method.name}: {trainable:,} trainable of {total:,} parameters "
-              f"({100 * trainable / total:.3f}%)")
+        prepared = self.prepare_model(cr.stage_recipe(0), self.method, self.tasks[0].train, evaluate_before=need_before)
+        model = prepared.model
+        trainable, total = int(prepared.params["trainable_params"]), int(prepared.params["total_params"])
+        print(prepared.describe())
         for s in self.strategies:
             s.setup(self.ctx, model)
         done = self.state["completed"]

@@ -8,33 +8,6 @@ from typing import Any
 from tunelab.recipe import DatasetSpec, Recipe, load_recipe
 
 
-def restore_from_checkpoint(run_dir: Path, checkpoint: Path | None = None):
-    """(recipe, method, model with a checkpoint's trainable weights, tokenizer) of a run; by default the
-    latest checkpoint, or `checkpoint` (a `<run>/checkpoints/step-N` directory)."""
-    from tunelab.methods.registry import build_method
-    from tunelab.model import load_model, load_tokenizer
-    from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint
-
-    run_dir = Path(run_dir)
-    recipe = load_recipe(run_dir / "recipe.yaml")
-    path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
-    if path is None:
-        raise FileNotFoundError(f"{run_dir}: no checkpoint to restore (train first, or check the path)")
-    method = build_method(recipe.method.name, recipe.method_options())
-    model = method.prepare(load_model(recipe.model))
-    ckpt = load_checkpoint(path)
-    method.load_trainable_state_dict(model, ckpt["trainable"])
-    method.load_state_dict(ckpt["state"].get("method", {}))
-    return recipe, method, model, load_tokenizer(recipe.model)
-
-
-def export_run(run_dir: Path, *, adapter: bool = True, merged: bool = True) -> dict[str, str]:
-    from tunelab.export import export_all
-
-    recipe, method, model, tok = restore_from_checkpoint(run_dir)
-    return export_all(method, model, tok, Path(run_dir) / "export", adapter=adapter, merged=merged)
-
-
 def run_dir_of(target: str) -> Path | None:
     """The run directory a target belongs to: the run dir itself, or the run of a checkpoint directory."""
     path = Path(target)
@@ -59,9 +32,11 @@ def _load_target(target: str, base: bool = False) -> tuple[Recipe, Any, Any]:
     if run is not None and base:
         recipe = load_recipe(run / "recipe.yaml")
         return recipe, load_model(recipe.model), load_tokenizer(recipe.model)
-    if run is not None:
-        recipe, _, model, tok = restore_from_checkpoint(run, None if run == path else path)
-        return recipe, model, tok
+    if run is not None:  # prepared as the run prepared it (calibration included), with the checkpoint's weights
+        from tunelab.assemble import restore_run
+
+        restored = restore_run(run, None if run == path else path)
+        return restored.recipe, restored.model, restored.tokenizer
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 

@@ -255,10 +255,12 @@ def select_for_recipe(recipe, run_dir: Path, accelerator):
     from tunelab.data.pipeline import load_spec_records
     from tunelab.recipe import DatasetSpec
 
+    from tunelab.assemble import SELECTED_SUBSET
+
     cfg: SelectConfig = recipe.data.select
     spec = recipe.data.train
-    sel_dir = Path(run_dir) / "select"
-    subset = sel_dir / "subset.jsonl"
+    subset = Path(run_dir) / SELECTED_SUBSET  # assemble.training_spec reads it back for `tunelab eval/export RUN`
+    sel_dir = subset.parent
     if accelerator.is_main_process and not subset.is_file():
         ctx = ScoringContext(model=recipe.model, device=accelerator.device)
         result = select_records(load_spec_records(spec), cfg, ctx, fmt=spec.format,

@@ -87,7 +87,7 @@ class Gradient(Scorer):
         return records_to_examples(load_records(spec.path, n=spec.n), spec, DataConfig())
 
     def score(self, examples, ctx) -> ScoreOutput:
-        from tunelab.methods.registry import build_method
+        from tunelab.assemble import prepare_without_data
         from tunelab.model import load_model
 
         cfg = self.config
@@ -97,8 +97,9 @@ class Gradient(Scorer):
             if (why := self.check(ex)) is not None:
                 raise ValueError(f"gradient target {ex.origin}: {why}")
         torch.manual_seed(cfg.seed)
-        method = build_method("lora", {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "target_modules": cfg.target_modules})
-        model = method.prepare(load_model(ctx.model_config(cfg.model))).to(ctx.device)
+        lora = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "target_modules": cfg.target_modules}
+        _, model = prepare_without_data(load_model(ctx.model_config(cfg.model)), "lora", lora)
+        model = model.to(ctx.device)
         params = [p for p in model.parameters() if p.requires_grad]
 
         def encode(ex):
