@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +29,11 @@ from tunelab.assemble import build_method_for, build_objective_for, prepare_mode
 from tunelab.data.pipeline import EvalItem, encode_spec, eval_items
 from tunelab.methods.registry import Method
 from tunelab.model import load_model, load_tokenizer
-from tunelab.objectives.base import Objective, build_objective
+from tunelab.objectives.base import Objective
 from tunelab.recipe import Recipe, RecipeError, recipe_to_yaml
 from tunelab.track.run import new_run_dir, write_json
 from tunelab.train.backends import Backend, backend_class, build_backend
-from tunelab.train.loop import TrainResult, evaluate_loss, train
+from tunelab.train.loop import TrainResult, train
 from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for, restore_frozen_weights
 from tunelab.train.sources import StaticBatchSource
 from tunelab.validate import load_validated_recipe
@@ -136,44 +135,20 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
                      backend=make_backend(accelerator))
 
 
-def _is_pairs(data: list[dict] | None) -> bool:
-    return bool(data) and "chosen_input_ids" in data[0]
-
-
 def evaluate(ws: Workspace, model, label: str) -> dict[str, Any]:
-    """Held-out metrics of `model`, saved as eval_<label>.json:
+    """Held-out metrics of `model` on the run's eval data (`tunelab.evaluate.heldout`, with the run's objective
+    and reference for preference pairs), plus the `eval.suite` tasks' primary metrics under "suite" (full results
+    in eval_suite_<label>.json); saved as eval_<label>.json."""
+    from tunelab.evaluate.heldout import HeldOutSettings, heldout_metrics
 
-    * SFT data: `eval_loss`, the plain cross-entropy per response token of the held-out examples whatever the
-      objective (a DFT, weighted or distillation loss is no perplexity), and `perplexity` = exp(eval_loss);
-    * preference pairs under a preference objective: `evaluate_preferences` (`reward_accuracy` = the
-      objective's `rewards/accuracies`, `preference_accuracy` = P(chosen) > P(rejected) under the policy,
-      margins, rewards, `logps/chosen`, `logps/rejected`, `pref_eval_loss`), with the run's reference;
-    * built-in tasks (a preference task too: its base task's checker): `exact_match` of greedy generations;
-    * `eval.suite` tasks (`evaluate_suite`): their primary metrics under "suite", the full results in
-      eval_suite_<label>.json.
-    """
-    from tunelab.evaluate.tasks import exact_match
-    from tunelab.objectives.preference_eval import evaluate_preferences
-
-    results: dict[str, Any] = {"label": label}
     t0 = time.perf_counter()
-    device, precision = ws.accelerator.device, ws.recipe.train.precision
-    if _is_pairs(ws.eval_data) and ws.objective.batch_kind == "preference":
-        pref = evaluate_preferences(model, ws.objective, ws.eval_data, batch_size=ws.recipe.eval.batch_size,
-                                    pad_id=ws.tokenizer.pad_token_id, device=device, precision=precision, ref=ws.ref)
-        results.update(pref)
-        if "rewards/accuracies" in pref:
-            results["reward_accuracy"] = pref["rewards/accuracies"]
-    elif ws.eval_data and not _is_pairs(ws.eval_data):
-        ce = build_objective("sft", {"loss_weights": "ignore"})
-        loss = evaluate_loss(model, ce, ws.eval_data, batch_size=ws.recipe.eval.batch_size,
-                             pad_id=ws.tokenizer.pad_token_id, device=device, precision=precision)
-        results["eval_loss"] = loss
-        results["perplexity"] = math.exp(min(loss, 50.0))
-    if ws.eval_items:
-        results.update(exact_match(model, ws.tokenizer, ws.eval_items, max_new_tokens=ws.recipe.eval.max_new_tokens,
-                                   batch_size=ws.recipe.eval.batch_size, precision=ws.recipe.train.precision))
-    if ws.recipe.eval.suite:
+    ev = ws.recipe.eval
+    settings = HeldOutSettings(batch_size=ev.batch_size, precision=ws.recipe.train.precision,
+                               max_new_tokens=ev.max_new_tokens, device=ws.accelerator.device)
+    results: dict[str, Any] = {"label": label}
+    results.update(heldout_metrics(model, ws.tokenizer, ws.eval_data, ws.eval_items, settings, objective=ws.objective,
+                                   ref=ws.ref))
+    if ev.suite:
         results["suite"] = evaluate_suite(ws, model, label)
     results["eval_time_s"] = time.perf_counter() - t0
     if ws.accelerator.is_main_process:
@@ -230,8 +205,10 @@ def setup_reference(ws: Workspace) -> None:
                             everything=ws.recipe.train.frozen_cast == "all")
         acc.print(f"reference: {what}")
     elif use == "logps" and needs_reference_logps(ws.objective, ws.method):
+        from tunelab.evaluate.heldout import is_pairs
+
         ws.model.to(device)
-        sets = [("train", ws.train_data), ("eval", ws.eval_data if _is_pairs(ws.eval_data) else None)]
+        sets = [("train", ws.train_data), ("eval", ws.eval_data if is_pairs(ws.eval_data) else None)]
         for name, data in sets:
             if not data:
                 continue

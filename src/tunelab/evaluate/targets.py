@@ -80,7 +80,7 @@ def evaluate_target(target: str, *, task: str | None = None, n: int = 100, tasks
     `diagnostics` (run directories): also weight diagnostics of the export vs the base (diagnostics.json).
     """
     if not tasks and not harness:
-        return _legacy_eval(target, task=task, n=n)
+        return _heldout_eval(target, task=task, n=n)
     import time
 
     from tunelab.evaluate.suite import SuiteSettings, run_suite, suite_record
@@ -138,11 +138,10 @@ def show_results(results: dict[str, Any], output: Path | None = None, echo=print
     return 0
 
 
-def _legacy_eval(target: str, *, task: str | None = None, n: int = 100) -> dict[str, Any]:
+def _heldout_eval(target: str, *, task: str | None = None, n: int = 100) -> dict[str, Any]:
+    """Held-out metrics (tunelab.evaluate.heldout, as a run computes them) on the run's eval data, or `task`."""
     from tunelab.data.pipeline import encode_spec, eval_items
-    from tunelab.evaluate.tasks import exact_match
-    from tunelab.objectives.base import build_objective
-    from tunelab.train.loop import evaluate_loss
+    from tunelab.evaluate.heldout import HeldOutSettings, heldout_metrics
 
     recipe, model, tok = _load_target(target)
     device = _device()
@@ -151,22 +150,11 @@ def _legacy_eval(target: str, *, task: str | None = None, n: int = 100) -> dict[
     if task is not None:
         spec = DatasetSpec(builtin=task, split="eval", n=n)
     spec = spec.model_copy(update={"n": n})
+    # held-out data is scored on the responses only: instruction-modelling weights are for training
     data, _ = encode_spec(tok, spec, recipe.data.model_copy(update={"prompt_loss_weight": None}))
+    items = eval_items(spec, recipe.data) if spec.builtin else []
+    settings = HeldOutSettings(batch_size=recipe.eval.batch_size, precision=recipe.train.precision,
+                               max_new_tokens=recipe.eval.max_new_tokens, device=device)
     results: dict[str, Any] = {"target": target, "data": spec.builtin or spec.path}
-    if "chosen_input_ids" in data[0]:  # preference pairs: the model's own preference, no perplexity
-        from tunelab.objectives.preference_eval import evaluate_preferences
-
-        pref = evaluate_preferences(model, build_objective("simpo", {}), data, batch_size=recipe.eval.batch_size,
-                                    pad_id=tok.pad_token_id, device=device, precision=recipe.train.precision)
-        results.update({k: pref[k] for k in ("preference_accuracy", "logps/chosen", "logps/rejected", "pairs")})
-    else:
-        import math
-
-        loss = evaluate_loss(model, build_objective("sft", {"loss_weights": "ignore"}), data,
-                             batch_size=recipe.eval.batch_size, pad_id=tok.pad_token_id, device=device,
-                             precision=recipe.train.precision)
-        results.update({"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))})
-    if spec.builtin:
-        results.update(exact_match(model, tok, eval_items(spec, recipe.data), max_new_tokens=recipe.eval.max_new_tokens,
-                                   batch_size=recipe.eval.batch_size, precision=recipe.train.precision))
+    results.update(heldout_metrics(model, tok, data, items, settings))  # pairs: reference-free metrics
     return results
