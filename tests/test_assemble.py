@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 import yaml
+from tiny import tiny_recipe_dict
 from typer.testing import CliRunner
 
-from tiny import tiny_recipe_dict
 from tunelab.cli import app
 
 runner = CliRunner()

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tiny import TINY_METHOD_OPTIONS, build_tiny_model
+
 from tunelab.methods._peft_common import CalibrationMissing
 from tunelab.methods.registry import Capabilities, Method, get_method_class, list_methods
 

@@ -38,11 +38,11 @@ from typing import Any
 
 import torch
 
+from tunelab.assemble import Prepared, build_method_for, build_objective_for, prepare_model
 from tunelab.continual.evaluation import ContinualError, evaluate_model, load_general, load_tasks
-from tunelab.evaluate.forgetting import general_retention, r_matrix_metrics
 from tunelab.continual.recipe import ContinualRecipe, continual_recipe_to_yaml
 from tunelab.continual.strategies.base import StrategyError, StrategyObjective, StreamContext, build_strategy
-from tunelab.assemble import Prepared, build_method_for, build_objective_for, prepare_model
+from tunelab.evaluate.forgetting import general_retention, r_matrix_metrics
 from tunelab.model import load_model, load_tokenizer
 from tunelab.recipe import recipe_to_yaml
 from tunelab.runner import make_accelerator

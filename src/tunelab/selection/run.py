@@ -252,10 +252,9 @@ def select_for_recipe(recipe, run_dir: Path, accelerator):
     On resume the saved subset is reused, so the training data cannot change under a resumed run.
     Returns the DatasetSpec of the subset.
     """
+    from tunelab.assemble import SELECTED_SUBSET
     from tunelab.data.pipeline import load_spec_records
     from tunelab.recipe import DatasetSpec
-
-    from tunelab.assemble import SELECTED_SUBSET
 
     cfg: SelectConfig = recipe.data.select
     spec = recipe.data.train
