@@ -126,8 +126,8 @@ def train(
 def eval_cmd(
     target: str = typer.Argument(..., help="A run directory, a checkpoint, an adapter dir, an HF model directory, "
                                            "a hub id, or a built-in alias."),
-    task: str = typer.Option(None, "--task", help="Built-in task to score (default: the run's eval data, "
-                                                  "else the quickstart task)."),
+    task: str = typer.Option(None, "--task", help="Without --tasks: the built-in task to score (default: the run's "
+                                                  "eval data, else the quickstart task)."),
     n: int = typer.Option(100, "--n", help="Number of held-out items (with --tasks: items per task)."),
     tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Evaluation suite, comma-separated or repeated: "
                                               "built-in task names, gen:FILE, mc:FILE, ppl:FILE, safety[:FILE], or a "
@@ -137,16 +137,17 @@ def eval_cmd(
     harness_include: Optional[str] = typer.Option(None, "--harness-include", help="Directory of lm-eval task YAML "
                                                   "files (local tasks)."),
     harness_limit: Optional[int] = typer.Option(None, "--harness-limit", help="Items per lm-eval task."),
-    base: bool = typer.Option(False, "--base", help="For a run directory: evaluate its base model (saved as "
-                                                    "eval_suite_before.json)."),
-    label: Optional[str] = typer.Option(None, "--label", help="Results file in the run directory: "
-                                        "eval_suite_<label>.json (default: after; before with --base)."),
+    base: bool = typer.Option(False, "--base", help="Evaluate the base model of a run or adapter instead of the "
+                                                    "trained one (label: before)."),
+    label: Optional[str] = typer.Option(None, "--label", help="Label of the results, and their file in a run "
+                                        "directory: eval_suite_<label>.json with --tasks (default: after; before "
+                                        "with --base), eval_<label>.json without (written only when given)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: the recipe's "
                                              "eval.batch_size)."),
     precision: Optional[str] = typer.Option(None, "--precision", help="Autocast dtype: bf16, fp16 or fp32 "
                                             "(default: the recipe's train.precision)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation budget of generation "
-                                                 "tasks."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation budget of exact match "
+                                                 "and generation tasks (default: the recipe's eval.max_new_tokens)."),
     checker: str = typer.Option("exact", "--checker", help="Default checker of gen: files: exact, numeric, regex "
                                                            "or contains."),
     harmful: Optional[str] = typer.Option(None, "--harmful", help="Harmful prompts for the safety task (default: a "
@@ -162,12 +163,22 @@ def eval_cmd(
     ppl_stride: Optional[int] = typer.Option(None, "--ppl-stride", help="Tokens each window advances and scores "
                                              "(default: half the window)."),
     diagnostics: bool = typer.Option(False, "--diagnostics", help="Also compute weight diagnostics of a run "
-                                                                  "(export vs base) into diagnostics.json."),
+                                                                  "(trained vs base) into diagnostics.json."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the results as JSON here."),
 ):
     """Evaluate a model, adapter, checkpoint or run: held-out loss and exact match, or a suite of tasks."""
     _setup_logging()
     from tunelab.evaluate.targets import evaluate_target, show_results
+
+    suite_only = {"--checker": checker != "exact", "--harmful": harmful, "--benign": benign,
+                  "--refusal-detector": refusal_detector, "--ppl-max-chars": ppl_max_chars != 100_000,
+                  "--ppl-window": ppl_window, "--ppl-stride": ppl_stride, "--harness-include": harness_include,
+                  "--harness-limit": harness_limit}
+    given = [flag for flag, value in suite_only.items() if value]
+    if given and not tasks and not harness:
+        _fail(f"{', '.join(given)} only apply to --tasks / --harness evaluations")
+    if task is not None and (tasks or harness):
+        _fail(f"--task picks the held-out task when there is no --tasks; add it to the suite: --tasks {task}")
 
     def go():
         results = evaluate_target(

@@ -1,11 +1,21 @@
-"""What `tunelab eval` evaluates: run directories, checkpoints, adapters and plain models, loaded as models."""
+"""What `tunelab eval` evaluates: run directories, checkpoints, adapters and plain models, loaded as models.
+
+`evaluate_target` runs one of two evaluations on the loaded model, with the same settings (`--base`, `--label`,
+`--batch-size`, `--precision`, `--max-new-tokens`, `--n`, `--diagnostics` mean the same in both):
+  * without `tasks` / `harness`: the held-out metrics a run computes (tunelab.evaluate.heldout) on the run's eval
+    data, or a built-in `task`;
+  * with them: the evaluation suite (tunelab.evaluate.suite) and lm-eval harness tasks.
+"""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
-from tunelab.recipe import DatasetSpec, Recipe, load_recipe
+from tunelab.recipe import DatasetSpec, ModelConfig, Recipe, RecipeError, load_recipe
+from tunelab.train.checkpoint import atomic_write_json
 
 
 def run_dir_of(target: str) -> Path | None:
@@ -19,13 +29,18 @@ def run_dir_of(target: str) -> Path | None:
     return None
 
 
+def _adapter_base(path: Path, config_name: str) -> Recipe:
+    """A recipe whose model is the base an adapter directory names (its `base_model_name_or_path`)."""
+    base = json.loads((path / config_name).read_text()).get("base_model_name_or_path")
+    return Recipe(model=ModelConfig(name_or_path=base or "smollm2-135m-instruct"))
+
+
 def _load_target(target: str, base: bool = False) -> tuple[Recipe, Any, Any]:
     """(recipe giving data defaults, model, tokenizer) for a run dir, checkpoint dir, adapter dir (PEFT or
-    tunelab's own format), HF dir, hub id or alias. `base`: the base model of a run (its recipe's model) instead of the trained one."""
-    import json
-
+    tunelab's own format), HF dir, hub id or alias. `base`: the base model of a run (its recipe's model) or of an
+    adapter, instead of the trained one; a plain model has none (RecipeError)."""
+    from tunelab.methods._modules import ADAPTER_CONFIG, load_own_adapter
     from tunelab.model import load_model, load_tokenizer
-    from tunelab.recipe import ModelConfig
 
     path = Path(target)
     run = run_dir_of(target)
@@ -40,17 +55,15 @@ def _load_target(target: str, base: bool = False) -> tuple[Recipe, Any, Any]:
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        recipe = Recipe(model=ModelConfig(name_or_path=base or "smollm2-135m-instruct"))
-        model = PeftModel.from_pretrained(load_model(recipe.model), str(path))
-        return recipe, model, load_tokenizer(recipe.model)
-    from tunelab.methods._modules import ADAPTER_CONFIG, load_own_adapter
-
+        recipe = _adapter_base(path, "adapter_config.json")
+        model = load_model(recipe.model)
+        return recipe, model if base else PeftModel.from_pretrained(model, str(path)), load_tokenizer(recipe.model)
     if (path / ADAPTER_CONFIG).is_file():  # tunelab's own format (BitFit, SSF, LoReFT, ...), on its base
-        base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-        recipe = Recipe(model=ModelConfig(name_or_path=base or "smollm2-135m-instruct"))
-        _, model = load_own_adapter(load_model(recipe.model), path)
-        return recipe, model, load_tokenizer(recipe.model)
+        recipe = _adapter_base(path, ADAPTER_CONFIG)
+        model = load_model(recipe.model)
+        return recipe, model if base else load_own_adapter(model, path)[1], load_tokenizer(recipe.model)
+    if base:
+        raise RecipeError(f"--base evaluates the base model of a run or an adapter; {target} is a plain model")
     recipe = Recipe(model=ModelConfig(name_or_path=target))
     return recipe, load_model(recipe.model), load_tokenizer(recipe.model)
 
@@ -72,37 +85,51 @@ def evaluate_target(target: str, *, task: str | None = None, n: int = 100, tasks
                     progress: bool = True) -> dict[str, Any]:
     """Evaluate a model, adapter, checkpoint or run.
 
-    Without `tasks` / `harness`: held-out loss, perplexity and exact match on the run's eval data (or `task`).
+    Without `tasks` / `harness`: held-out loss, perplexity and exact match on the run's eval data (or `task`), `n`
+    items; for a run (or checkpoint) directory they are also written to `<run>/eval_<label>.json` when `label` is
+    given (a run's own eval_before/after.json are not replaced otherwise).
     With them: the evaluation suite (tunelab.evaluate.suite) over `tasks` (comma-separated specs allowed) and
-    lm-eval `harness` tasks. For a run (or checkpoint) directory the results are also written to
-    `<run>/eval_suite_<label>.json`, label "after" (the trained model) or, with `base`, "before" (the run's
-    base model). `results["failed"]` lists the tasks that raised; the CLI exits non-zero when it is not empty.
-    `diagnostics` (run directories): also weight diagnostics of the export vs the base (diagnostics.json).
+    lm-eval `harness` tasks, `n` items per task. For a run (or checkpoint) directory the results are also written
+    to `<run>/eval_suite_<label>.json`.
+    Both: `base` evaluates the base model of a run or adapter; `label` defaults to "after" (the trained model) or,
+    with `base`, "before"; `batch_size`, `precision`, `max_new_tokens` default to the run's recipe
+    (`eval.batch_size`, `train.precision`, `eval.max_new_tokens`); `diagnostics` (a run, not with `base`): also
+    weight diagnostics of the export vs the base (diagnostics.json). `results["failed"]` lists what raised; the CLI
+    exits non-zero when it is not empty.
     """
-    if not tasks and not harness:
-        return _heldout_eval(target, task=task, n=n)
-    import time
-
-    from tunelab.evaluate.suite import SuiteSettings, run_suite, suite_record
-
+    run = run_dir_of(target)
+    if diagnostics and (run is None or base):
+        raise RecipeError("--diagnostics compares a run's trained weights with its base model: give a run or "
+                          "checkpoint directory, without --base")
     t0 = time.perf_counter()
     recipe, model, tok = _load_target(target, base=base)
     device = _device()
     model.to(device)
-    specs = [t for item in (tasks or []) for t in item.split(",") if t.strip()]
-    harness_tasks = [t for item in (harness or []) for t in item.split(",") if t.strip()]
-    settings = SuiteSettings(
-        n=n, batch_size=batch_size or recipe.eval.batch_size, precision=precision or recipe.train.precision,
-        max_new_tokens=max_new_tokens or recipe.eval.max_new_tokens, checker=checker, harmful=harmful, benign=benign,
-        detector=refusal_detector, safety_max_new_tokens=safety_max_new_tokens,
-        ppl_max_chars=ppl_max_chars or None, ppl_max_length=ppl_max_length, ppl_stride=ppl_stride,
-        harness_include=harness_include, harness_limit=harness_limit, progress=progress)
-    suite = run_suite(model, tok, specs, settings, harness=harness_tasks or None, data_cfg=recipe.data)
-    run = run_dir_of(target)
+    save_heldout = run is not None and label is not None  # a run's own eval_after.json is not replaced unasked
     label = label or ("before" if base else "after")
-    results = suite_record(str(target), label, recipe.model.name_or_path if base or run is None else str(run), base,
-                           suite, time.perf_counter() - t0)
-    if diagnostics and run is not None and not base:
+    batch_size = batch_size or recipe.eval.batch_size
+    precision = precision or recipe.train.precision
+    max_new_tokens = max_new_tokens or recipe.eval.max_new_tokens
+    if not tasks and not harness:
+        results = _heldout(target, recipe, model, tok, task=task, n=n, batch_size=batch_size, precision=precision,
+                           max_new_tokens=max_new_tokens, device=device, progress=progress)
+        results.update({"label": label, "base": base, "failed": [], "eval_time_s": time.perf_counter() - t0})
+        name = f"eval_{label}.json" if save_heldout else None
+    else:
+        from tunelab.evaluate.suite import SuiteSettings, run_suite, suite_record
+
+        specs = [t for item in (tasks or []) for t in item.split(",") if t.strip()]
+        harness_tasks = [t for item in (harness or []) for t in item.split(",") if t.strip()]
+        settings = SuiteSettings(
+            n=n, batch_size=batch_size, precision=precision, max_new_tokens=max_new_tokens, checker=checker,
+            harmful=harmful, benign=benign, detector=refusal_detector, safety_max_new_tokens=safety_max_new_tokens,
+            ppl_max_chars=ppl_max_chars or None, ppl_max_length=ppl_max_length, ppl_stride=ppl_stride,
+            harness_include=harness_include, harness_limit=harness_limit, progress=progress)
+        suite = run_suite(model, tok, specs, settings, harness=harness_tasks or None, data_cfg=recipe.data)
+        results = suite_record(str(target), label, recipe.model.name_or_path if base or run is None else str(run),
+                               base, suite, time.perf_counter() - t0)
+        name = f"eval_suite_{label}.json" if run is not None else None
+    if diagnostics and run is not None:
         from tunelab.evaluate.diagnostics import diagnose_run
 
         try:
@@ -110,42 +137,19 @@ def evaluate_target(target: str, *, task: str | None = None, n: int = 100, tasks
         except Exception as e:  # noqa: BLE001 - recorded like a failed task
             results["diagnostics"] = {"error": f"{type(e).__name__}: {e}"}
             results["failed"].append("diagnostics")
-    if run is not None:
-        from tunelab.track.run import write_json
-
-        results["written_to"] = str(write_json(run, f"eval_suite_{label}.json", results))
+    if name is not None:
+        assert run is not None
+        atomic_write_json(run / name, results)
+        results["written_to"] = str(run / name)
     return results
 
 
-def show_results(results: dict[str, Any], output: Path | None = None, echo=print) -> int:
-    """What `tunelab eval` prints (and writes to `output`); returns the exit code: 1 when a task failed."""
-    from tunelab.evaluate.suite import format_results
-    from tunelab.train.checkpoint import atomic_write_json
-
-    if "tasks" in results:
-        echo(format_results(results))
-        if results.get("written_to"):
-            echo(f"results: {results['written_to']}")
-    else:
-        import json
-
-        echo(json.dumps({k: v for k, v in results.items() if k != "samples"}, indent=2))
-    if output:
-        atomic_write_json(Path(output), results)
-    if results.get("failed"):
-        echo(f"failed: {', '.join(results['failed'])}")
-        return 1
-    return 0
-
-
-def _heldout_eval(target: str, *, task: str | None = None, n: int = 100) -> dict[str, Any]:
+def _heldout(target: str, recipe: Recipe, model, tok, *, task: str | None, n: int, batch_size: int, precision: str,
+             max_new_tokens: int, device, progress: bool) -> dict[str, Any]:
     """Held-out metrics (tunelab.evaluate.heldout, as a run computes them) on the run's eval data, or `task`."""
     from tunelab.data.pipeline import encode_spec, eval_items
     from tunelab.evaluate.heldout import HeldOutSettings, heldout_metrics
 
-    recipe, model, tok = _load_target(target)
-    device = _device()
-    model.to(device)
     spec = recipe.data.eval or DatasetSpec(builtin="date_format", split="eval")
     if task is not None:
         spec = DatasetSpec(builtin=task, split="eval", n=n)
@@ -153,8 +157,28 @@ def _heldout_eval(target: str, *, task: str | None = None, n: int = 100) -> dict
     # held-out data is scored on the responses only: instruction-modelling weights are for training
     data, _ = encode_spec(tok, spec, recipe.data.model_copy(update={"prompt_loss_weight": None}))
     items = eval_items(spec, recipe.data) if spec.builtin else []
-    settings = HeldOutSettings(batch_size=recipe.eval.batch_size, precision=recipe.train.precision,
-                               max_new_tokens=recipe.eval.max_new_tokens, device=device)
-    results: dict[str, Any] = {"target": target, "data": spec.builtin or spec.path}
+    settings = HeldOutSettings(batch_size=batch_size, precision=precision, max_new_tokens=max_new_tokens,
+                               device=device, progress=progress)
+    results: dict[str, Any] = {"target": target, "data": spec.builtin or spec.path,
+                                "settings": {"n": n, "batch_size": batch_size, "precision": precision,
+                                             "max_new_tokens": max_new_tokens}}
     results.update(heldout_metrics(model, tok, data, items, settings))  # pairs: reference-free metrics
     return results
+
+
+def show_results(results: dict[str, Any], output: Path | None = None, echo=print) -> int:
+    """What `tunelab eval` prints (and writes to `output`); returns the exit code: 1 when a task failed."""
+    from tunelab.evaluate.suite import format_results
+
+    if "tasks" in results:
+        echo(format_results(results))
+    else:
+        echo(json.dumps({k: v for k, v in results.items() if k not in ("samples", "written_to")}, indent=2))
+    if results.get("written_to"):
+        echo(f"results: {results['written_to']}")
+    if output:
+        atomic_write_json(Path(output), results)
+    if results.get("failed"):
+        echo(f"failed: {', '.join(results['failed'])}")
+        return 1
+    return 0
