@@ -73,6 +73,14 @@ def test_methods_lists_with_papers():
     assert "lora" in res.output and "arxiv.org/abs/2106.09685" in res.output
 
 
+def test_methods_name_shows_its_options():
+    res = runner.invoke(app, ["methods", "lora"])
+    assert res.exit_code == 0, res.output
+    assert "rslora: bool = false" in res.output and "alpha/sqrt(r)" in res.output and "r: int = 16" in res.output
+    res = runner.invoke(app, ["methods", "no_such_method"])
+    assert res.exit_code == 2 and "unknown method 'no_such_method'" in res.output
+
+
 def test_methods_count(tiny_model_dir, tmp_path):
     recipe = _write_recipe(tmp_path, tiny_model_dir, method={"name": "freeze", "layers": [-1]})
     res = runner.invoke(app, ["methods", "--count", str(recipe)])

@@ -197,10 +197,11 @@ def eval_cmd(
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="A run directory with a checkpoint."),
-    adapter: bool = typer.Option(True, "--adapter/--no-adapter", help="Write the PEFT-format adapter."),
+    adapter: bool = typer.Option(True, "--adapter/--no-adapter", help="Write the method's adapter (PEFT format for "
+                                                                     "PEFT methods; see docs/methods.md)."),
     merged: bool = typer.Option(True, "--merged/--no-merged", help="Write the merged HF model."),
 ):
-    """Export a run's latest checkpoint: adapter (PEFT format) and merged model (HF format)."""
+    """Export a run's latest checkpoint: the method's adapter and the merged model (HF format)."""
     _setup_logging()
     from tunelab.export import export_run
 
@@ -209,19 +210,31 @@ def export(
 
 @app.command()
 def methods(
+    name: Optional[str] = typer.Argument(None, help="A method: print its options with their defaults and meaning."),
     count: Optional[str] = typer.Option(None, "--count", help="Recipe whose model and method to count "
                                                              "trainable parameters for."),
-    markdown: bool = typer.Option(False, "--markdown", help="Print docs/methods.md's table: paper, what trains, "
-                                                            "mergeable, export formats."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print docs/methods.md's generated parts: the table "
+                                                            "(paper, what trains, mergeable, export formats) and "
+                                                            "every method's options."),
 ):
-    """List the registered fine-tuning methods with their papers (and count parameters for a recipe)."""
+    """List the registered fine-tuning methods with their papers, show one method's options (`tunelab methods
+    lora`), or count a recipe's trainable parameters."""
     _setup_logging()
     from tunelab.methods.registry import list_methods
 
+    if name is not None and (count or markdown):
+        _fail("give a method NAME, or --count RECIPE, or --markdown")
+    if name is not None:
+        from tunelab.methods._catalog import method_options_text
+
+        _guard(lambda: typer.echo(method_options_text(name)))
+        return
     if markdown:
-        from tunelab.methods._catalog import methods_markdown
+        from tunelab.methods._catalog import methods_markdown, options_markdown
 
         typer.echo(methods_markdown())
+        typer.echo("")
+        typer.echo(options_markdown())
         return
     if count is None:
         for name, cls in list_methods().items():

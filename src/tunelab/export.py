@@ -1,4 +1,5 @@
-"""Exports: a PEFT-format adapter and a merged full model in HF format, each with the tokenizer.
+"""Exports: the method's adapter (PEFT format for the PEFT methods, tunelab's own format or a sparse delta for the
+others: `Method.adapter_format`) and a merged full model in HF format, each with the tokenizer.
 
 Both are written to a temporary directory and renamed into place, so a crash never leaves a
 half-written export under the final name.
@@ -33,7 +34,8 @@ def _atomic_dir(final: Path, write) -> Path:
 
 
 def export_adapter(method: Method, model, tokenizer, directory: Path) -> Path:
-    """PEFT's own format: adapter_config.json + adapter_model.safetensors (+ tokenizer)."""
+    """`method.save_adapter` (+ tokenizer): PEFT's adapter_config.json + adapter_model.safetensors, or the method's
+    own files; ExportUnsupported for methods without an adapter."""
 
     def write(tmp: Path) -> None:
         method.save_adapter(model, str(tmp))

@@ -8,9 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny import TINY_METHOD_OPTIONS, build_tiny_model
-from tunelab.methods._catalog import ADAPTER_FORMATS, methods_markdown
+
+from tunelab.methods._catalog import (
+    ADAPTER_FORMATS,
+    method_options_text,
+    methods_markdown,
+    options_anchor,
+    options_markdown,
+)
 from tunelab.methods.registry import ExportUnsupported, build_method, list_methods
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "methods.md"
@@ -55,3 +61,30 @@ def test_docs_list_every_method_with_the_generated_table():
     assert methods_markdown() in doc, "docs/methods.md is stale: regenerate its table from `tunelab methods --markdown`"
     for name in list_methods():
         assert f"`{name}`" in doc, name
+
+
+def test_docs_have_every_methods_options_linked_from_the_table():
+    import re
+
+    doc = DOC.read_text()
+    assert options_markdown() in doc, "docs/methods.md's options are stale: regenerate (`tunelab methods --markdown`)"
+    # GitHub's anchor of a heading: lower case, code marks dropped, spaces as dashes
+    headings = {"#" + h.replace("`", "").strip().lower().replace(" ", "-")
+                for h in re.findall(r"^### (.+)$", doc, re.M)}
+    for name in list_methods():
+        assert f"[options]({options_anchor(name)})" in methods_markdown(), name
+        assert options_anchor(name) in headings, f"{name}: the table links to a heading that does not exist"
+
+
+def test_every_option_says_what_it_means():
+    for name, cls in list_methods().items():
+        for field, info in cls.Config.model_fields.items():
+            assert info.description and len(info.description) > 10, f"{name}.{field}: add description= to its Field"
+
+
+def test_one_methods_options_with_defaults_and_meaning():
+    text = method_options_text("lora")
+    assert "rslora: bool = false" in text and "alpha/sqrt(r)" in text
+    assert "target_modules: list[str] | str = [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]" in text
+    assert "options: none" in method_options_text("full")
+    assert "mode: ipm | kpm = ipm" in method_options_text("corda")

@@ -41,8 +41,9 @@ class AdaLoRAOptions(MethodOptions):
     init_r: int = Field(12, ge=1, description="Initial rank of every adapted matrix.")
     target_r: int = Field(8, ge=1, description="Average rank per matrix at the end of the budget schedule.")
     alpha: float = Field(24.0, gt=0, description="Scale numerator: the update is alpha / init_r * P E Q.")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGETS),
+                                           description="Module names (suffixes) to adapt, or 'all-linear'.")
     tinit_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps at the full budget (warm-up).")
     tfinal_ratio: float = Field(0.2, ge=0, lt=1, description="Fraction of steps at the final budget.")
     delta_t: int = Field(10, ge=1, description="Steps between two budget allocations.")

@@ -23,7 +23,8 @@ class BOFTOptions(MethodOptions):
     block_size: int = Field(4, ge=2, description="Size b of each orthogonal block (must divide in_features).")
     n_butterfly_factor: int = Field(1, ge=1, description="Number m of butterfly factors (m > 1 needs CUDA).")
     dropout: float = Field(0.0, ge=0, lt=1, description="Multiplicative dropout of whole blocks.")
-    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGETS),
+                                           description="Module names (suffixes) to adapt, or 'all-linear'.")
 
 
 @register("boft", paper="https://arxiv.org/abs/2311.06243")

@@ -21,9 +21,11 @@ from tunelab.methods.registry import MethodOptions, register
 class LoHaOptions(MethodOptions):
     r: int = Field(8, ge=1, description="Rank of each of the two factors.")
     alpha: float = Field(8.0, gt=0, description="Scale numerator: the update is (alpha/r) (B1 A1) * (B2 A2).")
-    rank_dropout: float = Field(0.0, ge=0, lt=1)
-    module_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    rank_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout of rank components during training.")
+    module_dropout: float = Field(0.0, ge=0, lt=1, description="Probability of disabling a whole adapted "
+                                                                      "module for a step (training only).")
+    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGETS),
+                                           description="Module names (suffixes) to adapt, or 'all-linear'.")
 
 
 @register("loha", paper="https://arxiv.org/abs/2108.06098")

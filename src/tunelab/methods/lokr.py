@@ -23,9 +23,11 @@ class LoKrOptions(MethodOptions):
     alpha: float = Field(8.0, gt=0, description="Scale numerator: the update is (alpha/r) W1 (x) W2.")
     decompose_both: bool = Field(False, description="Also factor W1 as a rank-r product.")
     decompose_factor: int = Field(-1, description="Kronecker factor of the dimensions (-1: near square).")
-    rank_dropout: float = Field(0.0, ge=0, lt=1)
-    module_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    rank_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout of rank components during training.")
+    module_dropout: float = Field(0.0, ge=0, lt=1, description="Probability of disabling a whole adapted "
+                                                                      "module for a step (training only).")
+    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGETS),
+                                           description="Module names (suffixes) to adapt, or 'all-linear'.")
 
 
 @register("lokr", paper="https://arxiv.org/abs/2309.14859")

@@ -27,7 +27,8 @@ class LoRAOptions(MethodOptions):
         default_factory=lambda: list(DEFAULT_TARGETS),
         description="Module names (suffixes) to adapt, or 'all-linear'.",
     )
-    rslora: bool = Field(False, description="Scale by alpha/sqrt(r) (rsLoRA).")
+    rslora: bool = Field(False, description="rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r, which "
+                                            "keeps its size stable as r grows (https://arxiv.org/abs/2312.03732).")
     modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained fully (e.g. lm_head).")
 
 

@@ -28,8 +28,10 @@ class OFTOptions(MethodOptions):
     block_share: bool = Field(False, description="One block shared by all blocks of a layer.")
     use_cayley_neumann: bool = Field(False, description="Neumann series instead of the exact inverse (faster, "
                                                         "approximately orthogonal).")
-    module_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    module_dropout: float = Field(0.0, ge=0, lt=1, description="Multiplicative dropout: probability of setting "
+                                                                      "an orthogonal block to the identity for a step.")
+    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGETS),
+                                           description="Module names (suffixes) to adapt, or 'all-linear'.")
 
 
 @register("oft", paper="https://arxiv.org/abs/2306.07280")

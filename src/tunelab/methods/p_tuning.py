@@ -24,7 +24,7 @@ class PTuningOptions(MethodOptions):
     num_virtual_tokens: int = Field(20, ge=1, description="Length n of the soft prompt.")
     encoder: Literal["mlp", "lstm"] = Field("mlp", description="Prompt encoder reparametrisation.")
     encoder_hidden_size: int | None = Field(None, ge=1, description="Encoder width e (null: the model's hidden size).")
-    encoder_dropout: float = Field(0.0, ge=0, lt=1)
+    encoder_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout inside the prompt encoder.")
 
 
 @register("p_tuning", paper="https://arxiv.org/abs/2103.10385")

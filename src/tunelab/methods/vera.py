@@ -22,8 +22,9 @@ from tunelab.methods.registry import MethodOptions, register
 class VeRAOptions(MethodOptions):
     r: int = Field(256, ge=1, description="Rank of the shared random projections.")
     d_initial: float = Field(0.1, gt=0, description="Initial value of the d vectors.")
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TARGETS),
+                                           description="Module names (suffixes) to adapt, or 'all-linear'.")
     projection_prng_key: int = Field(0, description="Seed of the shared random A and B.")
 
 

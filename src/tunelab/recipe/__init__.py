@@ -173,7 +173,9 @@ class EvalConfig(_Strict):
 class ExportConfig(_Strict):
     """What to write after training (under `<run>/export/`)."""
 
-    adapter: bool = Field(True, description="Save a PEFT-format adapter (for adapter methods).")
+    adapter: bool = Field(True, description="Save the method's adapter: PEFT format for the PEFT methods, tunelab's "
+                                            "own format or a sparse delta for the others (docs/methods.md); none for "
+                                            "methods that train the model's own weights.")
     merged: bool = Field(True, description="Save a merged full model in HF format.")
 
 
@@ -289,8 +291,10 @@ def describe_fields(model: type[BaseModel] = Recipe, prefix: str = "") -> list[t
         path = f"{prefix}{name}"
         ann = info.annotation
         if ann in (MethodConfig, ObjectiveConfig):
+            shown = "`tunelab methods NAME` shows them, docs/methods.md lists them" if name == "method" else \
+                f"docs/{name}s.md lists them"
             rows.append((f"{path}.name", ann().name, f"registered {name} (`tunelab {name}s`); its options sit "
-                                                     f"beside `name` and are listed in docs/{name}s.md"))
+                                                     f"beside `name`: {shown}"))
             continue
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             rows.append((path, "", ((ann.__doc__ or "").strip().splitlines() or [""])[0]))
