@@ -168,3 +168,27 @@ def test_cli_random_selection_with_a_config_file(tmp_path):
     assert len(rows) == 3 and SCORE_FIELD not in rows[0]
     picked = np.random.default_rng(4).choice(10, 3, replace=False)
     assert sorted(r["id"] for r in rows) == sorted(picked.tolist())
+
+
+def test_cli_diversity_selector_without_embedding_gets_the_default_one(tmp_path, tiny_model_dir, monkeypatch):
+    """`--selector kcenter` alone runs (it used to answer with recipe syntax): the default embedding is MiniLM when
+    installed, else the tuned model's own hidden state (`lm`, forced here to keep the test small)."""
+    import importlib.util
+
+    import tunelab.selection.scorers.embedding as emb
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == emb.MINILM_PACKAGE else real_find_spec(name, *a))
+    assert emb.default_encoder() == "lm"
+    data = write_jsonl(tmp_path / "d.jsonl", [alpaca(i, i % 4 + 1) for i in range(12)])
+    out = tmp_path / "sub.jsonl"
+    res = runner.invoke(app, ["select", str(data), "--selector", "kcenter", "--scorer", "none", "--budget", "4",
+                              "--model", str(tiny_model_dir), "-o", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "embedding: lm (the default for a diversity selector" in res.output
+    assert len(out.read_text().splitlines()) == 4
+    report = json.loads((tmp_path / "sub.select" / "report.json").read_text())
+    assert report["embedding"]["encoder"] == "lm"
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    assert emb.default_encoder() == ("minilm" if real_find_spec(emb.MINILM_PACKAGE) else "lm")

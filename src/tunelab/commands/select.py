@@ -8,6 +8,18 @@ from typing import Optional
 import typer
 
 
+def needs_embeddings(selector: dict | None) -> bool:
+    """Whether the selector a config names (default topk) picks by embeddings (kcenter, deita, qdit, ...)."""
+    from tunelab.core.registry import UnknownName
+    from tunelab.selection.registry import get_selector_class
+
+    name = (selector or {}).get("name", "topk") if isinstance(selector, dict) else "topk"
+    try:
+        return get_selector_class(name).needs_embeddings
+    except UnknownName:
+        return False  # the config's validation names the unknown selector
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def select(
@@ -20,7 +32,8 @@ def register(app: typer.Typer) -> None:
         selector: Optional[str] = typer.Option(None, "--selector", help="Selector name (default topk)."),
         budget: Optional[str] = typer.Option(None, "--budget", help="Count (300), fraction (0.1) or percentage (10%)."),
         embedding: Optional[str] = typer.Option(None, "--embedding", help="Embedding for diversity selectors: "
-                                                                          "minilm or lm."),
+                                                                          "minilm or lm (default: minilm when "
+                                                                          "installed, else lm)."),
         config: Optional[Path] = typer.Option(None, "--config", help="YAML file of selection settings (the fields of "
                                                                      "a recipe's data.select)."),
         model: str = typer.Option("smollm2-135m-instruct", "--model", help="The model being tuned (LM scorers' "
@@ -73,6 +86,12 @@ def register(app: typer.Typer) -> None:
             if budget is not None:
                 raw["budget"] = budget
             raw = apply_overrides(raw, list(overrides or []))
+            if raw.get("embedding") is None and needs_embeddings(raw.get("selector")):
+                from tunelab.selection.scorers.embedding import default_encoder
+
+                raw["embedding"] = {"name": "embedding", "encoder": default_encoder()}
+                typer.echo(f"embedding: {raw['embedding']['encoder']} (the default for a diversity selector; "
+                           f"--embedding minilm|lm chooses)")
             try:
                 cfg = SelectConfig.model_validate(raw)
             except ValidationError as e:

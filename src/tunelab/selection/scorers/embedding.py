@@ -38,6 +38,12 @@ class EmbeddingOptions(LMScorerOptions):
     batch_size: int = Field(32, ge=1)
 
 
+def default_encoder() -> Literal["minilm", "lm"]:
+    """The encoder diversity selection uses when none is named: the packaged MiniLM sentence encoder when it is
+    installed (small, made for sentence similarity), else the tuned LM's own last hidden state."""
+    return "minilm" if importlib.util.find_spec(MINILM_PACKAGE) is not None else "lm"
+
+
 def minilm_dir(path: str | None = None) -> Path:
     if path is not None:
         return Path(path)
