@@ -293,7 +293,11 @@ def format_table(before: dict | None, after: dict | None) -> str:
 
 def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool = False, resume: bool = False,
                do_train: bool = True, do_export: bool = True) -> dict[str, Any]:
-    """The whole main path. Returns the summary that is also saved as summary.json."""
+    """The whole main path. Returns the summary that is also saved as summary.json.
+
+    `do_train=False` prepares and evaluates the starting point ("before") and exports it if `do_export`, without
+    training it (no optimizer step, no checkpoint, no "after" evaluation: it would score the same model).
+    """
     from tunelab.export import export_all
 
     t0 = time.perf_counter()
@@ -309,8 +313,10 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
 
         before = json.loads((ws.run_dir / "eval_before.json").read_text())
     ws.accelerator.wait_for_everyone()
-    model, result, params = train_workspace(ws, resume=resume)  # trains `model` (ws.prepared)
-    if recipe.eval.after and evaluates:
+    result: TrainResult | None = None
+    if do_train:
+        model, result, _ = train_workspace(ws, resume=resume)  # trains `model` (ws.prepared)
+    if do_train and recipe.eval.after and evaluates:
         print("evaluating the trained model ...")
         after = evaluate(ws, model, "after")
     exports: dict[str, str] = {}
@@ -322,9 +328,10 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
         exports = export_all(ws.method, model, ws.tokenizer, ws.run_dir / "export",
                              adapter=recipe.export.adapter, merged=recipe.export.merged)
     summary = {
-        "run_dir": str(ws.run_dir), "method": recipe.method.name, "objective": recipe.objective.name, **params,
-        "steps": result.steps, "final_train_loss": result.final_loss, "train_time_s": result.wall_time_s,
-        "tokens_per_s": result.tokens_per_s, "peak_memory_mb": result.peak_memory_mb,
+        "run_dir": str(ws.run_dir), "method": recipe.method.name, "objective": recipe.objective.name, **ws.params,
+        "steps": result.steps if result else 0, "final_train_loss": result.final_loss if result else None,
+        "train_time_s": result.wall_time_s if result else 0.0, "tokens_per_s": result.tokens_per_s if result else None,
+        "peak_memory_mb": result.peak_memory_mb if result else None,
         "before": {k: v for k, v in (before or {}).items() if k != "samples"},
         "after": {k: v for k, v in (after or {}).items() if k != "samples"},
         "exports": exports, "wall_time_s": time.perf_counter() - t0,
@@ -333,8 +340,11 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
         write_json(ws.run_dir, "summary.json", summary)
         print()
         print(format_table(before, after))
-        print(f"\ntrained {result.steps} steps in {result.wall_time_s:.0f} s ({result.tokens_per_s:.0f} tokens/s, "
-              f"peak memory {result.peak_memory_mb:.0f} MB); total {summary['wall_time_s']:.0f} s")
+        if result is not None:
+            print(f"\ntrained {result.steps} steps in {result.wall_time_s:.0f} s ({result.tokens_per_s:.0f} tokens/s, "
+                  f"peak memory {result.peak_memory_mb:.0f} MB); total {summary['wall_time_s']:.0f} s")
+        else:
+            print(f"\nnot trained (do_train=False); total {summary['wall_time_s']:.0f} s")
         print(f"run directory: {ws.run_dir}")
     ws.accelerator.end_training()
     return summary

@@ -1,0 +1,27 @@
+"""runner.run_recipe's switches."""
+
+from __future__ import annotations
+
+import json
+
+from tiny import tiny_recipe_dict
+
+
+def test_run_recipe_without_training_does_not_train(tiny_model_dir, tmp_path):
+    from tunelab.recipe import Recipe
+    from tunelab.runner import run_recipe
+
+    d = tiny_recipe_dict(tiny_model_dir, tmp_path / "runs", name="untrained", export={"merged": False})
+    summary = run_recipe(Recipe.model_validate(d), do_train=False)
+    run = tmp_path / "runs" / "untrained"
+    assert summary["steps"] == 0 and summary["final_train_loss"] is None and summary["after"] == {}
+    assert not (run / "checkpoints").exists() and not (run / "metrics.jsonl").exists()
+    assert not (run / "eval_after.json").exists() and (run / "eval_before.json").is_file()
+    assert json.loads((run / "summary.json").read_text())["steps"] == 0
+    assert summary["trainable_params"] > 0  # prepared all the same
+    # the exported adapter is the untrained one: LoRA's B starts at zero
+    from safetensors.torch import load_file
+
+    lora_b = [t for k, t in load_file(str(run / "export" / "adapter" / "adapter_model.safetensors")).items()
+              if "lora_B" in k]
+    assert lora_b and all(float(t.abs().max()) == 0.0 for t in lora_b)
