@@ -1,12 +1,21 @@
-"""The main path: recipe -> model -> data -> prepare (method, reference) -> eval before -> train -> eval after
--> export.
+"""One run: recipe -> workspace -> prepare (reference, method) -> eval before -> train -> eval after -> export
+-> summary.
 
-`run_recipe` is what `tunelab run` calls; `tunelab train`, `eval` and `export` call the pieces.
-Every step logs what it does; the run directory keeps everything (see tunelab.track.run).
+`run_recipe` is what `tunelab run` and `tunelab train` (with the evaluations switched off) call. Its pieces, which
+benchmarks/methods.py also calls one by one:
+  * `open_workspace`: the run directory, accelerator, tokenizer, data (after `data.select`), model, method and
+    objective (`tunelab.assemble` builds the last two);
+  * `prepare_workspace`: the objective's reference (below), then `tunelab.assemble.prepare_model` (seed, run
+    length, calibration, `method.prepare`, the engine's switches, parameter counts);
+  * `evaluate`: `tunelab.evaluate.heldout` and the recipe's `eval.suite`, saved as eval_<label>.json;
+  * `train_workspace`: `tunelab.train.loop.train`.
+`tunelab eval RUN` / `tunelab export RUN` do not come through here: they restore the run's model with
+`tunelab.assemble.restore_run`. Every step logs what it does; the run directory keeps everything
+(tunelab.track.run).
 
-`prepare_workspace` applies the method and sets up what the objective needs of a reference model
-(`Objective.reference_use`), before the "before" evaluation, so that both evaluations score the same kind
-of model with the same reference:
+`prepare_workspace` sets up what the objective needs of a reference model (`Objective.reference_use`) before
+the method is applied and before the "before" evaluation, so that both evaluations score the same kind of model
+with the same reference:
   * adapter methods: the base with the adapter disabled (no copy; the objectives' default, `ref` stays None);
   * DPO on any other method: the reference log-probs of every training and evaluation pair, computed once with
     the initial model and cached in the run directory (`objectives/reference_cache.py`), ride in the batches;
