@@ -1,12 +1,14 @@
 """End to end through the CLI on the tiny model: run, resume, export, eval, methods, errors."""
 
 import json
+import re
 
 import yaml
+from tiny import tiny_recipe_dict
 from typer.testing import CliRunner
 
-from tiny import tiny_recipe_dict
 from tunelab.cli import app
+from tunelab.methods.registry import list_methods
 
 runner = CliRunner()
 
@@ -82,13 +84,54 @@ def test_methods_name_shows_its_options():
 
 
 def test_methods_count(tiny_model_dir, tmp_path):
+    # exactly the registered methods (docs/methods.md's 38): a method module that stopped registering fails here
+    listed = runner.invoke(app, ["methods"]).output.splitlines()
+    assert len(listed) == 38, listed
+    assert {line.split()[0] for line in listed} == set(list_methods())
     recipe = _write_recipe(tmp_path, tiny_model_dir, method={"name": "freeze", "layers": [-1]})
     res = runner.invoke(app, ["methods", "--count", str(recipe)])
     assert res.exit_code == 0, res.output
     assert "freeze:" in res.output and "trainable of" in res.output
+    # the tiny Llama's last decoder layer: q, o 64x64; k, v 64x32 (2 kv heads of 16); gate, up, down 64x128; two
+    # norms of 64 = 36,992 of 106,816 (the 512x64 embedding tied with the head, counted once)
+    assert "freeze: 36,992 trainable of 106,816 parameters (34.6315%)" in res.output
 
 
-def test_every_command_has_help():
-    for cmd in ["run", "train", "eval", "export", "methods", "tasks"]:
-        res = runner.invoke(app, [cmd, "--help"])
-        assert res.exit_code == 0 and "Usage" in res.output
+# every command's arguments and option names: the CLI's contract with scripts and docs (a renamed or dropped option
+# fails here, and a new command must be listed)
+COMMANDS = {
+    "continual": (["recipe", "overrides"], ["--fields", "--overwrite", "--resume", "--strategies"]),
+    "eval": (["target"], ["--base", "--batch-size", "--benign", "--checker", "--diagnostics", "--harmful", "--harness",
+                          "--harness-include", "--harness-limit", "--label", "--max-new-tokens", "--n", "--output",
+                          "--ppl-max-chars", "--ppl-stride", "--ppl-window", "--precision", "--refusal-detector",
+                          "--task", "--tasks", "-o"]),
+    "export": (["run_dir"], ["--adapter", "--merged", "--no-adapter", "--no-merged"]),
+    "merge": (["recipe"], ["--output", "--overwrite", "-o"]),
+    "methods": (["name"], ["--count", "--markdown"]),
+    "objectives": ([], []),
+    "recipe": (["show", "overrides"], []),
+    "report": (["run_dirs"], ["--diagnostics", "--output", "--screenshot", "--title", "-o"]),
+    "run": (["recipe", "overrides"], ["--overwrite", "--resume"]),
+    "select": (["data", "overrides"], ["--budget", "--config", "--embedding", "--format", "--list", "--model", "--n",
+                                       "--no-progress", "--output", "--progress", "--report-dir", "--scorer",
+                                       "--selector", "-o"]),
+    "tasks": ([], []),
+    "train": (["recipe", "overrides"], ["--overwrite", "--resume"]),
+}
+
+
+def test_every_command_has_help_with_its_options():
+    import typer
+
+    group = typer.main.get_command(app)
+    assert sorted(group.commands) == sorted(COMMANDS), "a command was added or removed: list it in COMMANDS"
+    for name, cmd in group.commands.items():
+        args, options = COMMANDS[name]
+        declared = sorted(o for p in cmd.params if p.param_type_name == "option"
+                          for o in [*p.opts, *p.secondary_opts])
+        assert declared == sorted(options), name
+        assert [p.name for p in cmd.params if p.param_type_name == "argument"] == args, name
+        res = runner.invoke(app, [name, "--help"], env={"COLUMNS": "200"})  # rich wraps at the terminal's width
+        assert res.exit_code == 0 and "Usage" in res.output, (name, res.output)
+        for word in [*args, *options]:  # each argument and option is in the help text the user reads
+            assert re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", res.output), (name, word)
