@@ -144,8 +144,10 @@ def eval_cmd(
                                         "with --base), eval_<label>.json without (written only when given)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: the recipe's "
                                              "eval.batch_size)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="Autocast dtype: bf16, fp16 or fp32 "
-                                            "(default: the recipe's train.precision)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Autocast dtype: auto, bf16, fp16 or "
+                                            "fp32 (default: the recipe's train.precision, itself auto unless the recipe "
+                                            "sets it: bf16 where this machine computes it natively, else fp32; fp16 on "
+                                            "GPUs without bf16)."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation budget of exact match "
                                                  "and generation tasks (default: the recipe's eval.max_new_tokens)."),
     checker: str = typer.Option("exact", "--checker", help="Default checker of gen: files: exact, numeric, regex "

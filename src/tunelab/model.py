@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from tunelab.core.precision import DTYPES
 from tunelab.recipe import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_dir() -> Path:

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from tunelab.assemble import build_method_for, build_objective_for, prepare_model
+from tunelab.core.precision import explain_precision
 from tunelab.data.pipeline import EvalItem, encode_spec, eval_items
 from tunelab.methods.registry import Method
 from tunelab.model import load_model, load_tokenizer
@@ -50,12 +51,31 @@ from tunelab.validate import load_validated_recipe
 log = logging.getLogger("tunelab")
 
 
+def resolve_run_precision(recipe: Recipe) -> tuple[Recipe, str]:
+    """The recipe with `train.precision` resolved (`auto` -> bf16/fp16/fp32) for the device this process
+    computes on, and why (printed where the run starts). Done once per run: everything downstream (loop,
+    evaluations, frozen dtype, attention, reference cache key) reads the resolved value."""
+    from accelerate import PartialState
+
+    device = PartialState(cpu=not torch.cuda.is_available()).device
+    precision, reason = explain_precision(recipe.train.precision, device)
+    train = recipe.train.model_copy(update={"precision": precision})
+    return recipe.model_copy(update={"train": train}), reason
+
+
 def make_accelerator(recipe: Recipe, run_dir: Path):
+    """The run's Accelerator; `recipe.train.precision` must be resolved (`resolve_run_precision`).
+
+    fp16 on a GPU gets accelerate's `mixed_precision="fp16"`: its GradScaler scales the loss in
+    `accelerator.backward`, unscales in `clip_grad_norm_` and skips steps with inf/NaN gradients in the
+    prepared optimizer's `step` (fp16's range needs loss scaling; bf16's does not)."""
     from accelerate import Accelerator
 
     from tunelab.track.trackers import tracker_kwargs
 
-    return Accelerator(cpu=not torch.cuda.is_available(), **tracker_kwargs(recipe.tracking, run_dir, recipe.name))
+    cuda = torch.cuda.is_available()
+    amp = {"mixed_precision": "fp16"} if cuda and recipe.train.precision == "fp16" else {}
+    return Accelerator(cpu=not cuda, **amp, **tracker_kwargs(recipe.tracking, run_dir, recipe.name))
 
 
 def resolve_recipe_arg(path: str | None, overrides: list[str]) -> tuple[Recipe, Path | None]:
@@ -112,13 +132,16 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
     make_backend = backend_class(recipe.distributed)  # an unavailable backend is refused before any run dir exists
     if run_dir is None:
         run_dir = shared_run_dir(recipe, overwrite=overwrite, resume=resume)
+    asked = recipe  # saved as written: `precision: auto` stays auto, so the run resumes right on another machine
+    recipe, why = resolve_run_precision(recipe)
     accelerator = make_accelerator(recipe, run_dir)
     if recipe.tracking.tensorboard or recipe.tracking.wandb or recipe.tracking.mlflow:
         accelerator.init_trackers(recipe.name, config={"method": recipe.method.name, "lr": recipe.train.lr,
                                                        "batch_size": recipe.train.batch_size})
     if accelerator.is_main_process:
-        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(asked))
     accelerator.print(f"run directory: {run_dir}")
+    accelerator.print(f"precision: {recipe.train.precision} ({why})")
     tokenizer = load_tokenizer(recipe.model)
     method, objective = build_method_for(recipe), build_objective_for(recipe)
     train_data = None
@@ -311,6 +334,7 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
 
     t0 = time.perf_counter()
     ws = open_workspace(recipe, run_dir=run_dir, overwrite=overwrite, resume=resume)
+    recipe = ws.recipe  # train.precision resolved
     main, evaluates = ws.backend.is_main_process, ws.backend.is_eval_process
     before = after = None
     model = prepare_workspace(ws)  # method applied and reference set up: "before" sees the starting point
@@ -332,12 +356,13 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
     if do_export and main:
         print("exporting ...")
         if recipe.export.merged:
-            # frozen weights were stored in bf16 for training: merge into the original full-precision base
+            # frozen weights were stored in the compute dtype for training: merge into the original full-precision base
             restore_frozen_weights(model, load_model(recipe.model).state_dict())
         exports = export_all(ws.method, model, ws.tokenizer, ws.run_dir / "export",
                              adapter=recipe.export.adapter, merged=recipe.export.merged)
     summary = {
-        "run_dir": str(ws.run_dir), "method": recipe.method.name, "objective": recipe.objective.name, **ws.params,
+        "run_dir": str(ws.run_dir), "method": recipe.method.name, "objective": recipe.objective.name,
+        "precision": recipe.train.precision, **ws.params,
         "steps": result.steps if result else 0, "final_train_loss": result.final_loss if result else None,
         "train_time_s": result.wall_time_s if result else 0.0, "tokens_per_s": result.tokens_per_s if result else None,
         "peak_memory_mb": result.peak_memory_mb if result else None,

@@ -45,7 +45,7 @@ from tunelab.continual.strategies.base import StrategyError, StrategyObjective, 
 from tunelab.evaluate.forgetting import general_retention, r_matrix_metrics
 from tunelab.model import load_model, load_tokenizer
 from tunelab.recipe import recipe_to_yaml
-from tunelab.runner import make_accelerator
+from tunelab.runner import make_accelerator, resolve_run_precision
 from tunelab.track.run import new_run_dir
 from tunelab.train.backends import build_backend
 from tunelab.train.checkpoint import atomic_write_json, atomic_write_text
@@ -76,14 +76,17 @@ class Stream:
 
     # -- loading ---------------------------------------------------------------------------------------
     def load(self) -> None:
-        cr = self.cr
+        asked = self.cr  # saved as written (`precision: auto` stays auto); the stream uses the resolved copy
+        base, why = resolve_run_precision(asked.base)
+        self.cr = cr = asked.model_copy(update={"base": base})
         self.accelerator = make_accelerator(cr.base, self.run_dir)
+        self.accelerator.print(f"precision: {base.train.precision} ({why})")
         self.backend = build_backend(cr.base, self.accelerator)
         if self.accelerator.num_processes > 1:
             raise ContinualError("tunelab continual runs in one process for now (multi-process stages are not "
                                  "implemented); launch it without torchrun / accelerate launch")
-        atomic_write_text(self.run_dir / "continual.yaml", continual_recipe_to_yaml(cr))
-        atomic_write_text(self.run_dir / "recipe.yaml", recipe_to_yaml(cr.base))
+        atomic_write_text(self.run_dir / "continual.yaml", continual_recipe_to_yaml(asked))
+        atomic_write_text(self.run_dir / "recipe.yaml", recipe_to_yaml(asked.base))
         self.tokenizer = load_tokenizer(cr.base.model)
         self.tasks = load_tasks(cr, self.tokenizer)  # every stage's data, before any training
         self.general = load_general(cr)

@@ -28,7 +28,7 @@ REFERENCE_FREE = ("preference_accuracy", "logps/chosen", "logps/rejected", "pair
 @dataclass
 class HeldOutSettings:
     batch_size: int
-    precision: str  # autocast dtype name: bf16 | fp16 | fp32
+    precision: str  # autocast dtype name: bf16 | fp16 | fp32 (auto is resolved per device by autocast_context)
     max_new_tokens: int  # generation budget of exact match
     device: torch.device
     progress: bool = True

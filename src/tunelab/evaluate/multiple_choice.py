@@ -103,11 +103,11 @@ def model_max_length(model, default: int = 2048) -> int:
 
 @torch.no_grad()
 def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_size: int = 16,
-                   precision: str = "bf16", device: torch.device | None = None, progress: bool = True,
+                   precision: str = "auto", device: torch.device | None = None, progress: bool = True,
                    max_length: int | None = None) -> list[tuple[float, int, bool]]:
     """For each (context, continuation): (sum of log p over the continuation's tokens, its token count,
     whether every continuation token is the greedy argmax). Batched with right padding, longest first."""
-    from tunelab.train.loop import autocast_context
+    from tunelab.core.precision import autocast_context
 
     device = device or next(model.parameters()).device
     max_length = max_length or model_max_length(model)
@@ -151,7 +151,7 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_s
     return [out[i] for i in range(len(seqs))]
 
 
-def multiple_choice(model, tokenizer, items: list[MCItem], *, batch_size: int = 16, precision: str = "bf16",
+def multiple_choice(model, tokenizer, items: list[MCItem], *, batch_size: int = 16, precision: str = "auto",
                     progress: bool = True, prompt: str = PROMPT) -> dict:
     """acc (raw log-likelihood) and acc_norm (per character of the choice) over `items`."""
     requests, owner = [], []

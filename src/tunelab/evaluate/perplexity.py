@@ -67,10 +67,10 @@ def window_plan(n_seq: int, max_length: int, stride: int) -> list[tuple[int, int
 
 @torch.no_grad()
 def sliding_window_nll(model, ids: list[int], *, max_length: int, stride: int, batch_size: int = 4,
-                       precision: str = "bf16", device: torch.device | None = None,
+                       precision: str = "auto", device: torch.device | None = None,
                        progress: bool = True) -> tuple[float, int]:
     """(sum of -log p(token) over ids[1:], number of tokens scored) with the window plan above."""
-    from tunelab.train.loop import autocast_context
+    from tunelab.core.precision import autocast_context
 
     device = device or next(model.parameters()).device
     plan = window_plan(len(ids), max_length, stride)
@@ -100,7 +100,7 @@ def sliding_window_nll(model, ids: list[int], *, max_length: int, stride: int, b
 
 
 def perplexity(model, tokenizer, text: str, *, max_length: int | None = None, stride: int | None = None,
-               batch_size: int = 4, precision: str = "bf16", progress: bool = True) -> dict:
+               batch_size: int = 4, precision: str = "auto", progress: bool = True) -> dict:
     from tunelab.evaluate.multiple_choice import model_max_length
 
     max_length = max_length or min(model_max_length(model), 1024)

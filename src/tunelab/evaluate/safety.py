@@ -164,7 +164,7 @@ def load_prompts(path: str | Path, n: int | None = None) -> list[str]:
 
 
 def refusal_rate(model, tokenizer, prompts: list[str], detector: Detector, *, max_new_tokens: int = 48,
-                 batch_size: int = 16, precision: str = "bf16", progress: bool = True) -> tuple[float, list[dict]]:
+                 batch_size: int = 16, precision: str = "auto", progress: bool = True) -> tuple[float, list[dict]]:
     from tunelab.evaluate.tasks import generate_answers
 
     replies = generate_answers(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
@@ -177,7 +177,7 @@ def refusal_rate(model, tokenizer, prompts: list[str], detector: Detector, *, ma
 
 def safety_eval(model, tokenizer, *, harmful: list[str] | None = None, benign: list[str] | None = None,
                 detector: Detector | None = None, max_new_tokens: int = 48, batch_size: int = 16,
-                precision: str = "bf16", progress: bool = True) -> dict:
+                precision: str = "auto", progress: bool = True) -> dict:
     detector = detector or PhraseDetector()
     harmful = list(harmful if harmful is not None else HARMFUL_PROMPTS)
     benign = list(benign if benign is not None else BENIGN_PROMPTS)

@@ -44,7 +44,7 @@ class SuiteSettings:
     n: int = 100  # items per task (generation, multiple choice, prompts per safety list)
     batch_size: int = 16
     max_new_tokens: int = 24  # generation tasks
-    precision: str = "bf16"
+    precision: str = "auto"
     checker: str = "exact"  # default checker of gen: files whose lines name none
     ppl_max_chars: int | None = 100_000  # score this prefix of a text file; None = all of it
     ppl_max_length: int | None = None  # window (tokens); None = the model's, at most 1024

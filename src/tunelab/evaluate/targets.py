@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,15 @@ def _device():
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def _precision(requested: str, device) -> str:
+    """Resolve `auto` once for this evaluation and say what was chosen (stderr, like the CLI's other logs)."""
+    from tunelab.core.precision import explain_precision
+
+    precision, why = explain_precision(requested, device)
+    logging.getLogger("tunelab").info("precision: %s (%s)", precision, why)
+    return precision
+
+
 def evaluate_target(target: str, *, task: str | None = None, n: int = 100, tasks: list[str] | None = None,
                     harness: list[str] | None = None, harness_include: str | None = None,
                     harness_limit: int | None = None, base: bool = False, label: str | None = None,
@@ -108,7 +118,7 @@ def evaluate_target(target: str, *, task: str | None = None, n: int = 100, tasks
     save_heldout = run is not None and label is not None  # a run's own eval_after.json is not replaced unasked
     label = label or ("before" if base else "after")
     batch_size = batch_size or recipe.eval.batch_size
-    precision = precision or recipe.train.precision
+    precision = _precision(precision or recipe.train.precision, device)  # `auto` resolved once, and said
     max_new_tokens = max_new_tokens or recipe.eval.max_new_tokens
     if not tasks and not harness:
         results = _heldout(target, recipe, model, tok, task=task, n=n, batch_size=batch_size, precision=precision,

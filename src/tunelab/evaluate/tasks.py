@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import re
 
 import torch
 from tqdm.auto import tqdm
 
+from tunelab.core.precision import autocast_context
 from tunelab.data.encode import encode_prompt
 from tunelab.data.pipeline import EvalItem
 
@@ -26,7 +26,7 @@ def checker_for(task: str | None):
 
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: list[list[dict[str, str]]], *, max_new_tokens: int = 24,
-                     batch_size: int = 32, device: torch.device | None = None, precision: str = "bf16",
+                     batch_size: int = 32, device: torch.device | None = None, precision: str = "auto",
                      progress: bool = True) -> list[str]:
     """Greedy completions of chat prompts, batched with left padding; returns the decoded new text."""
     device = device or next(model.parameters()).device
@@ -37,7 +37,6 @@ def generate_answers(model, tokenizer, prompts: list[list[dict[str, str]]], *, m
     encoded = [encode_prompt(tokenizer, p) for p in prompts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: dict[int, str] = {}
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", disable=not progress,
                       leave=False):
         idx = order[start: start + batch_size]
@@ -47,8 +46,7 @@ def generate_answers(model, tokenizer, prompts: list[list[dict[str, str]]], *, m
         for row, i in enumerate(idx):
             ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
             mask[row, width - len(encoded[i]):] = 1
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-        with ctx:
+        with autocast_context(device, precision):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                                  eos_token_id=tokenizer.eos_token_id)
@@ -59,7 +57,7 @@ def generate_answers(model, tokenizer, prompts: list[list[dict[str, str]]], *, m
 
 
 def exact_match(model, tokenizer, items: list[EvalItem], *, max_new_tokens: int = 24, batch_size: int = 32,
-                precision: str = "bf16", progress: bool = True, checks: list | None = None) -> dict:
+                precision: str = "auto", progress: bool = True, checks: list | None = None) -> dict:
     """Fraction of items whose greedy answer the checker accepts, plus a few samples to read.
 
     `checks` (one `check(prediction, reference) -> bool` per item) overrides the task checkers; user files

@@ -32,6 +32,8 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tunelab.core.precision import DTYPES
+
 MergeMethod = Literal[
     "linear",
     "greedy_soup",
@@ -81,7 +83,6 @@ NEEDS_BASE = {
 }  # fmt: skip
 COMPRESS_METHODS = {"bitdelta", "svd_delta"}  # one fine-tune's delta compressed, reconstructed model written
 LORA_METHODS = {"lora_linear", "lora_cat", "lora_svd"}  # adapters in, one PEFT adapter out
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class _Strict(BaseModel):
@@ -173,7 +174,7 @@ class Recipe(_Strict):
     # ---- resolved values -------------------------------------------------------------------
     @property
     def torch_dtype(self) -> torch.dtype | None:
-        return _DTYPES[self.dtype] if self.dtype else None
+        return DTYPES[self.dtype] if self.dtype else None
 
     def weights(self) -> list[float]:
         g = self.parameters.weight

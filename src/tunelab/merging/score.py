@@ -38,7 +38,7 @@ class TaskScorer:
     seed: int = 0
     max_new_tokens: int = 24
     batch_size: int = 32
-    precision: str = "bf16"
+    precision: str = "auto"
     history: list[dict[str, float]] = field(default_factory=list)  # per call: task -> score, and "score"
 
     def __post_init__(self) -> None:

@@ -22,7 +22,7 @@ def evaluate_preferences(model, objective: Objective, pairs: list[dict], *, batc
                          collate=None) -> dict[str, float]:
     """Mean loss and metrics per pair over `pairs` (encoded preference examples), in eval mode."""
     from tunelab.data.batching import collate_preference
-    from tunelab.train.loop import autocast_context
+    from tunelab.core.precision import autocast_context
 
     if objective.batch_kind != "preference":
         raise ValueError(f"objective {objective.name!r} does not train on preference pairs")

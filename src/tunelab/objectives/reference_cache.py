@@ -114,17 +114,19 @@ def precompute_reference_logps(
     one concatenated forward exactly as the objectives do. With `cache_dir`, a matching cache file is
     loaded instead, and a new one is written after computing.
     """
-    from tunelab.train.loop import autocast_context
+    from tunelab.core.precision import autocast_context, resolve_precision
 
-    fingerprint = pairs_fingerprint(encoded_pairs, f"{model_key}|{precision}")
-    path = cache_path(cache_dir, fingerprint) if cache_dir is not None else None
-    if path is not None and (cached := load_reference_logps(path, fingerprint, len(encoded_pairs))) is not None:
-        return cached
     is_reference = hasattr(model, "logps") and not isinstance(model, torch.nn.Module)
     module = model.model if is_reference else model
     if device is None:
         device = next(module.parameters()).device
     device = torch.device(device)
+    # the key holds the precision computed in, never `auto` (which means different things on different machines)
+    precision = resolve_precision(precision, device)
+    fingerprint = pairs_fingerprint(encoded_pairs, f"{model_key}|{precision}")
+    path = cache_path(cache_dir, fingerprint) if cache_dir is not None else None
+    if path is not None and (cached := load_reference_logps(path, fingerprint, len(encoded_pairs))) is not None:
+        return cached
     chosen, rejected = [], []
     with eval_mode(module):
         for start in range(0, len(encoded_pairs), batch_size):

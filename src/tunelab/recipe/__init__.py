@@ -124,7 +124,12 @@ class TrainConfig(_Strict):
     scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     warmup_ratio: float = Field(0.05, ge=0, le=1, description="Fraction of steps spent in linear warmup.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables clipping.")
-    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Autocast dtype for compute.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Autocast dtype for compute. `auto` is resolved once when a run starts and printed with "
+        "its reason (`precision: fp32 (auto: this CPU has no native bf16: avx2)`): bf16 where the device computes it "
+        "natively (CUDA sm_80+; CPUs with avx512_bf16 or AMX; AArch64 bf16), fp32 on other CPUs (bf16 is emulated "
+        "there, ~60x slower than fp32), fp16 with loss scaling (accelerate's GradScaler) on GPUs without bf16. "
+        "recipe.yaml keeps `auto`; summary.json records the choice.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute each layer's activations in backward: less memory, ~30% more compute.")
     frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -134,8 +139,8 @@ class TrainConfig(_Strict):
         "residual stream runs in the compute dtype, as when a model is loaded in bf16; faster and smaller, results "
         "within bf16 rounding) or `linears` (the same numerics as fp32 weights under autocast).")
     attention: Literal["auto", "tunelab", "sdpa", "eager"] = Field(
-        "auto", description="Attention kernel: `auto` = tunelab's CPU attention on CPU (bf16 matmuls, fp32 softmax), "
-        "sdpa elsewhere.")
+        "auto", description="Attention kernel: `auto` = tunelab's CPU attention on CPU under bf16 (bf16 matmuls, fp32 "
+        "softmax), sdpa elsewhere (and under fp32).")
     compile: bool = Field(
         False, description="torch.compile each decoder layer (regional). Pays on long runs: compiling takes ~30 s on "
         "2 CPU cores. Falls back to eager when the compiler is unavailable.")

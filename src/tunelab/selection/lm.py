@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tunelab.core.precision import autocast_context
 from tunelab.core.unwrap import unwrap_peft
 from tunelab.data.encode import IGNORE_INDEX, _tokenize_with_mask, assistant_spans, render
 from tunelab.data.formats import ChatExample, DataError
 from tunelab.train.chunked_ce import _has_logit_postprocessing, _plain_lm_head
-from tunelab.train.loop import autocast_context
 
 
 @dataclass
@@ -111,7 +111,7 @@ def batched(n_rows: list[int], batch_size: int, desc: str, progress: bool):
 
 @torch.no_grad()
 def token_losses(model, rows: list[list[int]], starts: list[int], *, pad_id: int, batch_size: int,
-                 precision: str = "bf16", progress: bool = True, desc: str = "score") -> list[np.ndarray]:
+                 precision: str = "auto", progress: bool = True, desc: str = "score") -> list[np.ndarray]:
     """Per-token cross-entropy of rows[i][starts[i]:] given everything before (fp32 numpy, one array per row).
 
     Token t is predicted from position t - 1, so starts[i] must be >= 1.
@@ -131,7 +131,7 @@ def token_losses(model, rows: list[list[int]], starts: list[int], *, pad_id: int
 
 
 @torch.no_grad()
-def last_token_hidden(model, rows: list[list[int]], *, pad_id: int, batch_size: int, precision: str = "bf16",
+def last_token_hidden(model, rows: list[list[int]], *, pad_id: int, batch_size: int, precision: str = "auto",
                       progress: bool = True, desc: str = "embed") -> np.ndarray:
     """Final-layer hidden state of each row's last token: [N, d] float32 (RDS / Deita-style LM embeddings)."""
     device = next(model.parameters()).device
@@ -152,7 +152,7 @@ def last_token_hidden(model, rows: list[list[int]], *, pad_id: int, batch_size: 
 
 @torch.no_grad()
 def next_token_logprobs(model, rows: list[list[int]], token_ids: list[int], *, pad_id: int, batch_size: int,
-                        precision: str = "bf16", progress: bool = True, desc: str = "judge") -> np.ndarray:
+                        precision: str = "auto", progress: bool = True, desc: str = "judge") -> np.ndarray:
     """log p(token | row) for each candidate token after each row: [N, len(token_ids)] float64."""
     device = next(model.parameters()).device
     out = np.zeros((len(rows), len(token_ids)))

@@ -151,6 +151,9 @@ class DDPBackend(Backend):
             from accelerate.utils import gather_object
 
             rngs = gather_object(rngs)
+        scaler = getattr(self.accelerator, "scaler", None)  # fp16 on a GPU: accelerate's GradScaler
+        if scaler is not None:  # resume with the same loss scale, not from 2**16 again
+            state = {**state, "grad_scaler": scaler.state_dict()}
         path = None
         if self.is_main_process:  # the weights are the same on every process: one writer, atomically
             path = ckpt.save_checkpoint(run_dir, step, trainable=method.trainable_state_dict(model),
@@ -165,6 +168,9 @@ class DDPBackend(Backend):
         optimizer.load_state_dict(loaded["optimizer"])
         if loaded["rng"] is not None:
             ckpt.set_rng_state(loaded["rng"])
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and "grad_scaler" in loaded["state"]:
+            scaler.load_state_dict(loaded["state"]["grad_scaler"])
         return loaded["state"]
 
     def gather_full_state(self, model):

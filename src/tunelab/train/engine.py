@@ -5,7 +5,8 @@
 `benchmarks/train_throughput.py --ablate` (docs/engine.md has the figures):
 
 * `frozen_dtype` / `frozen_cast` - frozen weights stored in the compute dtype (precision.py);
-* `attention` - `auto` picks tunelab's CPU attention (train/attention.py) on CPU and sdpa elsewhere;
+* `attention` - `auto` picks tunelab's CPU attention (train/attention.py) on CPU under bf16 and sdpa elsewhere
+  (its gain is keeping only bf16 probabilities for backward; under fp32 sdpa's CPU flash kernel is the better one);
 * `gradient_checkpointing` - recompute each layer in backward (memory for compute);
 * `compile` - torch.compile of each decoder layer during the training steps (`compiled_layers`, used by
   the loop; "regional": one layer's code is compiled once and reused by all of them, so compile time does
@@ -21,6 +22,7 @@ import logging
 
 import torch
 
+from tunelab.core.precision import resolve_precision
 from tunelab.core.unwrap import unwrap_peft
 from tunelab.recipe import TrainConfig
 from tunelab.train.allocator import keep_freed_memory
@@ -29,15 +31,16 @@ from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for
 log = logging.getLogger(__name__)
 
 
-def resolve_attention(choice: str, device: torch.device) -> str:
+def resolve_attention(choice: str, device: torch.device, precision: str = "bf16") -> str:
+    """`auto`: tunelab's attention on CPU under bf16 (resolved precision), sdpa otherwise."""
     if choice != "auto":
         return choice
-    return "tunelab" if device.type == "cpu" else "sdpa"
+    return "tunelab" if device.type == "cpu" and precision == "bf16" else "sdpa"
 
 
-def set_attention(model: torch.nn.Module, choice: str, device: torch.device) -> str | None:
+def set_attention(model: torch.nn.Module, choice: str, device: torch.device, precision: str = "bf16") -> str | None:
     """Switch the HF model (under any PEFT wrapping) to `choice`; returns the implementation in use."""
-    name = resolve_attention(choice, device)
+    name = resolve_attention(choice, device, precision)
     if name == "tunelab":
         from tunelab.train.attention import register
 
@@ -91,11 +94,12 @@ def configure_engine(model: torch.nn.Module, tc: TrainConfig, device: torch.devi
     cast_frozen=False keeps frozen weights in their dtype: `tunelab continual` passes it for methods that
     train the weights themselves, since a later stage may train what is frozen now (HFT)."""
     applied: dict[str, object] = {}
+    precision = resolve_precision(tc.precision, device)  # the runner passes it resolved; direct callers may not
     if device.type == "cpu":
         applied["cpu_allocator_keeps_freed"] = keep_freed_memory()
     applied["frozen_params_cast"] = cast_frozen_linears(
-        model, frozen_dtype_for(tc.frozen_dtype, tc.precision), everything=tc.frozen_cast == "all") if cast_frozen else 0
-    applied["attention"] = set_attention(model, tc.attention, device)
+        model, frozen_dtype_for(tc.frozen_dtype, precision), everything=tc.frozen_cast == "all") if cast_frozen else 0
+    applied["attention"] = set_attention(model, tc.attention, device, precision)
     if tc.gradient_checkpointing:
         # non-reentrant checkpointing works with frozen inputs (adapters) without enable_input_require_grads
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

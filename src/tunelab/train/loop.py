@@ -8,8 +8,10 @@ Per optimizer step:
      so each micro-batch's loss SUM is divided by the same global count. DDP averages gradients over
      processes, so the scale is world_size / global_units. The resulting gradient equals that of one
      big batch with a token-mean loss, whatever the split into micro-batches and processes;
-  3. forward under autocast (bf16 by default, on CPU too: AMX makes it ~7x faster than fp32 there),
-     backward, gradient sync on the last micro-batch only;
+  3. forward under autocast in `train.precision` (`auto`, resolved where the run starts: bf16 where the device
+     computes it natively, AMX making it ~7x faster than fp32 on CPU; fp32 on CPUs without; fp16 with
+     accelerate's GradScaler on GPUs without bf16, which the backend's backward, clip and the prepared
+     optimizer's step apply), backward, gradient sync on the last micro-batch only;
   4. a non-finite loss stops the run before the update (TrainingDiverged), so the last checkpoint stays good;
   5. clip (global norm), optimizer step, schedule step, the method's per-step hook, log, eval, checkpoint.
 The BACKEND (train/backends.py) prepares the model and then the optimizer, runs backward / no_sync /
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tunelab.core.precision import AUTOCAST_DTYPES, autocast_context  # noqa: F401 (re-exported)
 from tunelab.data.batching import COLLATORS
 from tunelab.recipe import Recipe
 from tunelab.track.run import MetricsLog, peak_memory_mb
@@ -45,9 +48,6 @@ from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.sources import BatchSource, generation_mode
 
 log = logging.getLogger(__name__)
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; nothing was updated or saved for that step."""
@@ -63,13 +63,6 @@ class TrainResult:
     peak_memory_mb: float
     losses: list[float] = field(default_factory=list)
     eval_losses: dict[int, float] = field(default_factory=dict)
-
-
-def autocast_context(device: torch.device, precision: str):
-    dtype = AUTOCAST_DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def count_units(objective: TrainObjective, batch: dict[str, torch.Tensor]) -> int:

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import torch
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+from tunelab.core.precision import AUTOCAST_DTYPES, DTYPES
+
 
 
 def frozen_dtype_for(frozen_dtype: str, precision: str) -> torch.dtype | None:
-    """`auto` follows the autocast precision; None means leave the weights as they are."""
+    """`auto` follows the autocast precision (resolved: not `auto`); None means leave the weights as they are."""
     if frozen_dtype == "auto":
-        return PRECISION_DTYPES[precision]
+        return AUTOCAST_DTYPES[precision]
     return DTYPES[frozen_dtype]
 
 

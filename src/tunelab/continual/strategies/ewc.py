@@ -50,7 +50,7 @@ def diagonal_fisher(model, objective, batches: list[dict[str, torch.Tensor]], pa
     """Mean over `batches` of grad(loss_b)^2 per parameter, loss_b = the objective's mean loss on batch b
     (one example per batch gives the empirical Fisher). Runs in eval mode (no dropout); gradients of the
     model are cleared before and after. Returns fp32 tensors shaped like the parameters."""
-    from tunelab.train.loop import autocast_context
+    from tunelab.core.precision import autocast_context
 
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     was_training = model.training

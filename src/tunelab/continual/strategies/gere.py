@@ -107,7 +107,7 @@ class GeRe(Strategy):
 
     def setup(self, ctx, model):
         """Record the base model's hidden states on the fixed set (the model is still the base here)."""
-        from tunelab.train.loop import autocast_context
+        from tunelab.core.precision import autocast_context
 
         self.ids = self._rows(ctx.tokenizer)
         device = next(model.parameters()).device

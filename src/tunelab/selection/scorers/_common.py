@@ -18,7 +18,9 @@ class LMScorerOptions(ScorerOptions):
     batch_size: int = Field(8, ge=1, description="Sequences per forward pass.")
     max_length: int = Field(512, ge=8, description="Tokens per sequence (the prompt is cut from the left).")
     max_response_tokens: int = Field(384, ge=1, description="Response tokens scored (the first ones).")
-    precision: Literal["bf16", "fp32"] = Field("bf16", description="Autocast dtype of the forward passes.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Autocast dtype of the forward passes; auto: bf16 where the device computes it natively, "
+        "else fp32 (fp16 on GPUs without bf16).")
 
 
 def response_losses(examples: list, cfg: LMScorerOptions, ctx: ScoringContext, *, conditional: bool = True,

@@ -18,14 +18,14 @@ from pydantic import Field
 from tunelab.data.encode import render
 from tunelab.selection.lm import _pad, batched, pad_id_of
 from tunelab.selection.registry import ScoreOutput, Scorer, ScorerOptions, as_chat, register_scorer
-from tunelab.train.loop import autocast_context
+from tunelab.core.precision import autocast_context
 
 
 class RewardOptions(ScorerOptions):
     model: str = Field(..., description="Reward model: a local directory or hub id (sequence classification).")
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(1024, ge=8, description="Tokens per sequence (cut from the left).")
-    precision: Literal["bf16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     label: int = Field(0, ge=0, description="Which output logit is the reward.")
 
 
