@@ -66,7 +66,8 @@ def _assert_close(got, ref, rtol, atol):
 def test_engine_equals_naive_hf_fp32(packed):
     ref_model = build_tiny_model(512)
     ref = _naive(ref_model, _examples())
-    got = _engine(copy.deepcopy(build_tiny_model(512)), _examples(), packed=packed)
+    # tunelab's attention named: `auto` picks sdpa under fp32, and its fp32 equality is what this checks
+    got = _engine(copy.deepcopy(build_tiny_model(512)), _examples(), packed=packed, attention="tunelab")
     _assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -130,6 +131,9 @@ def test_attention_is_selected_and_falls_back(tiny_model):
     assert set_attention(tiny_model, "auto", torch.device("cpu")) == "tunelab"
     assert tiny_model.config._attn_implementation == "tunelab"
     assert set_attention(tiny_model, "auto", torch.device("cuda")) == "sdpa"
+    # under fp32 its bf16-probability saving does not apply: sdpa (CPU flash kernel), computing in fp32
+    assert set_attention(tiny_model, "auto", torch.device("cpu"), "fp32") == "sdpa"
+    assert tiny_model.config._attn_implementation == "sdpa"
 
 
 def test_frozen_cast_all_and_restore_is_bit_exact():
@@ -138,7 +142,7 @@ def test_frozen_cast_all_and_restore_is_bit_exact():
     base = build_tiny_model(512)
     original = {k: v.clone() for k, v in base.state_dict().items()}
     model = build_method("lora", {"r": 2, "alpha": 4}).prepare(base)
-    applied = configure_engine(model, TrainConfig(frozen_cast="all"), torch.device("cpu"))
+    applied = configure_engine(model, TrainConfig(frozen_cast="all", precision="bf16"), torch.device("cpu"))
     frozen = [p for p in model.parameters() if not p.requires_grad]
     assert applied["frozen_params_cast"] == sum(p.numel() for p in frozen)
     assert all(p.dtype == torch.bfloat16 for p in frozen)
