@@ -27,10 +27,11 @@ from typing import Any, Callable, Literal
 import torch
 from pydantic import Field
 
+from tunelab.core.precision import autocast_context
 from tunelab.methods.lora import LoRAOptions, lora_peft_config
 from tunelab.methods.registry import Capabilities, Method, register
 from tunelab.train.interfaces import StepResult
-from tunelab.train.loop import autocast_context, global_counts
+from tunelab.train.loop import global_counts
 
 
 def step_seed(seed: int, step: int) -> int:
