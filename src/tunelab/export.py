@@ -7,41 +7,22 @@ half-written export under the final name.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from tunelab.core.io import atomic_dir
 from tunelab.methods.registry import ExportUnsupported, Method
 from tunelab.train.precision import upcast_linears
-
-
-def _atomic_dir(final: Path, write) -> Path:
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=final.parent))
-    try:
-        write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
 
 
 def export_adapter(method: Method, model, tokenizer, directory: Path) -> Path:
     """`method.save_adapter` (+ tokenizer): PEFT's adapter_config.json + adapter_model.safetensors, or the method's
     own files; ExportUnsupported for methods without an adapter."""
-
-    def write(tmp: Path) -> None:
+    with atomic_dir(directory) as tmp:
         method.save_adapter(model, str(tmp))
         tokenizer.save_pretrained(tmp)
-
-    return _atomic_dir(directory, write)
+    return Path(directory)
 
 
 def export_merged(method: Method, model, tokenizer, directory: Path) -> Path:
@@ -49,8 +30,7 @@ def export_merged(method: Method, model, tokenizer, directory: Path) -> Path:
 
     Adapter methods merge in place (the adapter is gone from `model` afterwards): call this last.
     """
-
-    def write(tmp: Path) -> None:
+    with atomic_dir(directory) as tmp:
         # frozen weights may be stored in bf16 for training: merge in fp32, save in the config's dtype
         dtype = getattr(model.config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -60,8 +40,7 @@ def export_merged(method: Method, model, tokenizer, directory: Path) -> Path:
             del merged.config.quantization_config
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-
-    return _atomic_dir(directory, write)
+    return Path(directory)
 
 
 def export_run(run_dir: Path, *, adapter: bool = True, merged: bool = True,

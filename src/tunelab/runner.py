@@ -11,7 +11,7 @@ benchmarks/methods.py also calls one by one:
   * `train_workspace`: `tunelab.train.loop.train`.
 `tunelab eval RUN` / `tunelab export RUN` do not come through here: they restore the run's model with
 `tunelab.assemble.restore_run`. Every step logs what it does; the run directory keeps everything
-(tunelab.track.run).
+(tunelab.core.rundir).
 
 `prepare_workspace` sets up what the objective needs of a reference model (`Objective.reference_use`) before
 the method is applied and before the "before" evaluation, so that both evaluations score the same kind of model
@@ -36,12 +36,12 @@ import torch
 
 from tunelab.assemble import build_method_for, build_objective_for, prepare_model
 from tunelab.core.precision import explain_precision
+from tunelab.core.rundir import new_run_dir, write_json
 from tunelab.data.pipeline import EvalItem, encode_spec, eval_items
 from tunelab.methods.registry import Method
 from tunelab.model import load_model, load_tokenizer
 from tunelab.objectives.base import Objective
 from tunelab.recipe import Recipe, RecipeError, recipe_to_yaml
-from tunelab.track.run import new_run_dir, write_json
 from tunelab.train.backends import Backend, backend_class, build_backend
 from tunelab.train.loop import TrainResult, train
 from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for, restore_frozen_weights

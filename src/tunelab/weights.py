@@ -19,9 +19,7 @@ import math
 import os
 import re
 import shutil
-import uuid
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,8 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from tunelab.core.io import atomic_dir
 
 Tensor = torch.Tensor
 
@@ -269,33 +269,6 @@ class AdapterReader:
         self.close()
 
 
-@contextmanager
-def atomic_dir(output_dir: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``output_dir`` only on success.
-
-    An existing non-empty ``output_dir`` raises ``FileExistsError`` unless ``overwrite``. On any
-    exception the temporary directory is deleted and ``output_dir`` is left untouched.
-    """
-    out = Path(output_dir).absolute()
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-
-
 def copy_model_files(src: Path, dst: Path, patterns: Iterable[str] = COPY_PATTERNS) -> list[str]:
     """Copy config and tokenizer files (not weights) from ``src`` to ``dst``; returns the names."""
     copied = []
@@ -345,7 +318,7 @@ class CheckpointWriter:
         self.total_bytes = 0
 
     def __enter__(self) -> CheckpointWriter:
-        self._ctx = atomic_dir(self.output_dir, self.overwrite)
+        self._ctx = atomic_dir(self.output_dir, exists="replace" if self.overwrite else "error")
         self._tmp = self._ctx.__enter__()
         return self
 

@@ -45,7 +45,7 @@ def test_topk_by_length_keeps_format_and_adds_scores(tmp_path):
     assert "mean_pairwise_jaccard_distance" in report["diversity"]["subset"]
     assert (tmp_path / "out" / "sub.select" / "report.png").is_file()
     assert json.loads((tmp_path / "out" / "sub.select" / "indices.json").read_text()) == [1, 3, 5]
-    assert not list((tmp_path / "out").glob("*.tmp"))  # written through a temp file + rename
+    assert not list((tmp_path / "out").glob("*.tmp-*"))  # written through a temp file + rename
 
 
 @pytest.mark.parametrize("suffix", [".json", ".parquet", ".csv"])

@@ -42,13 +42,13 @@ from tunelab.assemble import Prepared, build_method_for, build_objective_for, pr
 from tunelab.continual.evaluation import ContinualError, evaluate_model, load_general, load_tasks
 from tunelab.continual.recipe import ContinualRecipe, continual_recipe_to_yaml
 from tunelab.continual.strategies.base import StrategyError, StrategyObjective, StreamContext, build_strategy
+from tunelab.core.io import atomic_dir, atomic_write_json, atomic_write_text
+from tunelab.core.rundir import new_run_dir
 from tunelab.evaluate.forgetting import general_retention, r_matrix_metrics
 from tunelab.model import load_model, load_tokenizer
 from tunelab.recipe import recipe_to_yaml
 from tunelab.runner import make_accelerator, resolve_run_precision
-from tunelab.track.run import new_run_dir
 from tunelab.train.backends import build_backend
-from tunelab.train.checkpoint import atomic_write_json, atomic_write_text
 from tunelab.train.loop import train
 from tunelab.train.precision import restore_frozen_weights
 from tunelab.train.sources import StaticBatchSource
@@ -144,22 +144,17 @@ class Stream:
         """Atomically write the weights that changed and every strategy's state after stage k (1-based)."""
         from safetensors.torch import save_file
 
-        final = self._model_dir(k)
-        tmp = self.cdir / f".{final.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         names = self._state_names(model)
-        save_file({n: p.detach().contiguous().clone() for n, p in model.named_parameters() if n in names},
-                  str(tmp / "weights.safetensors"))
-        for i, s in enumerate(self.strategies):
-            tensors, meta = s.state()
-            if tensors:
-                save_file({n: t.detach().contiguous().clone() for n, t in tensors.items()},
-                          str(tmp / f"strategy-{i}.safetensors"))
-            atomic_write_json(tmp / f"strategy-{i}.json", meta)
-        atomic_write_json(tmp / "method.json", self.method.state_dict())
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        with atomic_dir(self._model_dir(k)) as tmp:
+            save_file({n: p.detach().contiguous().clone() for n, p in model.named_parameters() if n in names},
+                      str(tmp / "weights.safetensors"))
+            for i, s in enumerate(self.strategies):
+                tensors, meta = s.state()
+                if tensors:
+                    save_file({n: t.detach().contiguous().clone() for n, t in tensors.items()},
+                              str(tmp / f"strategy-{i}.safetensors"))
+                atomic_write_json(tmp / f"strategy-{i}.json", meta)
+            atomic_write_json(tmp / "method.json", self.method.state_dict())
 
     def load_stage_state(self, model, k: int) -> None:
         from safetensors.torch import load_file

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tunelab.core.io import atomic_write_json
 from tunelab.recipe import DatasetSpec, ModelConfig, Recipe, RecipeError, load_recipe
-from tunelab.train.checkpoint import atomic_write_json
 
 
 def run_dir_of(target: str) -> Path | None:

@@ -31,13 +31,13 @@ from typing import Literal
 import torch
 from safetensors.torch import save_file
 
+from tunelab.core.io import atomic_dir
 from tunelab.weights import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     COPY_PATTERNS,
     AdapterReader,
     CheckpointReader,
-    atomic_dir,
     copy_model_files,
     is_adapter_dir,
     lora_scaling,
@@ -198,7 +198,7 @@ def merge_lora_adapters(
     config.update(r=new_rank, lora_alpha=new_rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
     if base_model is not None:
         config["base_model_name_or_path"] = base_model
-    with atomic_dir(output_dir, overwrite) as tmp:
+    with atomic_dir(output_dir, exists="replace" if overwrite else "error") as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         copy_model_files(readers[0].path, tmp, [p for p in COPY_PATTERNS if p != "config.json"])

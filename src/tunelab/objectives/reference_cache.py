@@ -23,13 +23,13 @@ precision), so a changed dataset, tokenizer, truncation or model never reuses a 
 from __future__ import annotations
 
 import hashlib
-import os
 from array import array
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tunelab.core.io import atomic_file
 from tunelab.objectives.references import concatenate_pair, eval_mode, model_sequence_logps
 
 KEYS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -63,10 +63,8 @@ def save_reference_logps(path: Path, logps: dict[str, torch.Tensor], metadata: d
     """Write atomically (temporary file + rename), so an interrupted run never leaves a half file."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: logps[k].detach().float().cpu().contiguous() for k in KEYS}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: logps[k].detach().float().cpu().contiguous() for k in KEYS}, str(tmp), metadata=metadata)
 
 
 def load_reference_logps(path: str | Path, fingerprint: str | None = None, n: int | None = None):

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tunelab.core.io import atomic_file
 from tunelab.selection.registry import ScoreOutput
 
 
@@ -56,12 +55,6 @@ class ScoreCache:
         if out.valid is not None:
             arrays["valid"] = np.asarray(out.valid, bool)
         arrays.update({f"col_{k}": np.asarray(v) for k, v in out.columns.items()})
-        fd, tmp = tempfile.mkstemp(prefix=p.stem + ".", suffix=".tmp.npz", dir=self.dir)
-        os.close(fd)
-        try:
+        with atomic_file(p, suffix=".npz") as tmp:  # np.savez appends .npz to any other name
             np.savez(tmp, **arrays)
-            os.replace(tmp, p)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return p

@@ -10,8 +10,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from tunelab.core.io import atomic_file, atomic_write_json
 from tunelab.data.formats import DataError, Record, detect_format, load_records, to_example
 from tunelab.recipe import RecipeError
 from tunelab.recipe.select import SelectConfig
@@ -36,7 +35,6 @@ from tunelab.selection.registry import (
     validate_select_config,
 )
 from tunelab.selection.report import build_report, plot_histograms
-from tunelab.train.checkpoint import atomic_write_json
 
 log = logging.getLogger("tunelab")
 
@@ -178,10 +176,7 @@ def write_records(path: str | Path, rows: list[dict[str, Any]]) -> Path:
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".json", ".parquet", ".csv"):
         raise SelectionError(f"{path}: output must end in .jsonl, .json, .parquet or .csv")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=suffix) as tmp:
         if suffix == ".jsonl":
             with open(tmp, "w", encoding="utf-8") as f:
                 for r in rows:
@@ -194,11 +189,7 @@ def write_records(path: str | Path, rows: list[dict[str, Any]]) -> Path:
             flat = [{k: json.dumps(v) if suffix == ".csv" and isinstance(v, (dict, list)) else v
                      for k, v in r.items()} for r in rows]
             ds = datasets.Dataset.from_list(flat)
-            ds.to_parquet(tmp) if suffix == ".parquet" else ds.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            ds.to_parquet(str(tmp)) if suffix == ".parquet" else ds.to_csv(str(tmp), index=False)
     return path
 
 

@@ -313,7 +313,7 @@ def render_report(run_dirs: list[str | Path], title: str = "tunelab report") -> 
 
 
 def write_report(run_dirs: list[str | Path], output: str | Path, title: str = "tunelab report") -> Path:
-    from tunelab.train.checkpoint import atomic_write_text
+    from tunelab.core.io import atomic_write_text
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

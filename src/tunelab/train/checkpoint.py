@@ -12,10 +12,8 @@ name only once every file in it is written, so a crash mid-save leaves the previ
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,24 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+from tunelab.core.io import atomic_dir, atomic_write_text, is_temporary
 
 
 def rng_state() -> dict[str, Any]:
@@ -76,22 +57,15 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=root))
-    try:
+    with atomic_dir(final) as tmp:
         # safetensors refuses shared storage (tied weights): save each tensor contiguous and owned.
         save_file({k: v.detach().contiguous().clone() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
         for rank, rng in enumerate(rng_states):
             torch.save(rng, tmp / f"rng-{rank}.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write_text(root / "latest", final.name + "\n")
-    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and ".tmp-" not in p.name)
+    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and not is_temporary(p))
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -104,7 +78,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         candidate = root / pointer.read_text().strip()
         if (candidate / "state.json").is_file():
             return candidate
-    complete = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file() and ".tmp-" not in p.name)
+    complete = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file() and not is_temporary(p))
     return complete[-1] if complete else None
 
 

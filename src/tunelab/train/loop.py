@@ -37,9 +37,9 @@ import torch
 from tqdm.auto import tqdm
 
 from tunelab.core.precision import AUTOCAST_DTYPES, autocast_context  # noqa: F401 (re-exported)
+from tunelab.core.rundir import MetricsLog, peak_memory_mb
 from tunelab.data.batching import COLLATORS
 from tunelab.recipe import Recipe
-from tunelab.track.run import MetricsLog, peak_memory_mb
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.backends import Backend
 from tunelab.train.engine import compiled_layers

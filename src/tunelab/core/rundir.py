@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from tunelab.train.checkpoint import atomic_write_json, atomic_write_text
+from tunelab.core.io import atomic_write_json, atomic_write_text
 
 
 def new_run_dir(output_dir: str | Path, name: str, *, overwrite: bool = False, resume: bool = False) -> Path:

@@ -1,0 +1,146 @@
+"""Atomic writes: every file and directory tunelab produces appears under its final name complete, or not at all.
+
+One pattern, three shapes: write into a temporary sibling (`<name>.tmp-<random>`, same directory, so the
+final `rename(2)` stays on one file system and is atomic), flush it, then rename it over the final name.
+A crash (even `kill -9`) before the rename leaves the old content untouched plus, at worst, a `*.tmp-*`
+orphan that `remove_orphans` deletes on the next start; after the rename the new content is complete.
+
+  * `atomic_file(path)`: a context manager yielding a temporary path for writers that want a file name
+    (safetensors, torch.save, numpy, datasets); `atomic_write_text` / `atomic_write_json` on top of it.
+  * `atomic_dir(path)`: the same for a whole directory (checkpoints, exports, converted models). An existing
+    directory is first renamed away (`<name>.old-<random>`) and deleted only after the new one is in place,
+    so there is no moment at which neither exists.
+
+Files are fsync'ed before the rename (the content survives a power cut, not just a killed process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+TMP_MARK = ".tmp-"  # in the name of every temporary sibling: `<name>.tmp-<8 hex>[suffix]`
+OLD_MARK = ".old-"  # a directory being replaced, deleted right after the new one is in place
+
+
+def _sibling(path: Path, mark: str, suffix: str = "") -> Path:
+    return path.with_name(f"{path.name}{mark}{secrets.token_hex(4)}{suffix}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str], *, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on a clean exit it is fsync'ed and renamed over `path`.
+
+    `suffix` ends the temporary name, for writers that insist on an extension (`np.savez` adds `.npz`
+    otherwise). On an exception the temporary file is deleted and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, TMP_MARK, suffix)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """`obj` as indented JSON (non-JSON values through `str`), atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike[str], *,
+               exists: Literal["replace", "keep", "error"] = "replace") -> Iterator[Path]:
+    """Yield a fresh temporary directory next to `path` that becomes `path` on a clean exit.
+
+    `exists` says what happens to a directory already at `path`:
+      * "replace": it is renamed away, the new one renamed in, then the old one deleted;
+      * "keep": the new one is discarded (another process made the same thing first: a cache);
+      * "error": `FileExistsError` before anything is written, unless it is an empty directory.
+    On an exception the temporary directory is deleted and `path` is left as it was.
+    """
+    path = Path(path).absolute()
+    if exists == "error" and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not empty")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, TMP_MARK)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists() and exists == "keep":
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = None
+    if path.exists() or path.is_symlink():
+        old = _sibling(path, OLD_MARK)
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        if old is not None:  # put the old one back rather than lose both
+            os.rename(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(path.parent)
+    if old is not None:
+        _remove(old)
+
+
+def is_temporary(path: Path) -> bool:
+    """True for the temporary siblings this module creates (an orphan when no writer is running)."""
+    return TMP_MARK in path.name or OLD_MARK in path.name
+
+
+def remove_orphans(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the `*.tmp-*` / `*.old-*` leftovers of writers killed in `directory` (not recursive); returns them.
+
+    Only call this where no other writer can be at work (the run directory's lock is held).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = sorted(p for p in directory.iterdir() if is_temporary(p))
+    for p in found:
+        _remove(p)
+    return found
