@@ -50,6 +50,17 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def atomic_remove(path: str | os.PathLike[str]) -> None:
+    """Delete a directory (or file) so that its name disappears at once: renamed to `<name>.old-<random>`
+    first, then deleted. A crash mid-delete leaves an `.old-` orphan, never a half-deleted `<name>`."""
+    path = Path(path)
+    if not (path.exists() or path.is_symlink()):
+        return
+    old = _sibling(path, OLD_MARK)
+    os.rename(path, old)
+    _remove(old)
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike[str], *, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to `path`; on a clean exit it is fsync'ed and renamed over `path`.
@@ -125,6 +136,54 @@ def atomic_dir(path: str | os.PathLike[str], *,
     _fsync(path.parent)
     if old is not None:
         _remove(old)
+
+
+def safetensors_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why a .safetensors file cannot be loaded (missing, truncated, bad header), or None; reads only its header.
+
+    Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets: [b, e]}},
+    then the data; the file must be exactly 8 + N + max(e) bytes long.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                return f"truncated ({size} bytes; the header alone needs {8 + n})"
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as e:
+        return f"unreadable header ({e})"
+    if not isinstance(header, dict):
+        return "unreadable header (not a JSON object)"
+    ends = [v["data_offsets"][1] for k, v in header.items()
+            if k != "__metadata__" and isinstance(v, dict) and len(v.get("data_offsets") or ()) == 2]
+    expected = 8 + n + max(ends, default=0)
+    if size != expected:
+        return f"truncated or padded ({size} bytes, its header describes {expected})"
+    return None
+
+
+class NotUtf8(ValueError):
+    """A text file that is not UTF-8; the message names file:line and the column of the first bad byte."""
+
+
+def decode_utf8(raw: bytes, path: str | os.PathLike[str], first_line: int = 1) -> str:
+    """`raw` (the text of `path` from line `first_line` on) decoded as UTF-8, or NotUtf8 naming where not."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + raw.count(b"\n", 0, e.start)
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise NotUtf8(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {column}); save the "
+                      "file as UTF-8") from None
+
+
+def read_utf8(path: str | os.PathLike[str]) -> str:
+    """A whole text file as UTF-8 (NotUtf8 naming file:line otherwise)."""
+    return decode_utf8(Path(path).read_bytes(), path)
 
 
 def is_temporary(path: Path) -> bool:

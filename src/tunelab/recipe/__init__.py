@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tunelab.core.io import NotUtf8, read_utf8
+from tunelab.core.rundir import check_component
 from tunelab.recipe.select import SelectConfig
 
 
@@ -196,7 +198,8 @@ class TrackingConfig(_Strict):
 class Recipe(_Strict):
     """A whole fine-tuning run."""
 
-    name: str = Field("run", description="Run name; the run directory is `<output_dir>/<name>`.")
+    name: str = Field("run", description="Run name; the run directory is `<output_dir>/<name>`. One plain "
+                                         "directory name: no `/`, `\\`, leading `.`, or control characters.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -207,6 +210,11 @@ class Recipe(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _one_path_component(cls, v: str) -> str:
+        return check_component(v)  # `<output_dir>/<name>` must never leave output_dir
 
     def method_options(self) -> dict[str, Any]:
         return {k: v for k, v in self.method.model_dump().items() if k != "name"}
@@ -221,7 +229,7 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     for e in err.errors():
         path = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(e["loc"]))
         got = f" (got {e['input']!r})" if e["type"] not in ("missing", "extra_forbidden") else ""
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         lines.append(f"recipe field '{path}': {msg}{got}")
     return "\n".join(lines)
 
@@ -269,7 +277,9 @@ Method, objective and selection options are checked against their registries one
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(read_utf8(path))
+        except NotUtf8 as e:
+            raise RecipeError(str(e)) from None
         except yaml.YAMLError as e:
             raise RecipeError(f"{path}: not valid YAML: {e}") from None
         if loaded is None:

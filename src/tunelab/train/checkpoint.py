@@ -6,14 +6,21 @@ Layout of `<run>/checkpoints/step-000120/`:
   state.json              step, scheduler state, method state, batch-source state (the data position)
   rng-<rank>.pt           torch / python / numpy RNG state of each process
 `<run>/checkpoints/latest` names the newest complete checkpoint. A directory appears under its final
-name only once every file in it is written, so a crash mid-save leaves the previous one intact.
+name only once every file in it is written (core/io.atomic_dir), so a crash mid-save leaves the previous one
+intact; old checkpoints are pruned by renaming them away before deleting them (core/io.atomic_remove), so no
+half-deleted checkpoint ever carries a final name. The orphans a kill leaves (`*.tmp-*`, `*.old-*`) are removed
+by `clean_checkpoints` when the run starts again, under the run directory's lock.
+
+Loading checks what it reads: a damaged file raises `CheckpointError` naming it, and `check_resumable` says
+which earlier checkpoint is intact.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import shutil
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +28,20 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from tunelab.core.io import atomic_dir, atomic_write_text, is_temporary
+from tunelab.core.io import (
+    atomic_dir,
+    atomic_remove,
+    atomic_write_text,
+    remove_orphans,
+    safetensors_problem,
+)
+from tunelab.core.rundir import CHECKPOINTS_DIR
+
+STEP_DIR = re.compile(r"step-\d{6,}")  # a checkpoint's final name
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded; the message names the file (and an intact earlier checkpoint)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -47,7 +67,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return Path(run_dir) / CHECKPOINTS_DIR
+
+
+def _complete(root: Path) -> list[Path]:
+    """The checkpoints under their final names, oldest first."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if STEP_DIR.fullmatch(p.name) and (p / "state.json").is_file()),
+                  key=_step_of)
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.removeprefix("step-"))
 
 
 def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer_state: dict,
@@ -65,9 +97,8 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
             torch.save(rng, tmp / f"rng-{rank}.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
     atomic_write_text(root / "latest", final.name + "\n")
-    complete = sorted(p for p in root.glob("step-*") if p.is_dir() and not is_temporary(p))
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in _complete(root)[:-keep]:
+        atomic_remove(old)
     return final
 
 
@@ -75,20 +106,98 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     root = checkpoint_dir(run_dir)
     pointer = root / "latest"
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / "state.json").is_file():
-            return candidate
-    complete = sorted(p for p in root.glob("step-*") if (p / "state.json").is_file() and not is_temporary(p))
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        if STEP_DIR.fullmatch(name) and (root / name / "state.json").is_file():
+            return root / name
+    complete = _complete(root)
     return complete[-1] if complete else None
 
 
-def load_checkpoint(path: Path, rank: int = 0) -> dict[str, Any]:
+def clean_checkpoints(run_dir: Path) -> list[Path]:
+    """Remove what killed writers left in `<run>/checkpoints`: temporary and half-pruned directories, and (from
+    older versions) final-named directories without their state.json. Call with the run directory locked."""
+    root = checkpoint_dir(run_dir)
+    removed = remove_orphans(root)
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            if STEP_DIR.fullmatch(p.name) and p.is_dir() and not (p / "state.json").is_file():
+                atomic_remove(p)
+                removed.append(p)
+    return removed
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """torch.save writes a zip archive: a missing or truncated one has no readable central directory."""
+    if not path.is_file():
+        return "missing"
+    try:
+        with zipfile.ZipFile(path):
+            return None
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"not a complete torch file ({e})"
+
+
+def checkpoint_problem(path: Path) -> tuple[Path, str] | None:
+    """(damaged file, why) for the first file of checkpoint `path` that cannot be loaded, or None.
+
+    Reads headers only (the safetensors header and size, the zip directory of the .pt files, state.json).
+    """
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
+    state = path / "state.json"
+    try:
+        loaded = json.loads(state.read_text(encoding="utf-8"))
+        if not isinstance(loaded, dict) or not isinstance(loaded.get("step"), int):
+            return state, "has no integer 'step'"
+    except (OSError, UnicodeDecodeError) as e:
+        return state, f"unreadable ({e})"
+    except json.JSONDecodeError as e:
+        return state, f"not valid JSON ({e})"
+    if problem := safetensors_problem(path / "trainable.safetensors"):
+        return path / "trainable.safetensors", problem
+    for f in [path / "optimizer.pt", *sorted(path.glob("rng-*.pt"))]:
+        if problem := _torch_file_problem(f):
+            return f, problem
+    return None
+
+
+def _damaged(path: Path, file: Path, problem: str) -> CheckpointError:
+    """The error for a damaged checkpoint, offering the newest intact one before it."""
+    earlier = [p for p in _complete(path.parent) if STEP_DIR.fullmatch(path.name) and _step_of(p) < _step_of(path)
+               and checkpoint_problem(p) is None]
+    if earlier:
+        hint = (f"the previous checkpoint {earlier[-1].name} is intact: delete {path} (or move it out of "
+                f"{path.parent}) and resume again to continue from step {_step_of(earlier[-1])}")
+    else:
+        hint = "no intact checkpoint is left before it: start the run again (--overwrite)"
+    return CheckpointError(f"checkpoint file {file} is damaged: {problem}; {hint}")
+
+
+def check_resumable(run_dir: Path) -> Path | None:
+    """The checkpoint `--resume` will load (None: there is none), after checking its files; a damaged one
+    raises CheckpointError naming the file and the intact checkpoint before it."""
+    path = latest_checkpoint(run_dir)
+    if path is not None and (found := checkpoint_problem(path)) is not None:
+        raise _damaged(path, *found)
+    return path
+
+
+def load_checkpoint(path: Path, rank: int = 0) -> dict[str, Any]:
+    """Every file of checkpoint `path` (this process's RNG state, rng-<rank>.pt). A file that does not load
+    raises CheckpointError naming it."""
+    path = Path(path)
+    if (found := checkpoint_problem(path)) is not None:
+        raise _damaged(path, *found)
     rng_file = path / f"rng-{rank}.pt"
-    return {
-        "state": state,
-        "trainable": load_file(str(path / "trainable.safetensors")),
-        "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
-        "rng": torch.load(rng_file, weights_only=True) if rng_file.is_file() else None,
+    loaders = {
+        "state": (path / "state.json", lambda f: json.loads(f.read_text(encoding="utf-8"))),
+        "trainable": (path / "trainable.safetensors", lambda f: load_file(str(f))),
+        "optimizer": (path / "optimizer.pt", lambda f: torch.load(f, weights_only=True)),
+        "rng": (rng_file, lambda f: torch.load(f, weights_only=True) if f.is_file() else None),
     }
+    out = {}
+    for key, (file, load) in loaders.items():
+        try:
+            out[key] = load(file)
+        except Exception as e:  # the headers passed: whatever fails now is damage inside the file
+            raise _damaged(path, file, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    return out
