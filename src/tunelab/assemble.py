@@ -183,12 +183,14 @@ def restore_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Re
     from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint
 
     run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a run directory (no recipe.yaml)")
     recipe = load_recipe(run_dir / "recipe.yaml")
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to restore (train first, or check the path)")
+    ckpt = load_checkpoint(path)  # first: a damaged checkpoint is named before any model work
     prepared, tokenizer = assemble(recipe, run_dir=run_dir, engine=False)
-    ckpt = load_checkpoint(path)
     prepared.method.load_trainable_state_dict(prepared.model, ckpt["trainable"])
     prepared.method.load_state_dict(ckpt["state"].get("method", {}))
     return Restored(recipe, prepared, tokenizer, path)

@@ -70,16 +70,43 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def _guard(fn):
-    """Turn the errors users cause (bad recipe, bad data, missing model) into a clean message."""
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions users cause (bad recipe, data, model, run directory, checkpoint); each carries a message
+    that names the file, field or line. Anything else is a bug and keeps its traceback."""
+    from tunelab.continual.evaluation import ContinualError
+    from tunelab.continual.strategies.base import StrategyError
+    from tunelab.core.rundir import RunDirError
     from tunelab.data.formats import DataError
+    from tunelab.methods.registry import ExportUnsupported
+    from tunelab.model import ModelError
     from tunelab.recipe import RecipeError
+    from tunelab.train.checkpoint import CheckpointError
     from tunelab.train.loop import TrainingDiverged
 
+    return (RecipeError, DataError, ModelError, RunDirError, CheckpointError, ContinualError, StrategyError,
+            TrainingDiverged, ExportUnsupported, FileNotFoundError, FileExistsError, NotADirectoryError,
+            IsADirectoryError, PermissionError)
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:  # "[Errno 13] ..." -> "path: reason"
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
+def _guard(fn):
+    """Run one command: the errors users cause become one `error:` line (exit 2), and a failure leaves nothing
+    behind (locks released, a run directory created by this command removed if no step was taken; see
+    core/rundir.invocation). Set TUNELAB_DEBUG=1 to see the traceback instead."""
+    from tunelab.core.rundir import invocation
+
     try:
-        return fn()
-    except (RecipeError, DataError, FileNotFoundError, TrainingDiverged, KeyError) as e:
-        _fail(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
+        with invocation():
+            return fn()
+    except _user_errors() as e:
+        if os.environ.get("TUNELAB_DEBUG"):
+            raise
+        _fail(_message(e))
 
 
 @app.command()

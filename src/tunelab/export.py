@@ -46,12 +46,18 @@ def export_merged(method: Method, model, tokenizer, directory: Path) -> Path:
 def export_run(run_dir: Path, *, adapter: bool = True, merged: bool = True,
                checkpoint: Path | None = None) -> dict[str, str]:
     """`tunelab export RUN`: the run's latest checkpoint (or `checkpoint`), prepared as the run prepared it
-    (`tunelab.assemble.restore_run`), exported into `<run>/export/`."""
+    (`tunelab.assemble.restore_run`), exported into `<run>/export/` under the run directory's lock (a run still
+    training there would export into the same place)."""
     from tunelab.assemble import restore_run
+    from tunelab.core.rundir import lock_run_dir
 
     restored = restore_run(run_dir, checkpoint)
-    return export_all(restored.method, restored.model, restored.tokenizer, Path(run_dir) / "export", adapter=adapter,
-                      merged=merged)
+    lock = lock_run_dir(run_dir)
+    try:
+        return export_all(restored.method, restored.model, restored.tokenizer, Path(run_dir) / "export",
+                          adapter=adapter, merged=merged)
+    finally:
+        lock.release()
 
 
 def export_all(method: Method, model, tokenizer, out_dir: Path, *, adapter: bool = True, merged: bool = True,

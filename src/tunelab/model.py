@@ -10,13 +10,16 @@ logits are identical, later loads take about a second, and exports are ordinary 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from tunelab.core.io import atomic_dir
+from tunelab.core.io import atomic_dir, safetensors_problem
 from tunelab.core.precision import DTYPES
 from tunelab.recipe import ModelConfig
 
@@ -37,6 +40,9 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+
+class ModelError(ValueError):
+    """A model that cannot be loaded; the message names the recipe field and the file."""
 
 
 def cache_dir() -> Path:
@@ -109,11 +115,65 @@ def resolve_model_path(cfg: ModelConfig) -> tuple[str, dict]:
     return str(out), {}
 
 
+def check_model_source(cfg: ModelConfig, what: str = "model.name_or_path") -> None:
+    """Fail fast, naming `what` and the file, on a model that cannot load; reads only names and headers.
+
+    A local directory needs a parseable config.json and intact .safetensors files; a path that cannot be a
+    hub id (absolute, `./`, `~`, more than one `/`) must exist; a hub id (`name` or `org/name`) is left to
+    `from_pretrained`, whose failure `_loading` turns into one line.
+    """
+    name = cfg.name_or_path
+    if name in BUILTIN_MODELS or cfg.gguf_file or name.endswith(".gguf"):
+        _gguf_location(cfg)  # FileNotFoundError naming the missing file
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            raise ModelError(f"{what} {name!r}: {path} has no config.json, so it is not a Hugging Face model "
+                             "directory")
+        try:
+            loaded = json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as e:
+            raise ModelError(f"{what} {name!r}: {config} is not valid JSON ({e})") from None
+        if not isinstance(loaded, dict):
+            raise ModelError(f"{what} {name!r}: {config} is not a JSON object")
+        for f in sorted(path.glob("*.safetensors")):
+            if problem := safetensors_problem(f):
+                raise ModelError(f"{what} {name!r}: weights file {f} is damaged: {problem}")
+        return
+    if path.exists():
+        raise ModelError(f"{what} {name!r} is a file; give a Hugging Face model directory, a .gguf file, a hub id "
+                         f"(org/name) or a built-in alias ({', '.join(BUILTIN_MODELS)})")
+    if path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        raise ModelError(f"{what} {name!r}: no such directory")
+
+
+@contextmanager
+def _loading(cfg: ModelConfig, what: str) -> Iterator[None]:
+    """`from_pretrained`'s failures (hub unreachable, damaged files, unknown architecture) as a ModelError."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        name = cfg.name_or_path
+        if Path(name).expanduser().exists() or name in BUILTIN_MODELS:
+            msg = f"model.name_or_path {name!r}: the {what} does not load: {first}"
+        else:
+            msg = (f"model.name_or_path {name!r} is neither a local directory nor a model the hub could provide "
+                   f"(no connection or offline mode, and not in the local cache): {first}")
+        raise ModelError(msg) from e
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
+    check_model_source(cfg)
     path, kwargs = resolve_model_path(cfg)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    with _loading(cfg, "tokenizer"):
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, **kwargs)
     if cfg.chat_template:
         tok.chat_template = cfg.chat_template
     elif not tok.chat_template:
@@ -128,10 +188,12 @@ def load_model(cfg: ModelConfig):
     """The base causal LM in `cfg.dtype`, on CPU (the accelerator moves it)."""
     from transformers import AutoModelForCausalLM
 
+    check_model_source(cfg)
     path, kwargs = resolve_model_path(cfg)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kwargs
-    )
+    with _loading(cfg, "model"):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kwargs
+        )
     # SDPA is the fast attention on both CPU and CUDA; eager is the fallback for models without it.
     try:
         model.set_attn_implementation("sdpa")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,44 +128,126 @@ class Workspace:
             self.backend = build_backend(self.recipe, self.accelerator)
 
 
+def _check_data_fits(objective: Objective, method: Method, train_data: list[dict], spec) -> None:
+    """The training data's format must be what the objective trains on, and a method that calibrates on SFT
+    batches (CorDA, EVA, LoRA-GA) needs an SFT objective: checked before any model work."""
+    wants_pairs = objective.batch_kind == "preference"
+    if wants_pairs and method.capabilities.needs_calibration:
+        raise RecipeError(f"method {method.name!r} calibrates on SFT batches; objective {objective.name!r} trains "
+                          "on preference pairs: choose another method or objective")
+    from tunelab.evaluate.heldout import is_pairs
+
+    pairs = is_pairs(train_data)
+    if pairs == wants_pairs:
+        return
+    from tunelab.data.formats import detect_format
+    from tunelab.data.pipeline import load_spec_records
+
+    where = f"data.train ({spec.path or f'builtin:{spec.builtin}'})"
+    fmt = spec.format if spec.format != "auto" else detect_format(load_spec_records(spec)[0].data)
+    if wants_pairs:
+        raise RecipeError(f"objective {objective.name!r} trains on preference pairs (format 'preference': prompt, "
+                          f"chosen, rejected), but {where} is in format {fmt!r}; use pair data or an SFT objective")
+    raise RecipeError(f"objective {objective.name!r} trains on SFT examples (formats alpaca, messages, "
+                      f"prompt_completion, text), but {where} holds preference pairs (format {fmt!r}); use SFT data "
+                      "or a preference objective (dpo, simpo, orpo, kto)")
+
+
+def _check_builtin_tasks(recipe: Recipe) -> None:
+    from tunelab.data.builtin import get_task
+
+    for name in ("train", "eval"):
+        spec = getattr(recipe.data, name)
+        if spec is not None and spec.builtin:
+            try:
+                get_task(spec.builtin)
+            except KeyError as e:
+                raise RecipeError(f"recipe field 'data.{name}.builtin': {e.args[0]}") from None
+
+
 def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool = False, resume: bool = False,
                    need_train: bool = True) -> Workspace:
+    """Load and check everything a run needs, then claim its run directory: fail early, leave nothing.
+
+    The tokenizer, the data (and that its format fits the objective), the model and, on resume, the checkpoint
+    to resume from are checked BEFORE a new run directory is created; a directory created here is removed
+    again if anything after that fails (data selection, trackers). The main process holds the run directory's
+    lock (core/rundir.lock_run_dir) until the Workspace is garbage-collected or the process exits; on resume
+    it takes the lock first (a second writer is refused before any work) and removes the orphans a killed run
+    left in checkpoints/.
+    """
+    from accelerate import PartialState
+
+    from tunelab.core.io import atomic_write_text, remove_orphans
+    from tunelab.core.rundir import MetricsLog, discard_if_unstarted, lock_of, lock_run_dir
+    from tunelab.train.checkpoint import check_resumable, clean_checkpoints
+
     make_backend = backend_class(recipe.distributed)  # an unavailable backend is refused before any run dir exists
-    if run_dir is None:
-        run_dir = shared_run_dir(recipe, overwrite=overwrite, resume=resume)
     asked = recipe  # saved as written: `precision: auto` stays auto, so the run resumes right on another machine
     recipe, why = resolve_run_precision(recipe)
-    accelerator = make_accelerator(recipe, run_dir)
-    if recipe.tracking.tensorboard or recipe.tracking.wandb or recipe.tracking.mlflow:
-        accelerator.init_trackers(recipe.name, config={"method": recipe.method.name, "lr": recipe.train.lr,
-                                                       "batch_size": recipe.train.batch_size})
-    if accelerator.is_main_process:
-        (run_dir / "recipe.yaml").write_text(recipe_to_yaml(asked))
-    accelerator.print(f"run directory: {run_dir}")
-    accelerator.print(f"precision: {recipe.train.precision} ({why})")
-    tokenizer = load_tokenizer(recipe.model)
-    method, objective = build_method_for(recipe), build_objective_for(recipe)
-    train_data = None
-    if need_train:
-        train_spec = recipe.data.train
-        if recipe.data.select is not None:  # score + select first; training reads the subset file
+    main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
+    created, lock = False, None  # `lock`: the main process's hold on run_dir, released with the Workspace
+    if run_dir is None and resume:
+        run_dir = shared_run_dir(recipe, overwrite=overwrite, resume=resume)  # the existing one, locked (main)
+        lock = lock_of(run_dir) if main else None
+    elif run_dir is not None and main:
+        lock = lock_run_dir(run_dir)
+    try:
+        if run_dir is not None and main:
+            orphans = [*remove_orphans(run_dir), *remove_orphans(run_dir / "export"), *clean_checkpoints(run_dir)]
+            for orphan in orphans:
+                log.warning("removed %s (left by an interrupted run)", orphan)
+            if resume and check_resumable(run_dir) is None:  # the loop starts from step 0: forget logged steps
+                MetricsLog(run_dir).truncate_after(0)
+        _check_builtin_tasks(recipe)
+        tokenizer = load_tokenizer(recipe.model)
+        method, objective = build_method_for(recipe), build_objective_for(recipe)
+        train_data = stats = None
+        if need_train and recipe.data.select is None:
+            train_data, stats = encode_spec(tokenizer, recipe.data.train, recipe.data)
+            _check_data_fits(objective, method, train_data, recipe.data.train)
+        eval_data, items = None, []
+        if recipe.data.eval is not None:
+            # held-out data is scored on the responses only: instruction-modelling weights are for training
+            eval_cfg = recipe.data.model_copy(update={"prompt_loss_weight": None})
+            eval_data, _ = encode_spec(tokenizer, recipe.data.eval, eval_cfg)
+            if recipe.eval.n:
+                eval_data = eval_data[: recipe.eval.n]
+            if recipe.data.eval.builtin and recipe.eval.exact_match:
+                items = eval_items(recipe.data.eval, recipe.data)[: recipe.eval.n or None]
+        model = load_model(recipe.model)
+        if run_dir is None:  # everything checked: only now does a new run directory appear
+            run_dir = shared_run_dir(recipe, overwrite=overwrite, resume=resume)
+            created = main
+            lock = lock_of(run_dir) if main else None
+        accelerator = make_accelerator(recipe, run_dir)
+        if recipe.tracking.tensorboard or recipe.tracking.wandb or recipe.tracking.mlflow:
+            accelerator.init_trackers(recipe.name, config={"method": recipe.method.name, "lr": recipe.train.lr,
+                                                           "batch_size": recipe.train.batch_size})
+        if main:
+            atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(asked))
+        accelerator.print(f"run directory: {run_dir}")
+        accelerator.print(f"precision: {recipe.train.precision} ({why})")
+        if need_train and recipe.data.select is not None:  # score + select first; training reads the subset file
             from tunelab.selection.run import select_for_recipe
 
             train_spec = select_for_recipe(recipe, run_dir, accelerator)
-        train_data, stats = encode_spec(tokenizer, train_spec, recipe.data)
-        accelerator.print(f"train data: {stats.summary()}")
-    eval_data, items = None, []
-    if recipe.data.eval is not None:
-        # held-out data is scored on the responses only: instruction-modelling weights are for training
-        eval_cfg = recipe.data.model_copy(update={"prompt_loss_weight": None})
-        eval_data, stats = encode_spec(tokenizer, recipe.data.eval, eval_cfg)
-        if recipe.eval.n:
-            eval_data = eval_data[: recipe.eval.n]
-        if recipe.data.eval.builtin and recipe.eval.exact_match:
-            items = eval_items(recipe.data.eval, recipe.data)[: recipe.eval.n or None]
-    model = load_model(recipe.model)
-    return Workspace(recipe, run_dir, accelerator, tokenizer, model, method, objective, train_data, eval_data, items,
-                     backend=make_backend(accelerator))
+            train_data, stats = encode_spec(tokenizer, train_spec, recipe.data)
+            _check_data_fits(objective, method, train_data, train_spec)
+        if stats is not None:
+            accelerator.print(f"train data: {stats.summary()}")
+        backend = make_backend(accelerator)
+    except BaseException:
+        if created:
+            discard_if_unstarted(run_dir)  # removes it and drops the lock
+        elif lock is not None:
+            lock.release()
+        raise
+    ws = Workspace(recipe, run_dir, accelerator, tokenizer, model, method, objective, train_data, eval_data, items,
+                   backend=backend)
+    if lock is not None:
+        weakref.finalize(ws, lock.release)
+    return ws
 
 
 def evaluate(ws: Workspace, model, label: str) -> dict[str, Any]:

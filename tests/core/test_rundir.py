@@ -204,6 +204,17 @@ def test_a_second_writer_is_refused_with_the_holders_pid_and_host(holder, tmp_pa
     assert (run / "recipe.yaml").read_text() == recipe and lock_of(run) is None
 
 
+def test_a_second_writer_through_the_cli_gets_one_clean_line(holder, tmp_path):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    run, proc = holder
+    res = CliRunner().invoke(app, ["train", str(run), "--resume"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert f"error: run directory {run.resolve()} is in use by pid {proc.pid}" in res.output
+
+
 def test_a_stale_lock_of_a_killed_process_is_taken_over(holder, caplog):
     run, proc = holder
     proc.send_signal(signal.SIGKILL)  # kill -9: no cleanup runs, the lock file stays behind

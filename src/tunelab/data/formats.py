@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tunelab.core.io import NotUtf8, decode_utf8
+
 FORMATS = ("alpaca", "messages", "prompt_completion", "text", "preference")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
                   "bot": "assistant", "model": "assistant"}
@@ -68,7 +70,8 @@ class Record:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def detect_format(record: dict[str, Any]) -> str:
+def detect_format(record: dict[str, Any], origin: str = "") -> str:
+    """The format a record's keys say (`origin`, its file:line, starts the error when none fits)."""
     keys = set(record)
     if {"chosen", "rejected"} <= keys:
         return "preference"
@@ -81,7 +84,8 @@ def detect_format(record: dict[str, Any]) -> str:
     if "text" in keys:
         return "text"
     raise DataError(
-        f"cannot detect the format of a record with keys {sorted(keys)}; set data.*.format to one of {FORMATS}"
+        f"{origin + ': ' if origin else ''}cannot detect the format of a record with keys {sorted(keys)}; set "
+        f"data.*.format to one of {FORMATS}"
     )
 
 
@@ -194,11 +198,28 @@ def _to_example(rec: Record, fmt: str, system_prompt: str | None = None):
 # -- reading files --------------------------------------------------------------------------------
 
 
-def open_text(path: Path):
-    """A text file, transparently gunzipped when it ends in .gz."""
+def _open_bytes(path: Path):
     import gzip
 
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+    return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
+
+
+def read_text(path: str | Path) -> str:
+    """A whole text file (gunzipped when it ends in .gz) as UTF-8; other bytes raise DataError naming file:line."""
+    path = Path(path)
+    with _open_bytes(path) as f:
+        raw = f.read()
+    try:
+        return decode_utf8(raw, path)
+    except NotUtf8 as e:
+        raise DataError(str(e)) from None
+
+
+def open_text(path: Path):
+    """A text file, transparently gunzipped when it ends in .gz, checked to be UTF-8 (see `read_text`)."""
+    import io
+
+    return io.StringIO(read_text(path), newline=None)  # universal newlines, as text mode reads them
 
 
 def iter_jsonl(path: str | Path):
@@ -206,8 +227,12 @@ def iter_jsonl(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    with open_text(path) as f:
-        for lineno, raw in enumerate(f, start=1):
+    with _open_bytes(path) as f:
+        for lineno, raw_bytes in enumerate(f, start=1):
+            try:
+                raw = decode_utf8(raw_bytes, path, lineno)
+            except NotUtf8 as e:
+                raise DataError(str(e)) from None
             if not raw.strip():
                 continue
             try:
@@ -217,6 +242,33 @@ def iter_jsonl(path: str | Path):
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: a record must be a JSON object, got {type(obj).__name__}")
             yield lineno, obj
+
+
+def _kind(value: Any) -> str:
+    """What Arrow must store a value as: one kind per field across all records ("list of str", "number", ...)."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, list):
+        inner = next((v for v in value if v is not None), None)
+        return "list" if inner is None else f"list of {_kind(inner)}"
+    return {str: "str", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def check_field_types(rows: list[dict[str, Any]], where) -> None:
+    """Every field must hold one kind of value in every record (Arrow stores a column per field);
+    `where(i)` names record i (file:line or file[i])."""
+    first: dict[str, tuple[str, int]] = {}
+    for i, row in enumerate(rows):
+        for key, value in row.items():
+            if value is None or (isinstance(value, list) and not value):
+                continue
+            kind = _kind(value)
+            seen = first.setdefault(key, (kind, i))
+            if seen[0] != kind and not (seen[0].startswith("list") and kind == "list"):
+                raise DataError(f"{where(i)}: field {key!r} is a {kind} here but a {seen[0]} at {where(seen[1])}; a "
+                                "field must have the same type in every record")
 
 
 def load_records(path: str, split: str = "train", n: int | None = None) -> list[Record]:
@@ -245,13 +297,26 @@ def load_records(path: str, split: str = "train", n: int | None = None) -> list[
             if builder == "json":
                 # Our own parse (already validated line by line for JSONL) into a Dataset: the `json` builder's
                 # pyarrow reader would turn ISO-date strings such as "2021-03-05" into timestamps.
-                rows = [obj for _, obj in numbered] if suffix == ".jsonl" else json.loads(p.read_text())
+                if suffix == ".jsonl":
+                    rows = [obj for _, obj in numbered]
+                    where = lambda i: f"{p}:{line_numbers[i]}"
+                else:
+                    try:
+                        rows = json.loads(read_text(p))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{p}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+                    where = lambda i: f"{p}[{i}]"
                 if isinstance(rows, dict) and "data" in rows:
                     rows = rows["data"]
-                if not isinstance(rows, list):
-                    raise DataError(f"{p}: a .json file must hold a list of records")
+                if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                    raise DataError(f"{p}: a .json file must hold a list of records (JSON objects)")
+                check_field_types(rows, where)
                 ds = datasets.Dataset.from_list(rows)
             else:
+                if builder == "parquet":  # checked first: datasets logs a traceback-sized error for a bad file
+                    import pyarrow.parquet as pq
+
+                    pq.read_metadata(p)
                 ds = datasets.load_dataset(builder, data_files=str(p), split="train")
         except DataError:
             raise

@@ -24,7 +24,10 @@ def builtin_records(spec: DatasetSpec) -> list[Record]:
 
     if spec.split not in ("train", "eval"):
         raise DataError(f"built-in task {spec.builtin!r}: split must be 'train' or 'eval', got {spec.split!r}")
-    task = get_task(spec.builtin)
+    try:
+        task = get_task(spec.builtin)
+    except KeyError as e:
+        raise DataError(f"data.*.builtin: {e.args[0]}") from None
     items = generate(task, spec.split, spec.n or (2000 if spec.split == "train" else 200), spec.seed)
     return [Record(r, f"builtin:{spec.builtin}/{spec.split}[{i}]") for i, r in enumerate(to_records(items))]
 
@@ -36,7 +39,7 @@ def load_spec_records(spec: DatasetSpec) -> list[Record]:
 def records_to_examples(records: list[Record], spec: DatasetSpec, data_cfg: DataConfig) -> list:
     if not records:
         raise DataError(f"dataset {spec.builtin or spec.path}: no records")
-    fmt = spec.format if spec.format != "auto" else detect_format(records[0].data)
+    fmt = spec.format if spec.format != "auto" else detect_format(records[0].data, records[0].origin)
     return [to_example(r, fmt, data_cfg.system_prompt) for r in records]
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.core.io import atomic_write_json
+from tunelab.core.rundir import check_component, write_json
 from tunelab.recipe import DatasetSpec, ModelConfig, Recipe, RecipeError, load_recipe
 
 
@@ -41,7 +42,7 @@ def _load_target(target: str, base: bool = False) -> tuple[Recipe, Any, Any]:
     tunelab's own format), HF dir, hub id or alias. `base`: the base model of a run (its recipe's model) or of an
     adapter, instead of the trained one; a plain model has none (RecipeError)."""
     from tunelab.methods._modules import ADAPTER_CONFIG, load_own_adapter
-    from tunelab.model import load_model, load_tokenizer
+    from tunelab.model import check_model_source, load_model, load_tokenizer
 
     path = Path(target)
     run = run_dir_of(target)
@@ -63,9 +64,13 @@ def _load_target(target: str, base: bool = False) -> tuple[Recipe, Any, Any]:
         recipe = _adapter_base(path, ADAPTER_CONFIG)
         model = load_model(recipe.model)
         return recipe, model if base else load_own_adapter(model, path)[1], load_tokenizer(recipe.model)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{target} is neither a run directory (recipe.yaml), a checkpoint (state.json), an "
+                                "adapter (adapter_config.json) nor a model directory (config.json)")
     if base:
         raise RecipeError(f"--base evaluates the base model of a run or an adapter; {target} is a plain model")
     recipe = Recipe(model=ModelConfig(name_or_path=target))
+    check_model_source(recipe.model, what="eval target")
     return recipe, load_model(recipe.model), load_tokenizer(recipe.model)
 
 
@@ -107,6 +112,8 @@ def evaluate_target(target: str, *, task: str | None = None, n: int = 100, tasks
     weight diagnostics of the export vs the base (diagnostics.json). `results["failed"]` lists what raised; the CLI
     exits non-zero when it is not empty.
     """
+    if label is not None:
+        check_component(label, "--label")  # it names eval[_suite]_<label>.json inside the run directory
     run = run_dir_of(target)
     if diagnostics and (run is None or base):
         raise RecipeError("--diagnostics compares a run's trained weights with its base model: give a run or "
@@ -149,8 +156,7 @@ def evaluate_target(target: str, *, task: str | None = None, n: int = 100, tasks
             results["failed"].append("diagnostics")
     if name is not None:
         assert run is not None
-        atomic_write_json(run / name, results)
-        results["written_to"] = str(run / name)
+        results["written_to"] = str(write_json(run, name, results))
     return results
 
 
