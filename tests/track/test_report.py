@@ -150,3 +150,24 @@ def test_page_loads_in_headless_chromium(two_runs, tmp_path):
     bad.write_text("<html><body><table id='runs'></table><script>notDefined();</script></body></html>")
     _, bad_console = open_in_chromium(bad)
     assert any("notDefined" in line for line in bad_console)
+
+
+def test_mathtext_in_run_and_task_names_is_drawn_literally(tmp_path):
+    """`$...$` starts matplotlib mathtext; `$\\foo$` (an unknown command) used to abort the page with a
+    ParseFatalException from the plot legend. Names are data: every plot draws them escaped."""
+    from tunelab.track import plots
+
+    names = ["$\\foo$", "$x^2$ and $", "100$"]
+    a = make_run(tmp_path, names[0], method="lora", pct=0.5, em=(0.1, 0.2), acc=(0.5, 0.5), bpb=(1.0, 1.0),
+                 refusal=(0.9, 0.9), memory=10.0, tps=1.0, wall=1.0)
+    b = make_run(tmp_path, "b", method="$\\bar$", pct=0.5, em=(0.1, 0.2), acc=(0.5, 0.5), bpb=(1.0, 1.0),
+                 refusal=(0.9, 0.9), memory=20.0, tps=1.0, wall=1.0)
+    (b / "continual").mkdir()
+    (b / "continual" / "r_matrix.json").write_text(json.dumps({"tasks": names[1:], "R": [[0.5, 0.1], [0.4, 0.6]]}))
+    out = write_report([a, b], tmp_path / "r.html")
+    page = out.read_text()
+    assert page.count("data:image/png;base64,") == 3  # loss curves, quality vs memory, R matrix
+    assert "$\\foo$" in page  # the table shows the name as it is
+    assert plots.plain("$\\foo$") == "\\$\\foo\\$"
+    assert plots.diagnostics_plot({names[0]: [{"layer": 0, "delta_norm": 1.0, "effective_rank": 1.0,
+                                               "intruders": 0}]})

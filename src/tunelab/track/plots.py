@@ -20,6 +20,12 @@ def _plt():
     return plt
 
 
+def plain(text: object) -> str:
+    """`text` as matplotlib shows it literally: `$` starts mathtext (`$\\foo$` is a parse error that aborts the
+    figure), so every `$` is escaped; run and task names are data, never markup."""
+    return str(text).replace("$", r"\$")
+
+
 def to_base64(fig) -> str:
     plt = _plt()
     buf = io.BytesIO()
@@ -38,10 +44,10 @@ def loss_curves(curves: dict[str, dict[str, list[tuple[int, float]]]]) -> str | 
         color = f"C{i % 10}"
         if c.get("loss"):
             xs, ys = zip(*c["loss"])
-            ax.plot(xs, ys, color=color, lw=1.4, label=f"{name} (train)")
+            ax.plot(xs, ys, color=color, lw=1.4, label=plain(f"{name} (train)"))
         if c.get("eval_loss"):
             xs, ys = zip(*c["eval_loss"])
-            ax.plot(xs, ys, color=color, lw=1.2, ls="--", marker="o", ms=3, label=f"{name} (held-out)")
+            ax.plot(xs, ys, color=color, lw=1.2, ls="--", marker="o", ms=3, label=plain(f"{name} (held-out)"))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title("Loss curves")
@@ -58,15 +64,16 @@ def r_matrix_heatmap(tasks: list[str], r: list[list[float]], title: str) -> str:
     data = np.array(r, dtype=float)
     fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(tasks), 1.0 + 0.7 * len(r)))
     im = ax.imshow(data, cmap="viridis", vmin=np.nanmin(data), vmax=np.nanmax(data), aspect="auto")
-    ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right", fontsize=8)
-    ax.set_yticks(range(len(r)), [f"after {tasks[i] if i < len(tasks) else i}" for i in range(len(r))], fontsize=8)
+    ax.set_xticks(range(len(tasks)), [plain(t) for t in tasks], rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(r)), [plain(f"after {tasks[i] if i < len(tasks) else i}") for i in range(len(r))],
+                  fontsize=8)
     for i in range(data.shape[0]):
         for j in range(data.shape[1]):
             if np.isfinite(data[i, j]):
                 ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", fontsize=8,
                         color="white" if data[i, j] < (np.nanmin(data) + np.nanmax(data)) / 2 else "black")
     ax.set_xlabel("evaluated on")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(plain(title), fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     return to_base64(fig)
 
@@ -81,11 +88,12 @@ def quality_vs_memory(points: list[dict[str, Any]], ylabel: str = "task score af
     methods = sorted({str(p.get("method")) for p in pts})
     for k, m in enumerate(methods):
         sel = [p for p in pts if str(p.get("method")) == m]
-        ax.scatter([p["memory_mb"] for p in sel], [p["score"] for p in sel], s=45, color=f"C{k % 10}", label=m)
+        ax.scatter([p["memory_mb"] for p in sel], [p["score"] for p in sel], s=45, color=f"C{k % 10}", label=plain(m))
     for p in pts:
-        ax.annotate(p["name"], (p["memory_mb"], p["score"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        ax.annotate(plain(p["name"]), (p["memory_mb"], p["score"]), textcoords="offset points", xytext=(5, 4),
+                    fontsize=8)
     ax.set_xlabel("peak memory (MB)")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(plain(ylabel))
     ax.set_title("Quality vs memory (up and to the left is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="method", title_fontsize=8)
@@ -108,9 +116,10 @@ def diagnostics_plot(per_run: dict[str, list[dict[str, Any]]]) -> str | None:
         erank = [sum(r["effective_rank"] for r in c) / len(c) if c else 0.0 for c in changed]
         intr = [sum(r["intruders"] for r in rows if r["layer"] == layer) for layer in layers]
         color = f"C{k % 10}"
-        axes[0].plot(layers, norm, marker="o", ms=3, color=color, label=name)
-        axes[1].plot(layers, erank, marker="o", ms=3, color=color, label=name)
-        axes[2].bar([x + (k - (len(runs) - 1) / 2) * width for x in layers], intr, width=width, color=color, label=name)
+        axes[0].plot(layers, norm, marker="o", ms=3, color=color, label=plain(name))
+        axes[1].plot(layers, erank, marker="o", ms=3, color=color, label=plain(name))
+        axes[2].bar([x + (k - (len(runs) - 1) / 2) * width for x in layers], intr, width=width, color=color,
+                    label=plain(name))
         top = max(top, *intr) if intr else top
     from matplotlib.ticker import MaxNLocator
 
