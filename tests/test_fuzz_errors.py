@@ -20,9 +20,9 @@ from typing import Callable
 
 import pytest
 import yaml
+from tiny import tiny_recipe_dict
 from typer.testing import CliRunner
 
-from tiny import tiny_recipe_dict
 from tunelab.cli import app
 
 runner = CliRunner()

@@ -75,6 +75,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     that names the file, field or line. Anything else is a bug and keeps its traceback."""
     from tunelab.continual.evaluation import ContinualError
     from tunelab.continual.strategies.base import StrategyError
+    from tunelab.core.registry import UnknownName
     from tunelab.core.rundir import RunDirError
     from tunelab.data.formats import DataError
     from tunelab.methods.registry import ExportUnsupported
@@ -84,11 +85,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tunelab.train.loop import TrainingDiverged
 
     return (RecipeError, DataError, ModelError, RunDirError, CheckpointError, ContinualError, StrategyError,
-            TrainingDiverged, ExportUnsupported, FileNotFoundError, FileExistsError, NotADirectoryError,
+            UnknownName, TrainingDiverged, ExportUnsupported, FileNotFoundError, FileExistsError, NotADirectoryError,
             IsADirectoryError, PermissionError)
 
 
 def _message(e: BaseException) -> str:
+    if isinstance(e, KeyError) and e.args:  # str() of a KeyError is the repr of its message
+        return str(e.args[0])
     if isinstance(e, OSError) and e.filename is not None and e.strerror:  # "[Errno 13] ..." -> "path: reason"
         return f"{e.filename}: {e.strerror}"
     return str(e)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from tiny import tiny_recipe_dict
+
 from tunelab.core.rundir import (
     LOCK_NAME,
     MetricsLog,

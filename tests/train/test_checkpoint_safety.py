@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from tiny import tiny_recipe_dict
+
 from tunelab.core.io import is_temporary
 from tunelab.recipe import Recipe
 from tunelab.runner import open_workspace, train_workspace

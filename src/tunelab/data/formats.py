@@ -297,15 +297,16 @@ def load_records(path: str, split: str = "train", n: int | None = None) -> list[
             if builder == "json":
                 # Our own parse (already validated line by line for JSONL) into a Dataset: the `json` builder's
                 # pyarrow reader would turn ISO-date strings such as "2021-03-05" into timestamps.
+                def where(i: int) -> str:  # record i as an error names it: file:line (JSONL), file[i] (JSON)
+                    return f"{p}:{line_numbers[i]}" if line_numbers else f"{p}[{i}]"
+
                 if suffix == ".jsonl":
                     rows = [obj for _, obj in numbered]
-                    where = lambda i: f"{p}:{line_numbers[i]}"
                 else:
                     try:
                         rows = json.loads(read_text(p))
                     except json.JSONDecodeError as e:
                         raise DataError(f"{p}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-                    where = lambda i: f"{p}[{i}]"
                 if isinstance(rows, dict) and "data" in rows:
                     rows = rows["data"]
                 if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
