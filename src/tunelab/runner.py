@@ -47,7 +47,7 @@ from tunelab.train.backends import Backend, backend_class, build_backend
 from tunelab.train.loop import TrainResult, train
 from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for, restore_frozen_weights
 from tunelab.train.sources import StaticBatchSource
-from tunelab.validate import load_validated_recipe
+from tunelab.validate import check_data_fits, load_validated_recipe, validate_recipe
 
 log = logging.getLogger("tunelab")
 
@@ -128,43 +128,6 @@ class Workspace:
             self.backend = build_backend(self.recipe, self.accelerator)
 
 
-def _check_data_fits(objective: Objective, method: Method, train_data: list[dict], spec) -> None:
-    """The training data's format must be what the objective trains on, and a method that calibrates on SFT
-    batches (CorDA, EVA, LoRA-GA) needs an SFT objective: checked before any model work."""
-    wants_pairs = objective.batch_kind == "preference"
-    if wants_pairs and method.capabilities.needs_calibration:
-        raise RecipeError(f"method {method.name!r} calibrates on SFT batches; objective {objective.name!r} trains "
-                          "on preference pairs: choose another method or objective")
-    from tunelab.evaluate.heldout import is_pairs
-
-    pairs = is_pairs(train_data)
-    if pairs == wants_pairs:
-        return
-    from tunelab.data.formats import detect_format
-    from tunelab.data.pipeline import load_spec_records
-
-    where = f"data.train ({spec.path or f'builtin:{spec.builtin}'})"
-    fmt = spec.format if spec.format != "auto" else detect_format(load_spec_records(spec)[0].data)
-    if wants_pairs:
-        raise RecipeError(f"objective {objective.name!r} trains on preference pairs (format 'preference': prompt, "
-                          f"chosen, rejected), but {where} is in format {fmt!r}; use pair data or an SFT objective")
-    raise RecipeError(f"objective {objective.name!r} trains on SFT examples (formats alpaca, messages, "
-                      f"prompt_completion, text), but {where} holds preference pairs (format {fmt!r}); use SFT data "
-                      "or a preference objective (dpo, simpo, orpo, kto)")
-
-
-def _check_builtin_tasks(recipe: Recipe) -> None:
-    from tunelab.data.builtin import get_task
-
-    for name in ("train", "eval"):
-        spec = getattr(recipe.data, name)
-        if spec is not None and spec.builtin:
-            try:
-                get_task(spec.builtin)
-            except KeyError as e:
-                raise RecipeError(f"recipe field 'data.{name}.builtin': {e.args[0]}") from None
-
-
 def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool = False, resume: bool = False,
                    need_train: bool = True) -> Workspace:
     """Load and check everything a run needs, then claim its run directory: fail early, leave nothing.
@@ -199,13 +162,13 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
                 log.warning("removed %s (left by an interrupted run)", orphan)
             if resume and check_resumable(run_dir) is None:  # the loop starts from step 0: forget logged steps
                 MetricsLog(run_dir).truncate_after(0)
-        _check_builtin_tasks(recipe)
+        validate_recipe(recipe)  # also for recipes built in code: registered names, options, built-in tasks
         tokenizer = load_tokenizer(recipe.model)
         method, objective = build_method_for(recipe), build_objective_for(recipe)
         train_data = stats = None
         if need_train and recipe.data.select is None:
             train_data, stats = encode_spec(tokenizer, recipe.data.train, recipe.data)
-            _check_data_fits(objective, method, train_data, recipe.data.train)
+            check_data_fits(objective, method, train_data, recipe.data.train)
         eval_data, items = None, []
         if recipe.data.eval is not None:
             # held-out data is scored on the responses only: instruction-modelling weights are for training
@@ -233,7 +196,7 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
 
             train_spec = select_for_recipe(recipe, run_dir, accelerator)
             train_data, stats = encode_spec(tokenizer, train_spec, recipe.data)
-            _check_data_fits(objective, method, train_data, train_spec)
+            check_data_fits(objective, method, train_data, train_spec)
         if stats is not None:
             accelerator.print(f"train data: {stats.summary()}")
         backend = make_backend(accelerator)

@@ -1,8 +1,9 @@
 """Recipe checks that need the plug-in registries: the layer above methods, objectives and selection.
 
 `tunelab.recipe` validates shapes only (it imports nothing of tunelab but itself); the options of the
-registered method, objective and selection scorer/selector are checked here against their own `Config`
-classes, each error naming the dotted recipe field. Commands load recipes with `load_validated_recipe`.
+registered method, objective and selection scorer/selector, and the names of built-in tasks, are checked here,
+each error naming the dotted recipe field. Commands load recipes with `load_validated_recipe`. `check_data_fits`
+checks loaded data against the objective (runner.open_workspace calls it before any model work).
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from tunelab.core.registry import UnknownName
-from tunelab.methods.registry import get_method_class
-from tunelab.objectives.base import get_objective_class
-from tunelab.recipe import Recipe, RecipeError, format_validation_error, load_recipe
+from tunelab.data.builtin import get_task
+from tunelab.data.formats import detect_format
+from tunelab.data.pipeline import load_spec_records
+from tunelab.evaluate.heldout import is_pairs
+from tunelab.methods.registry import Method, get_method_class
+from tunelab.objectives.base import Objective, get_objective_class
+from tunelab.recipe import DatasetSpec, Recipe, RecipeError, format_validation_error, load_recipe
 from tunelab.selection.registry import validate_select_config
 
 
@@ -37,7 +42,34 @@ def validate_recipe(recipe: Recipe) -> Recipe:
             validate_select_config(recipe.data.select)
         except ValueError as e:
             raise RecipeError(f"recipe field 'data.select': {e}") from None
+    for name in ("train", "eval"):
+        spec = getattr(recipe.data, name)
+        if spec is not None and spec.builtin:
+            try:
+                get_task(spec.builtin)
+            except KeyError as e:
+                raise RecipeError(f"recipe field 'data.{name}.builtin': {e.args[0]}") from None
     return recipe
+
+
+def check_data_fits(objective: Objective, method: Method, train_data: list[dict], spec: DatasetSpec) -> None:
+    """The training data's format must be what the objective trains on (SFT examples or preference pairs), and a
+    method that calibrates on SFT batches (CorDA, EVA, LoRA-GA) needs an SFT objective."""
+    wants_pairs = objective.batch_kind == "preference"
+    if wants_pairs and method.capabilities.needs_calibration:
+        raise RecipeError(f"method {method.name!r} calibrates on SFT batches; objective {objective.name!r} trains "
+                          "on preference pairs: choose another method or objective")
+    pairs = is_pairs(train_data)
+    if pairs == wants_pairs:
+        return
+    where = f"data.train ({spec.path or f'builtin:{spec.builtin}'})"
+    fmt = spec.format if spec.format != "auto" else detect_format(load_spec_records(spec)[0].data)
+    if wants_pairs:
+        raise RecipeError(f"objective {objective.name!r} trains on preference pairs (format 'preference': prompt, "
+                          f"chosen, rejected), but {where} is in format {fmt!r}; use pair data or an SFT objective")
+    raise RecipeError(f"objective {objective.name!r} trains on SFT examples (formats alpaca, messages, "
+                      f"prompt_completion, text), but {where} holds preference pairs (format {fmt!r}); use SFT data "
+                      "or a preference objective (dpo, simpo, orpo, kto)")
 
 
 def load_validated_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
