@@ -65,7 +65,7 @@ def test_dataset_needs_exactly_one_source():
 
 
 def test_shipped_quickstart_recipe_validates():
-    from tunelab.cli import builtin_recipe_path
+    from tunelab.commands._common import builtin_recipe_path
 
     r = load_validated_recipe(builtin_recipe_path("quickstart"))
     assert r.name == "quickstart" and r.data.train.builtin == "date_format"
@@ -96,10 +96,10 @@ def test_tensorboard_tracking_writes_events(tiny_model_dir, tmp_path):
 
 
 def test_run_argument_with_equals_is_an_override_of_the_quickstart():
-    from tunelab.cli import _resolve_recipe, _split_recipe_arg
+    from tunelab.commands._common import resolve_recipe, split_recipe_arg
     from tunelab.runner import resolve_recipe_arg
 
-    path, overrides = _split_recipe_arg("train.lr=0.5", ["method.r=4"])
-    recipe, run_dir = resolve_recipe_arg(_resolve_recipe(path), overrides)
+    path, overrides = split_recipe_arg("train.lr=0.5", ["method.r=4"])
+    recipe, run_dir = resolve_recipe_arg(resolve_recipe(path), overrides)
     assert recipe.name == "quickstart" and run_dir is None
     assert recipe.train.lr == 0.5 and recipe.method_options()["r"] == 4

@@ -55,7 +55,7 @@ def test_overrides_reach_list_items_and_stage_recipes(tmp_path):
 
 
 def test_shipped_recipe_and_docs_are_current():
-    from tunelab.cli import builtin_recipe_path
+    from tunelab.commands._common import builtin_recipe_path
 
     cr = load_continual_recipe(builtin_recipe_path("continual_lora"))
     assert cr.task_names == ["date_format", "arithmetic", "sort_numbers"]

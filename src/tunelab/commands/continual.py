@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         strategies: bool = typer.Option(False, "--strategies", help="List the strategies with their papers and "
                                                                     "exit."),
     ):
-        from tunelab.cli import _fail, _guard, _resolve_recipe, _setup_logging
+        from tunelab.commands._common import fail, guard, resolve_recipe, setup_logging
 
         if fields:
             from tunelab.continual.recipe import fields_markdown
@@ -67,8 +67,8 @@ def register(app: typer.Typer) -> None:
                 typer.echo(f"{name:<8} {cls.paper or '-':<34} {doc}")
             return
         if recipe is None:
-            _fail("give a continual recipe (e.g. `tunelab continual continual_lora`) or a run directory")
-        _setup_logging()
+            fail("give a continual recipe (e.g. `tunelab continual continual_lora`) or a run directory")
+        setup_logging()
 
         def go():
             from tunelab.continual.evaluation import ContinualError
@@ -79,13 +79,13 @@ def register(app: typer.Typer) -> None:
             run_dir = None
             if target.is_dir():
                 if not (target / "continual.yaml").is_file():
-                    _fail(f"{target} is a directory without a continual.yaml: not a continual run directory")
+                    fail(f"{target} is a directory without a continual.yaml: not a continual run directory")
                 cr, run_dir = load_continual_recipe(target / "continual.yaml", overrides or []), target
             else:
-                cr = load_continual_recipe(_resolve_recipe(recipe), overrides or [])
+                cr = load_continual_recipe(resolve_recipe(recipe), overrides or [])
             try:
                 run_continual(cr, run_dir=run_dir, overwrite=overwrite, resume=resume or run_dir is not None)
             except ContinualError as e:
-                _fail(str(e))
+                fail(str(e))
 
-        _guard(go)
+        guard(go)

@@ -101,20 +101,20 @@ def register(app: typer.Typer) -> None:
         output: Path = typer.Option(..., "-o", "--output", help="Output directory (HF checkpoint or PEFT adapter)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
     ):
-        from tunelab.cli import _fail, _setup_logging
+        from tunelab.commands._common import fail, setup_logging
 
-        _setup_logging()
+        setup_logging()
         from pydantic import ValidationError
 
         from tunelab.merging.recipe import load_recipe
         from tunelab.merging.run import run_merge
 
         if not recipe.is_file():
-            from tunelab.cli import builtin_recipe_path
+            from tunelab.commands._common import builtin_recipe_path
 
             shipped = builtin_recipe_path(str(recipe)) if str(recipe).startswith("merge_") else None
             if shipped is None:
-                _fail(f"merge recipe not found: {recipe}")
+                fail(f"merge recipe not found: {recipe}")
             recipe = shipped
         try:
             r = load_recipe(recipe)
@@ -122,7 +122,7 @@ def register(app: typer.Typer) -> None:
             report: dict = {}
             out = run_merge(r, output, overwrite=overwrite, report=report)
         except ValidationError as e:
-            _fail("\n".join(_validation_lines(e)))
+            fail("\n".join(_validation_lines(e)))
         except (ValueError, FileExistsError, FileNotFoundError, KeyError) as e:
-            _fail(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
+            fail(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
         _print_report(report, out)

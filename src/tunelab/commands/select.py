@@ -46,7 +46,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars while scoring."),
     ):
         """Score, deduplicate and select a subset of the data (IFD, LESS, Deita, QDIT, CaR, k-center, ...)."""
-        from tunelab.cli import _fail, _guard
+        from tunelab.commands._common import fail, guard
 
         if list_all:
             from tunelab.selection.registry import list_scorers, list_selectors
@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
                     typer.echo(f"  {name:<14} {cls.paper or ''}")
             return
         if data is None or output is None:
-            _fail("give a DATA file and -o/--output (or --list)")
+            fail("give a DATA file and -o/--output (or --list)")
 
         def go():
             import yaml
@@ -103,4 +103,4 @@ def register(app: typer.Typer) -> None:
             for k, v in paths.items():
                 typer.echo(f"{k}: {v}")
 
-        _guard(go)
+        guard(go)
