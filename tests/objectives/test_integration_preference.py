@@ -178,7 +178,7 @@ def _losses(run_dir):
 def test_dpo_full_finetune_uses_the_reference_cache(tiny_model_dir, tmp_path, monkeypatch):
     """Full fine-tuning + DPO through the runner: reference log-probs precomputed once and cached in the run
     directory (training and eval pairs), equal step by step to training against an explicit frozen copy."""
-    import tunelab.runner as runner
+    import tunelab.runner.workspace as runner
     from tunelab.runner import open_workspace, run_recipe
 
     data = write_pairs(tmp_path / "pairs.jsonl", 16)

@@ -1,17 +1,7 @@
-"""One run: recipe -> workspace -> prepare (reference, method) -> eval before -> train -> eval after -> export
--> summary.
-
-`run_recipe` is what `tunelab run` and `tunelab train` (with the evaluations switched off) call. Its pieces, which
-benchmarks/methods.py also calls one by one:
-  * `open_workspace`: the run directory, accelerator, tokenizer, data (after `data.select`), model, method and
-    objective (`tunelab.assemble` builds the last two);
-  * `prepare_workspace`: the objective's reference (below), then `tunelab.assemble.prepare_model` (seed, run
-    length, calibration, `method.prepare`, the engine's switches, parameter counts);
-  * `evaluate`: `tunelab.evaluate.heldout` and the recipe's `eval.suite`, saved as eval_<label>.json;
-  * `train_workspace`: `tunelab.train.loop.train`.
-`tunelab eval RUN` / `tunelab export RUN` do not come through here: they restore the run's model with
-`tunelab.assemble.restore_run`. Every step logs what it does; the run directory keeps everything
-(tunelab.core.rundir).
+"""A run's workspace: its directory (locked), accelerator and backend, tokenizer, data, model, method and objective
+(`open_workspace`), the objective's reference and the prepared model (`prepare_workspace`), and training it
+(`train_workspace`). The orchestration of a whole run is `tunelab.runner.run_recipe`; its evaluation
+`tunelab.runner.evaluation`.
 
 `prepare_workspace` sets up what the objective needs of a reference model (`Objective.reference_use`) before
 the method is applied and before the "before" evaluation, so that both evaluations score the same kind of model
@@ -27,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +26,7 @@ import torch
 
 from tunelab.assemble import build_method_for, build_objective_for, prepare_model
 from tunelab.core.precision import explain_precision
-from tunelab.core.rundir import new_run_dir, write_json
+from tunelab.core.rundir import new_run_dir
 from tunelab.data.pipeline import EvalItem, encode_spec, eval_items
 from tunelab.methods.registry import Method
 from tunelab.model import load_model, load_tokenizer
@@ -45,7 +34,7 @@ from tunelab.objectives.base import Objective
 from tunelab.recipe import Recipe, RecipeError, recipe_to_yaml
 from tunelab.train.backends import Backend, backend_class, build_backend
 from tunelab.train.loop import TrainResult, train
-from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for, restore_frozen_weights
+from tunelab.train.precision import cast_frozen_linears, frozen_dtype_for
 from tunelab.train.sources import StaticBatchSource
 from tunelab.validate import check_data_fits, load_validated_recipe, validate_recipe
 
@@ -213,43 +202,6 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
     return ws
 
 
-def evaluate(ws: Workspace, model, label: str) -> dict[str, Any]:
-    """Held-out metrics of `model` on the run's eval data (`tunelab.evaluate.heldout`, with the run's objective
-    and reference for preference pairs), plus the `eval.suite` tasks' primary metrics under "suite" (full results
-    in eval_suite_<label>.json); saved as eval_<label>.json."""
-    from tunelab.evaluate.heldout import HeldOutSettings, heldout_metrics
-
-    t0 = time.perf_counter()
-    ev = ws.recipe.eval
-    settings = HeldOutSettings(batch_size=ev.batch_size, precision=ws.recipe.train.precision,
-                               max_new_tokens=ev.max_new_tokens, device=ws.accelerator.device)
-    results: dict[str, Any] = {"label": label}
-    results.update(heldout_metrics(model, ws.tokenizer, ws.eval_data, ws.eval_items, settings, objective=ws.objective,
-                                   ref=ws.ref))
-    if ev.suite:
-        results["suite"] = evaluate_suite(ws, model, label)
-    results["eval_time_s"] = time.perf_counter() - t0
-    if ws.accelerator.is_main_process:
-        write_json(ws.run_dir, f"eval_{label}.json", results)
-    return results
-
-
-def evaluate_suite(ws: Workspace, model, label: str) -> dict[str, float | None]:
-    """`eval.suite` on `model`, written as eval_suite_<label>.json (the layout `tunelab eval` writes, which
-    `tunelab report` reads); returns {task: primary metric} for the run's table. A failing task is recorded
-    with its error and costs only itself."""
-    from tunelab.evaluate.suite import SuiteSettings, run_suite, suite_record
-
-    ev, t0 = ws.recipe.eval, time.perf_counter()
-    settings = SuiteSettings(n=ev.suite_n, batch_size=ev.batch_size, precision=ws.recipe.train.precision,
-                             max_new_tokens=ev.max_new_tokens)
-    suite = run_suite(model, ws.tokenizer, list(ev.suite), settings, data_cfg=ws.recipe.data)
-    if ws.accelerator.is_main_process:
-        write_json(ws.run_dir, f"eval_suite_{label}.json", suite_record(
-            str(ws.run_dir), label, ws.recipe.model.name_or_path, label == "before", suite, time.perf_counter() - t0))
-    return {name: (r.get(r.get("primary", "")) if "error" not in r else None) for name, r in suite["tasks"].items()}
-
-
 def model_key(recipe: Recipe) -> str:
     """What identifies the initial model in the reference cache's hash (with the data and the precision)."""
     m = recipe.model
@@ -334,97 +286,3 @@ def train_workspace(ws: Workspace, *, resume: bool = False, on_step=None) -> tup
                    pad_id=ws.tokenizer.pad_token_id, eval_data=ws.eval_data, resume=resume, ref=ws.ref,
                    on_step=on_step)
     return model, result, ws.params
-
-
-TABLE_ROWS = (  # (key in eval_<label>.json, label, shown as a percentage)
-    ("exact_match", "exact match", True),
-    ("reward_accuracy", "reward accuracy", True),
-    ("preference_accuracy", "preference accuracy", True),
-    ("rewards/margins", "reward margin", False),
-    ("logps/chosen", "log-prob chosen", False),
-    ("logps/rejected", "log-prob rejected", False),
-    ("eval_loss", "held-out loss", False),
-    ("perplexity", "perplexity", False),
-)
-
-
-def format_table(before: dict | None, after: dict | None) -> str:
-    rows = []
-    for key, label, pct in TABLE_ROWS:
-        b = before.get(key) if before else None
-        a = after.get(key) if after else None
-        if b is None and a is None:
-            continue
-        fmt = (lambda v: f"{100 * v:.1f}%") if pct else (lambda v: f"{v:.4f}")
-        rows.append((label, fmt(b) if b is not None else "-", fmt(a) if a is not None else "-"))
-    suite_b, suite_a = (before or {}).get("suite") or {}, (after or {}).get("suite") or {}
-    for name in dict.fromkeys([*suite_b, *suite_a]):
-        b, a = suite_b.get(name), suite_a.get(name)
-        rows.append((name, f"{b:.4f}" if b is not None else "-", f"{a:.4f}" if a is not None else "-"))
-    if not rows:
-        return "(no evaluation)"
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'metric':<{width}}  {'before':>10}  {'after':>10}"]
-    lines += [f"{r[0]:<{width}}  {r[1]:>10}  {r[2]:>10}" for r in rows]
-    return "\n".join(lines)
-
-
-def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool = False, resume: bool = False,
-               do_train: bool = True, do_export: bool = True) -> dict[str, Any]:
-    """The whole main path. Returns the summary that is also saved as summary.json.
-
-    `do_train=False` prepares and evaluates the starting point ("before") and exports it if `do_export`, without
-    training it (no optimizer step, no checkpoint, no "after" evaluation: it would score the same model).
-    """
-    from tunelab.export import export_all
-
-    t0 = time.perf_counter()
-    ws = open_workspace(recipe, run_dir=run_dir, overwrite=overwrite, resume=resume)
-    recipe = ws.recipe  # train.precision resolved
-    main, evaluates = ws.backend.is_main_process, ws.backend.is_eval_process
-    before = after = None
-    model = prepare_workspace(ws)  # method applied and reference set up: "before" sees the starting point
-    if recipe.eval.before and not resume and evaluates:
-        print("evaluating the base model ...")
-        before = evaluate(ws, model, "before")
-    elif resume and (ws.run_dir / "eval_before.json").is_file():
-        import json
-
-        before = json.loads((ws.run_dir / "eval_before.json").read_text())
-    ws.accelerator.wait_for_everyone()
-    result: TrainResult | None = None
-    if do_train:
-        model, result, _ = train_workspace(ws, resume=resume)  # trains `model` (ws.prepared)
-    if do_train and recipe.eval.after and evaluates:
-        print("evaluating the trained model ...")
-        after = evaluate(ws, model, "after")
-    exports: dict[str, str] = {}
-    if do_export and main:
-        print("exporting ...")
-        if recipe.export.merged:
-            # frozen weights were stored in the compute dtype for training: merge into the original full-precision base
-            restore_frozen_weights(model, load_model(recipe.model).state_dict())
-        exports = export_all(ws.method, model, ws.tokenizer, ws.run_dir / "export",
-                             adapter=recipe.export.adapter, merged=recipe.export.merged)
-    summary = {
-        "run_dir": str(ws.run_dir), "method": recipe.method.name, "objective": recipe.objective.name,
-        "precision": recipe.train.precision, **ws.params,
-        "steps": result.steps if result else 0, "final_train_loss": result.final_loss if result else None,
-        "train_time_s": result.wall_time_s if result else 0.0, "tokens_per_s": result.tokens_per_s if result else None,
-        "peak_memory_mb": result.peak_memory_mb if result else None,
-        "before": {k: v for k, v in (before or {}).items() if k != "samples"},
-        "after": {k: v for k, v in (after or {}).items() if k != "samples"},
-        "exports": exports, "wall_time_s": time.perf_counter() - t0,
-    }
-    if main:
-        write_json(ws.run_dir, "summary.json", summary)
-        print()
-        print(format_table(before, after))
-        if result is not None:
-            print(f"\ntrained {result.steps} steps in {result.wall_time_s:.0f} s ({result.tokens_per_s:.0f} tokens/s, "
-                  f"peak memory {result.peak_memory_mb:.0f} MB); total {summary['wall_time_s']:.0f} s")
-        else:
-            print(f"\nnot trained (do_train=False); total {summary['wall_time_s']:.0f} s")
-        print(f"run directory: {ws.run_dir}")
-    ws.accelerator.end_training()
-    return summary
