@@ -249,6 +249,40 @@ def test_gere_terms_on_the_tiny_model(tiny_model, tiny_tokenizer, general_files)
     assert terms["l2"].item() > 0 and terms["tm"].item() > 0 and terms["kl"].item() > 0
 
 
+def test_gere_default_weights_are_twice_the_authors_loss(tiny_model, tiny_tokenizer, general_files):
+    """The authors' GeReTrainer minimises (CE_task + CE_gere) / 2 + 100 * TM (w_strategy '100'); with the
+    default weights the step's loss (task mean + strategy terms) must be exactly twice that. The old
+    default {ce: 1, tm: 100} gave CE_task + CE_gere + 100 TM (the authors' margin weight 50)."""
+    import torch.nn.functional as F
+
+    from tunelab.continual.strategies.gere import tm_loss
+    from tunelab.objectives.base import build_objective
+
+    text, _ = general_files
+    g = build_strategy("gere", {"texts": str(text), "n_samples": 3, "max_tokens": 16, "batch_size": 2})
+    g.setup(SimpleNamespace(tokenizer=tiny_tokenizer, precision="fp32"), tiny_model)
+    with torch.no_grad():  # move away from the base so that TM is not zero
+        for p in tiny_model.model.layers[-1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tiny_model.train()
+    ids = torch.randint(5, 60, (2, 10))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    sft = build_objective("sft", {"chunk_size": 0})
+    out = StrategyObjective(sft, [g]).compute(tiny_model, batch)
+    ours = (out.loss_sum / out.n_units).item()
+    with torch.no_grad():  # the authors' loss by hand on the same general rows (0 and 1: the cursor started at 0)
+        task = sft.compute(tiny_model, batch)
+        ce_task = (task.loss_sum / task.n_units).item()
+        o = tiny_model(input_ids=g.ids[[0, 1]], output_hidden_states=True, use_cache=False)
+        ce_gere = F.cross_entropy(o.logits[:, :-1].reshape(-1, o.logits.size(-1)), g.ids[[0, 1], 1:].reshape(-1))
+        tm = tm_loss(o.hidden_states[-1], g.h0[[0, 1]], g.neg_thr, g.pos_thr)
+    assert tm.item() > 0
+    authors = (ce_task + ce_gere.item()) / 2 + 100 * tm.item()
+    assert ours == pytest.approx(2 * authors, rel=1e-5)
+
+
 def test_hft_redraws_a_half_per_stage(tiny_model):
     from tunelab.methods.registry import build_method
 
