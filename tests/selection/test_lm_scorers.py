@@ -155,8 +155,8 @@ def test_reward_model_score(ctx, examples, tmp_path, tiny_tokenizer):
 def test_gradient_less_scorer(ctx, examples, tmp_path):
     target = tmp_path / "target.jsonl"
     target.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in QA[:2]))
-    opts = {"target": str(target), "precision": "fp32", "proj_dim": 32, "warmup_steps": 2, "warmup_batch_size": 2,
-            "lr": 1e-3, "target_modules": ["q_proj", "v_proj"]}
+    opts = {"target": str(target), "precision": "fp32", "proj_dim": 32, "warmup_fraction": 1.0, "warmup_epochs": 2,
+            "warmup_batch_size": 2, "lr": 1e-3, "target_modules": ["q_proj", "v_proj"]}
     pool = examples + [examples[0]]  # an exact copy gets the same score
     a = build_scorer("gradient", opts).score(pool, ctx).values
     b = build_scorer("gradient", opts).score(pool, ctx).values
@@ -164,6 +164,38 @@ def test_gradient_less_scorer(ctx, examples, tmp_path):
     assert np.all(np.abs(a) <= 1 + 1e-6) and a[0] == pytest.approx(a[-1], abs=1e-6)
     mx = build_scorer("gradient", {**opts, "aggregate": "max"}).score(pool, ctx).values
     assert np.all(mx >= a - 1e-6)
+
+
+def test_gradient_less_sums_checkpoints_weighted_by_their_epoch_lr(ctx, examples, tmp_path, monkeypatch):
+    """LESS's influence sums over the warm-up checkpoints (one per epoch), weighted by each epoch's mean lr:
+    the score must equal that weighted sum of the per-checkpoint mean cosine similarities."""
+    from tunelab.selection.scorers import gradient as less
+
+    target = tmp_path / "target.jsonl"
+    target.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in QA[:2]))
+    opts = {"target": str(target), "precision": "fp32", "proj_dim": 32, "warmup_fraction": 1.0, "warmup_epochs": 3,
+            "warmup_batch_size": 2, "lr": 1e-3, "warmup_ratio": 0.3}
+    seen, lrs = [], []
+    projected, warmup = less.Gradient._projected, less.Gradient._warmup
+
+    def spy_projected(self, *a, **k):
+        out = projected(self, *a, **k)
+        seen.append(out)
+        return out
+
+    def spy_warmup(self, *a, **k):
+        for epoch_lrs, mv in warmup(self, *a, **k):
+            lrs.append(epoch_lrs)
+            yield epoch_lrs, mv
+
+    monkeypatch.setattr(less.Gradient, "_projected", spy_projected)
+    monkeypatch.setattr(less.Gradient, "_warmup", spy_warmup)
+    got = build_scorer("gradient", opts).score(examples, ctx).values
+    assert len(seen) == 6 and len(lrs) == 3  # target + pool at each of the 3 checkpoints
+    w = less.checkpoint_weights(lrs)
+    assert len(set(np.round(w, 6))) > 1  # the epochs' mean lrs differ (warm-up, then linear decay)
+    want = sum(wc * (seen[2 * c + 1] @ seen[2 * c].T).double().mean(1).numpy() for c, wc in enumerate(w))
+    np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_composite_deita_style(ctx, examples):
