@@ -232,6 +232,25 @@ def test_grape_keeps_the_most_likely_response_per_instruction():
     assert _select("grape", pool, 1) == [1]
 
 
+def test_qdit_diversity_only_covers_near_duplicate_families_like_k_center():
+    """QDIT at alpha = 0 is the authors' greedy facility location (alpha = 0 "reduces to the classical greedy
+    facility-location algorithm", their section 3.2): on a pool of near-duplicate families of very different
+    sizes it must pick one member of every family, at least as many families as k-center covers."""
+    rng = np.random.default_rng(0)
+    sizes = [1, 2, 3, 5, 8, 13, 21, 34]
+    centers = unit(rng.normal(size=(len(sizes), 32)))
+    family = np.repeat(np.arange(len(sizes)), sizes)
+    emb = unit(centers[family] + 0.05 * rng.normal(size=(len(family), 32)))
+    scores = rng.random(len(family))
+    pool = Pool([None] * len(family), scores=scores, raw_scores=scores, embeddings=emb)
+    for budget in (len(sizes), len(sizes) + 4):
+        q_fam = set(family[_select("qdit", pool, budget, alpha=0.0)].tolist())
+        k_fam = set(family[_select("kcenter", pool, budget)].tolist())
+        assert len(q_fam) == len(sizes) >= len(k_fam)
+    # the largest families first when the budget is short (coverage = members represented)
+    assert set(family[_select("qdit", pool, 3, alpha=0.0)].tolist()) == {5, 6, 7}
+
+
 def test_lazy_greedy_picks_equal_plain_greedy_with_fewer_evaluations():
     rng = np.random.default_rng(3)
     emb = unit(rng.normal(size=(60, 8)))
