@@ -37,7 +37,7 @@ CONFIGS = {
     "full+adamw_8bit": ("full", {}, "adamw_8bit"),
     "lora": ("lora", {"r": 16, "alpha": 32}, "adamw"),
     "qlora": ("qlora", {"r": 16, "alpha": 32}, "adamw"),
-    "surgical": ("surgical", {"top_k": 2, "calibration_batches": 1}, "adamw"),
+    "surgical": ("surgical", {}, "adamw"),
     "hft": ("hft", {}, "adamw"),
     "lisa": ("lisa", {"gamma": 2, "switch_every": 2}, "adamw"),
     "galore": ("galore", {"rank": 32, "update_proj_gap": 200}, "adamw"),
