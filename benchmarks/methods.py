@@ -4,7 +4,7 @@ Each method trains in a fresh subprocess through the real runner path, i.e. exac
 minus the export: the quickstart recipe (`recipes/quickstart.yaml`: SmolLM2-135M-Instruct, the built-in
 `date_format` task, SFT on the answer tokens, bf16 autocast, warmup + cosine) with `method: {name: METHOD}`
 (the method's default options) and the overrides below, then `runner.open_workspace` -> `prepare_workspace`
-(calibration for CorDA/EVA/LoRA-GA/surgical, method.prepare, engine) -> `train_workspace` -> `evaluate`.
+(calibration for CorDA/EVA/LoRA-GA, method.prepare, engine) -> `train_workspace` -> `evaluate`.
 Every method sees the same examples in the same order (same steps x batch size, same seed), so the same tokens.
 
 Columns:
