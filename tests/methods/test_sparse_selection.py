@@ -139,11 +139,11 @@ def test_surgical_auto_rgn_is_the_reference_per_tensor_learning_rate():
     for step in range(2):
         run(method, model, opt, range(step, step + 1), tc, batch=batch)
         # the reference: same gradient (forward_backward + clipping), RGN by hand, per-group lrs
-        from test_sparse_common import accelerator
+        from test_sparse_common import backend
         from tunelab.objectives.base import build_objective
         from tunelab.train.loop import forward_backward
 
-        forward_backward(ref, build_objective("sft", {}), [batch], accelerator(), "fp32")
+        forward_backward(ref, build_objective("sft", {}), [batch], backend(), "fp32")
         torch.nn.utils.clip_grad_norm_(list(ref.parameters()), tc.max_grad_norm)
         rgn = [float(params[n].grad.norm() / params[n].detach().norm()) for n in names]
         w = [r / max(rgn) for r in rgn]
