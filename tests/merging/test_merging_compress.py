@@ -130,7 +130,7 @@ def test_bitdelta_scale_distillation_equals_the_reference_training():
     signs, scales = {}, {}
     with torch.no_grad():
         for n, p in tuned.named_parameters():
-            if p.ndim == 2 and "embed" not in n:  # a structured delta: low-rank + noise, so scales matter
+            if p.ndim == 2 and "embed" not in n and "lm_head" not in n:  # low-rank + noise, so scales matter
                 d = 0.05 * (torch.randn(p.shape[0], 2, generator=g) @ torch.randn(2, p.shape[1], generator=g))
                 d += 0.01 * torch.randn(p.shape, generator=g)
                 p.add_(d)
@@ -140,8 +140,8 @@ def test_bitdelta_scale_distillation_equals_the_reference_training():
     ids = torch.randint(0, 96, (6, 16), generator=g)
     batches = [{"input_ids": ids[i: i + 2], "attention_mask": torch.ones(2, 16, dtype=torch.long)} for i in (0, 2, 4)]
     student = copy.deepcopy(base)
-    ours, losses = C.distill_bitdelta_scales(student, tuned, signs, scales, batches, steps=12, lr=1e-2)
-    ref = _reference_bitdelta_training(copy.deepcopy(base), tuned, signs, scales, batches, steps=12, lr=1e-2)
+    ours, losses = C.distill_bitdelta_scales(student, tuned, signs, scales, batches, steps=30, lr=1e-2)
+    ref = _reference_bitdelta_training(copy.deepcopy(base), tuned, signs, scales, batches, steps=30, lr=1e-2)
     assert ours == pytest.approx(ref, rel=1e-4)
     assert any(abs(ours[n] - scales[n]) > 1e-3 for n in scales)  # the scales moved
 
@@ -154,8 +154,8 @@ def test_bitdelta_scale_distillation_equals_the_reference_training():
         for n, p in first_stage.named_parameters():
             if n in signs:
                 p.add_(scales[n] * signs[n])
-    assert mse(student) < 0.8 * mse(first_stage)
-    assert losses[-1] < losses[0]
+    assert mse(student) < 0.9 * mse(first_stage)
+    assert sum(losses[-3:]) < sum(losses[:3])  # the same three batches, first and last pass
     for n, p in student.named_parameters():  # the student holds base + distilled scale * sign
         if n in signs:
             torch.testing.assert_close(p.detach(), dict(base.named_parameters())[n].detach() + ours[n] * signs[n])
