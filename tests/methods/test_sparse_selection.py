@@ -103,6 +103,22 @@ def test_hft_freezes_half_of_each_category():
     assert changed(before, model) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
+def test_hft_trains_exactly_half_of_the_mlp_matrices():
+    """HFT's per-layer rule (attention 2 of 4; the MLP's 3 matrices: 2 in half of the layers, 1 in the other
+    half) trains exactly half of each kind, for every draw. The old fair coin per layer did so only on average."""
+    model = tiny(4)
+    method = build_method("hft", {"seed": 0})
+    method.prepare(model)
+    for period in range(30):
+        drawn = method.draw(model, period)
+        per_layer = [sum(1 for n in drawn if category(n) == ("mlp", i)) for i in range(4)]
+        assert sorted(per_layer) == [1, 1, 2, 2], (period, per_layer)
+        assert all(sum(1 for n in drawn if category(n) == ("attn", i)) == 2 for i in range(4))
+    three = tiny(3)  # an odd number of layers: 4 or 5 of the 9 MLP matrices
+    totals = {sum(1 for n in method.draw(three, p) if category(n)[0] == "mlp") for p in range(40)}
+    assert totals == {4, 5}
+
+
 def test_hft_redraws_every_switch_and_resumes_exactly():
     method = build_method("hft", {"switch_every": 2, "seed": 0})
     model = tiny(2)
