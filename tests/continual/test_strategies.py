@@ -374,7 +374,8 @@ def test_lines_scales_each_layer_delta(tiny_model):
     delta = {n: (p - base[n]).mean().item() for n, p in tiny_model.named_parameters()}
     assert delta["model.layers.0.self_attn.q_proj.weight"] == pytest.approx(0.5)  # shallowest: alpha
     assert delta["model.layers.1.mlp.down_proj.weight"] == pytest.approx(1.0)  # deepest: alpha + beta
-    assert delta["model.embed_tokens.weight"] == pytest.approx(0.5) and delta["model.norm.weight"] == pytest.approx(1.0)
+    # outside the layers: alpha, as the authors' LiNeS_scaling (the final norm too; it was alpha + beta)
+    assert delta["model.embed_tokens.weight"] == pytest.approx(0.5) and delta["model.norm.weight"] == pytest.approx(0.5)
 
 
 def test_lines_on_lora_scales_b(tiny_model):
