@@ -121,20 +121,16 @@ def test_default_intervenes_on_the_first_and_last_prompt_tokens_only():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-def test_separate_first_and_last_interventions_and_the_loops_batches():
-    """share_weights false: the first positions use `reft`, the last `reft_last`. The prompt boundary also comes
-    from the step's micro-batches (custom_step), right-padded rows included."""
-    method, model = prepared("loreft", {"positions": "f3+l2", "share_weights": False})
-    _perturb(model)
+def test_separate_first_and_last_interventions_and_the_training_rows():
+    """share_weights false: the first positions use `reft`, the last `reft_last`. The prompt boundary comes from
+    the encoded training examples read before prepare (calibrate_from_examples), right-padded rows included."""
     ids = batch(shape=(2, 12))
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0  # row 1: 9 real tokens
-    labels = ids.clone()
-    labels[0, :8] = -100  # prompt 8 tokens
-    labels[1, :5] = -100  # prompt 5 tokens
-    labels[1, 9:] = -100
-    step = {"input_ids": ids, "attention_mask": mask, "labels": labels}
-    assert method.custom_step(model=model, batches=[step]) is None  # the default update runs
+    examples = [{"input_ids": ids[0].tolist(), "labels": [-100] * 8 + ids[0, 8:].tolist()},  # prompt 8 tokens
+                {"input_ids": ids[1, :9].tolist(), "labels": [-100] * 5 + ids[1, 5:9].tolist()}]  # prompt 5
+    method, model = prepared("loreft", {"positions": "f3+l2", "share_weights": False}, examples=examples)
+    _perturb(model)
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask).logits
     firsts = [pyreft_locations(8, 3, 2)[0], pyreft_locations(5, 3, 2)[0]]
@@ -181,20 +177,35 @@ def test_training_forward_and_cached_generation_agree():
 
 
 def test_repadded_rows_find_their_prompt_by_their_tokens():
-    """A preference objective concatenates and re-pads the step's rows: a row is matched by its real tokens."""
-    method, model = prepared("loreft", {"positions": "f2+l2"})
-    _perturb(model)
+    """A preference objective concatenates and re-pads a pair's rows: a row is matched by its real tokens; a row
+    whose response tokens were replaced (Masked Thought) by its length and prompt."""
     ids = batch(shape=(1, 10))
-    labels = ids.clone()
-    labels[:, :6] = -100
-    method.custom_step(model=model, batches=[{"chosen_input_ids": ids, "chosen_labels": labels,
-                                              "chosen_attention_mask": torch.ones_like(ids)}])
+    examples = [{"chosen_input_ids": ids[0].tolist(), "chosen_labels": [-100] * 6 + ids[0, 6:].tolist(),
+                 "rejected_input_ids": [5, 6, 7], "rejected_labels": [-100, 6, 7]}]
+    method, model = prepared("loreft", {"positions": "f2+l2"}, examples=examples)
+    _perturb(model)
     wide = torch.cat([ids, torch.zeros(1, 4, dtype=ids.dtype)], 1)
     mask = torch.cat([torch.ones(1, 10, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long)], 1)
+    masked = ids.clone()
+    masked[0, 7:9] = 0  # two response tokens replaced
     with torch.no_grad():
         got = model(input_ids=wide, attention_mask=mask).logits[:, :10]
+        got_masked = model(input_ids=masked).logits
     f, l_ = pyreft_locations(6, 2, 2)
-    torch.testing.assert_close(got, _by_hand(method, model, ids, {"reft": [f + l_]}), rtol=0, atol=1e-5)
+    both = _by_hand(method, model, torch.cat([ids, masked]), {"reft": [f + l_, f + l_]})  # hooks off from here
+    torch.testing.assert_close(got, both[:1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_masked, both[1:], rtol=0, atol=1e-5)
+
+
+def test_training_needs_the_rows_prompts():
+    from tunelab.methods.registry import build_method
+
+    method = build_method("loreft", {})
+    model = method.prepare(base_model())
+    with pytest.raises(RuntimeError, match="calibrate_from_examples"):
+        method.param_groups(model, 0.0)
+    everywhere = build_method("loreft", {"positions": "all"})
+    assert everywhere.param_groups(everywhere.prepare(base_model()), 0.0)[0]["params"]
 
 
 def test_adapter_file_holds_R_W_b(tmp_path):

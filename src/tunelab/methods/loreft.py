@@ -8,15 +8,16 @@ Positions (the paper's, pyreft's `get_intervention_locations`): LoReFT intervene
 first p and the last s of them ("f7+l7"), with p and s capped at half the prompt length P (first_n = min(P // 2,
 p), last_n = min(P // 2, s)), so the two sets never overlap. Generated tokens are never intervened on: they
 see the edited prompt only through the KV cache (pyreft's `intervene_on_prompt`). The prompt of a row is:
-  - in training, its tokens before the first target (label != -100): the step's micro-batches are read in
-    `custom_step` (which returns None: the default update runs), matched to the forward by tensor identity
-    (or, for re-padded rows such as a preference pair's concatenation, by their tokens); labels given to
-    the model's forward are used directly. Rows whose labels cover every token (a `full` loss mask) are
-    taken whole;
-  - otherwise (generation, held-out losses outside the loop) every real token of the forward, i.e. a
-    prefill is its prompt; a decoding step (tokens already in the KV cache) is not intervened on. A
-    held-out loss computed outside the training loop therefore intervenes on the first/last tokens of the
-    whole prompt + response sequence.
+  - in training, its tokens before the first target (label != -100). The method reads the encoded training
+    examples before `prepare` (`calibrate_from_examples`, capability `calibrates_from_examples`: the
+    assembler passes them, and without them it refuses to train), and recognises each forward's rows by
+    their tokens (whatever the padding; rows whose response tokens were replaced, as Masked Thought does,
+    by their length and prompt). Labels given to the model's forward are used directly. Rows whose labels
+    cover every token (a `full` loss mask) are taken whole;
+  - otherwise (generation, held-out losses, training rows not seen before `prepare`, such as a continual
+    stream's later stages) every real token of the forward, i.e. a prefill is its prompt; a decoding step
+    (tokens already in the KV cache) is not intervened on. A held-out loss therefore intervenes on the
+    first/last tokens of the whole prompt + response sequence.
 Packed rows (restarting position_ids) are handled segment by segment. `positions: all` intervenes everywhere,
 generated tokens included (the old default).
 
@@ -47,7 +48,7 @@ from pydantic import Field, field_validator
 
 from tunelab.core.constants import IGNORE_INDEX
 from tunelab.methods._modules import load_named_tensors, resolve_layers, save_own_adapter
-from tunelab.methods.registry import ExportUnsupported, Method, MethodOptions, register
+from tunelab.methods.registry import Capabilities, ExportUnsupported, Method, MethodOptions, register
 
 NOT_MERGEABLE = ("loreft: the intervention h + R^T(W h + b - R h) edits hidden states at chosen positions; it is "
                  "not a weight edit and cannot be merged. Use the adapter export (tunelab's own format: PEFT cannot "
@@ -147,14 +148,16 @@ class LoReFT(Method):
     trains = "low-rank interventions R, W, b on the first and last prompt positions of every layer"
     mergeable = False
     adapter_format = "tunelab"
+    capabilities = Capabilities(calibrates_from_examples=True)  # the training rows' prompt boundaries
     Config = LoReFTOptions
 
     def __init__(self, config=None):
         super().__init__(config)
         self._ctx: dict = {}
         self._handles: list = []
-        self._batches: list[dict[str, torch.Tensor]] = []  # this step's micro-batches (custom_step)
-        self._rows: dict[tuple[int, ...], int] = {}  # real tokens of a registered row -> its prompt length
+        self._rows: dict[tuple[int, ...], int] = {}  # real tokens of a training row -> its prompt length
+        self._by_length: dict[int, list[tuple[tuple[int, ...], int]]] = {}  # the same rows by their length
+        self.calibrated = False
 
     def _decoder_layers(self, model) -> torch.nn.ModuleList:
         inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -179,32 +182,34 @@ class LoReFT(Method):
             self._handles.append(layer.register_forward_hook(self._make_hook(layer)))
         return model
 
-    # -- which positions: read from the step's batches, computed once per top-level forward -----------------
-    def custom_step(self, *, model, batches, **_):
-        """Record the step's micro-batches (their labels give each row's prompt); the default update runs."""
-        self._batches = list(batches)
-        self._rows = {}
-        for b in self._batches:
+    # -- which positions: the training rows' prompts, then each top-level forward's masks ----------------
+    def calibrate_from_examples(self, model, examples: list[dict], objective=None, *, pad_id: int = 0,
+                                batch_size: int = 1) -> int:
+        """Remember every encoded training row's tokens and prompt length (tokens before its first target);
+        preference examples give their chosen and rejected rows. Returns the number of rows."""
+        for ex in examples:
             for prefix in ("", "chosen_", "rejected_"):
-                ids, lab = b.get(f"{prefix}input_ids"), b.get(f"{prefix}labels")
-                if ids is None or lab is None:
-                    continue
-                att = b.get(f"{prefix}attention_mask")
-                for i, row in enumerate(segments(att, b.get(f"{prefix}position_ids"), ids.shape)):
-                    if len(row) == 1:
-                        s, e = row[0]
-                        self._rows[tuple(ids[i, s:e].tolist())] = prompt_length(lab[i], s, e)
-        return None
+                ids, lab = ex.get(f"{prefix}input_ids"), ex.get(f"{prefix}labels")
+                if ids is not None and lab is not None:
+                    self.remember(list(ids), list(lab))
+        self.calibrated = True
+        return len(self._rows)
 
-    def _labels_for(self, ids: torch.Tensor, att, kwargs) -> torch.Tensor | None:
-        if kwargs.get("labels") is not None:
-            return kwargs["labels"]
-        for b in self._batches:
-            for key, t in (("input_ids", ids), ("attention_mask", att)):
-                mine = b.get(key)
-                if t is not None and mine is not None and mine.shape == t.shape and mine.data_ptr() == t.data_ptr():
-                    return b.get("labels")
-        return None
+    def remember(self, ids: list[int], labels: list[int]) -> None:
+        key = tuple(int(t) for t in ids)
+        p = prompt_length(torch.tensor(labels), 0, len(labels))
+        self._rows[key] = p
+        self._by_length.setdefault(len(key), []).append((key, p))
+
+    def _prompt_of(self, row: tuple[int, ...]) -> int:
+        """A training row's prompt length, found by its tokens; else by its length and prompt (a row whose
+        response tokens were replaced); else the whole row (a prefill)."""
+        if row in self._rows:
+            return self._rows[row]
+        for key, p in self._by_length.get(len(row), ()):
+            if key[:p] == row[:p]:
+                return p
+        return len(row)
 
     def _capture(self, module, args, kwargs):
         """From the top-level forward: the [B, T] masks of the positions to intervene on (None = all)."""
@@ -224,13 +229,13 @@ class LoReFT(Method):
             return
         t = ids.shape[-1]
         segs = segments(att if att is not None and att.dim() == 2 else None, kwargs.get("position_ids"), ids.shape)
-        labels = self._labels_for(ids, att, kwargs)
+        labels = kwargs.get("labels")
         lens = []
         for i, row in enumerate(segs):
             if labels is not None:
                 lens.append([prompt_length(labels[i], s, e) for s, e in row])
-            else:  # a registered row re-padded (preference pairs), else a prefill: every real token is prompt
-                lens.append([self._rows.get(tuple(ids[i, s:e].tolist()), e - s) if self._rows else e - s
+            else:  # a training row (whatever its padding), else a prefill: every real token is prompt
+                lens.append([self._prompt_of(tuple(ids[i, s:e].tolist())) if self._rows else e - s
                              for s, e in row])
         first, last = prompt_masks(segs, lens, t, *spec)
         self._ctx["first"], self._ctx["last"] = first.to(ids.device), last.to(ids.device)
@@ -254,6 +259,10 @@ class LoReFT(Method):
 
     # -- training, state, export ------------------------------------------------------------------------
     def param_groups(self, model, weight_decay):
+        if not self.calibrated and parse_positions(self.config.positions) is not None:
+            raise RuntimeError("method loreft: positions are relative to each training row's prompt; call "
+                               "method.calibrate_from_examples(model, train_examples, objective) before training "
+                               "(the runner does), or use positions: all")
         # no weight decay: the neutral intervention is W = R, b = 0, not W = 0; R's parameter is unconstrained
         return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": 0.0}]
 

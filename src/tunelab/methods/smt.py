@@ -88,8 +88,10 @@ class SMT(Method):
         attention_ratio: float = Field(0.0084, ge=0, le=1, description="Attention blocks kept, as a fraction of all "
                                                                        "2-D blocks of the model.")
         mlp_ratio: float = Field(0.0, ge=0, le=1, description="MLP blocks kept, likewise (0: MLP frozen).")
-        attention_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
-        mlp_modules: list[str] = Field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+        attention_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"],
+                                             description="Attention linears (name suffixes) whose blocks compete.")
+        mlp_modules: list[str] = Field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"],
+                                       description="MLP linears (name suffixes) whose blocks compete (mlp_ratio).")
         warmup_steps: int = Field(100, ge=0, description="Full fine-tuning steps whose gradients select the "
                                                          "blocks (0: the first step's gradient).")
         score: Literal["mean_abs", "abs_mean"] = Field("mean_abs", description="Block score: |mean g| or mean |g|.")

@@ -32,7 +32,7 @@ import torch
 from pydantic import Field
 
 from tunelab.methods.freeze import layer_index, num_layers
-from tunelab.methods.registry import Capabilities, Method, MethodOptions, register
+from tunelab.methods.registry import Method, MethodOptions, register
 
 log = logging.getLogger(__name__)
 
