@@ -1,7 +1,6 @@
 """gmt (GMT entries) / smt (SMT blocks) / lift / spiel: exactly which entries change, the masks and index sets
 against independent computations, optimizer state at refreshes, sparse export + merge, resume, loss falls."""
 
-import json
 
 import pytest
 import torch

@@ -1,12 +1,12 @@
-"""surgical (Auto-RGN, block choice) / hft / lisa: which parameters train (counted per layer and category), what changes in a step,
-optimizer state across switches, resume across a switch, loss falls."""
+"""surgical (Auto-RGN, block choice) / hft / lisa: which parameters train (counted per layer and category), what
+changes in a step, optimizer state across switches, resume across a switch, loss falls."""
 
 import json
 
 import pytest
 import torch
 
-from test_sparse_common import (assert_resume_exact, changed, checkpoint, run, setup, snapshot, task, tiny,
+from test_sparse_common import (assert_resume_exact, changed, run, setup, snapshot, task, tiny,
                                 train_config)
 from tunelab.methods.freeze import layer_index
 from tunelab.methods.hft import category

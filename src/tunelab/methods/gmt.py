@@ -3,8 +3,8 @@ accumulated gradient is large; the smallest ones are masked.
 
 Li et al. 2024, "Gradient-Mask Tuning Elevates the Upper Limits of LLM Performance" (v2: "Enhancing Large
 Language Model Performance with Gradient-Based Parameter Selection"), https://arxiv.org/abs/2406.15330.
-Update rule: the step's gradient accumulated over its N micro-batches, Gamma = (1/N) sum_n grad L(Theta, B_n) (the loop's
-accumulated gradient), is masked entry-wise per tensor, M(Gamma)_ij = Gamma_ij if |Gamma_ij| is above the
+Update rule: the step's gradient accumulated over its N micro-batches, Gamma = (1/N) sum_n grad L(Theta, B_n) (the
+loop's accumulated gradient), is masked entry-wise per tensor, M(Gamma)_ij = Gamma_ij if |Gamma_ij| is above the
 `mask_ratio` quantile of |Gamma| over that tensor, else 0; then theta <- AdamW(theta, M(Gamma)). The mask is
 recomputed from every step's gradient.
 

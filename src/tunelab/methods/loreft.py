@@ -106,7 +106,8 @@ def parse_positions(spec: str) -> tuple[int, int] | None:
     return int(m.group(1) or 0), int(m.group(2) or m.group(3) or 0)
 
 
-def segments(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, shape) -> list[list[tuple[int, int]]]:
+def segments(attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+             shape) -> list[list[tuple[int, int]]]:
     """Per row, the (start, end) token ranges of its sequences: the real tokens of a padded row, or each packed
     document (position_ids restarting at 0) of a packed row."""
     b, t = shape

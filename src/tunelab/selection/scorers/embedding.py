@@ -9,7 +9,8 @@ encoder: lm      the causal LM's own final hidden states (the model being tuned,
                  (https://arxiv.org/abs/2312.15685) and RDS (Ivison et al. 2025, https://arxiv.org/abs/2503.01807)
                  embed with the model itself. `pooling: mean` (default) averages the final states h_t over the real
                  tokens (RDS+, the best of Ivison et al.'s representations, uses a weighted mean pool of them);
-                 `last` takes the last token's. `center: true` (default) subtracts the pool's mean vector before normalising:
+                 `last` takes the last token's. `center: true` (default) subtracts the pool's mean vector before
+                 normalising:
                      e_i = (x_i - mean_j x_j) / ||x_i - mean_j x_j||.
                  Why: a causal LM's states share a large common component (the last-token states of the built-in
                  SmolLM2-135M had a mean pairwise cosine distance of 0.04 on a small pool), so every cosine is

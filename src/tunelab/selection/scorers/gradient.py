@@ -50,7 +50,8 @@ class GradientOptions(LMScorerOptions):
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (LESS: 512).")
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
                                       description="LoRA targets (LESS: q_proj, k_proj, v_proj, o_proj).")
-    warmup_fraction: float = Field(0.05, gt=0, le=1, description="Fraction of the pool the warm-up trains on (LESS: 5%).")
+    warmup_fraction: float = Field(0.05, gt=0, le=1, description="Fraction of the pool the warm-up trains on "
+                                                                 "(LESS: 5%).")
     warmup_epochs: int = Field(4, ge=1, description="Warm-up epochs; one checkpoint at the end of each (LESS: 4).")
     warmup_batch_size: int = Field(32, ge=1, description="Examples per warm-up step (LESS: 1 x 32 accumulated).")
     lr: float = Field(2e-5, gt=0, description="Peak warm-up learning rate (LESS: 2e-5), linear decay.")
@@ -58,7 +59,8 @@ class GradientOptions(LMScorerOptions):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     proj_dim: int = Field(1024, ge=8, description="Dimension d of the random projection (LESS: 8192).")
-    projection_batch: int = Field(64, ge=1, description="Gradients projected together (R chunks regenerated per batch).")
+    projection_batch: int = Field(64, ge=1, description="Gradients projected together (R chunks regenerated per "
+                                                         "batch).")
     aggregate: str = Field("mean", pattern="^(mean|max)$", description="Over target examples: mean (LESS) or max.")
     seed: int = 0
 
