@@ -238,7 +238,7 @@ def distill_bitdelta_scales(
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     with torch.no_grad():
         for n in signs:
             params[n].copy_((base[n] + alpha[n].detach() * signs[n]).to(params[n].dtype))
