@@ -4,7 +4,7 @@ Each method trains in a fresh subprocess through the real runner path, i.e. exac
 minus the export: the quickstart recipe (`recipes/quickstart.yaml`: SmolLM2-135M-Instruct, the built-in
 `date_format` task, SFT on the answer tokens, bf16 autocast, warmup + cosine) with `method: {name: METHOD}`
 (the method's default options) and the overrides below, then `runner.open_workspace` -> `prepare_workspace`
-(calibration for CorDA/EVA/LoRA-GA/surgical, method.prepare, engine) -> `train_workspace` -> `evaluate`.
+(calibration for CorDA/EVA/LoRA-GA, method.prepare, engine) -> `train_workspace` -> `evaluate`.
 Every method sees the same examples in the same order (same steps x batch size, same seed), so the same tokens.
 
 Columns:
@@ -58,7 +58,7 @@ RECIPE = os.path.join(HERE, "..", "src", "tunelab", "recipes", "quickstart.yaml"
 DEFAULT_LR = 1e-3
 LR = {
     "full": 2e-5, "freeze": 1e-4, "surgical": 1e-4, "hft": 3e-5, "lisa": 5e-5, "galore": 1e-4,
-    "lift": 1e-4, "spiel": 5e-4, "gmt": 5e-5, "diablo": 5e-4,
+    "lift": 1e-4, "spiel": 5e-4, "gmt": 5e-5, "smt": 1e-4, "diablo": 5e-4,
     "mezo": 1e-6,
     "pissa": 2e-4, "olora": 2e-4, "corda": 2e-4, "lora_ga": 2e-4, "loraplus": 2e-4,
     "vera": 1e-2, "ia3": 1e-2, "prompt_tuning": 3e-2, "prefix_tuning": 1e-2, "p_tuning": 3e-3,

@@ -37,7 +37,7 @@ CONFIGS = {
     "full+adamw_8bit": ("full", {}, "adamw_8bit"),
     "lora": ("lora", {"r": 16, "alpha": 32}, "adamw"),
     "qlora": ("qlora", {"r": 16, "alpha": 32}, "adamw"),
-    "surgical": ("surgical", {"top_k": 2, "calibration_batches": 1}, "adamw"),
+    "surgical": ("surgical", {}, "adamw"),
     "hft": ("hft", {}, "adamw"),
     "lisa": ("lisa", {"gamma": 2, "switch_every": 2}, "adamw"),
     "galore": ("galore", {"rank": 32, "update_proj_gap": 200}, "adamw"),
@@ -45,8 +45,8 @@ CONFIGS = {
     "mezo-lora": ("mezo", {"params": "lora", "r": 16, "alpha": 32}, "adamw"),
     "lift": ("lift", {"rank": 32, "density": 0.05, "update_interval": 400}, "adamw"),
     "spiel": ("spiel", {"density": 0.01, "reselect_every": 100, "accumulation_steps": 5}, "adamw"),
-    "gmt": ("gmt", {"density": 0.05}, "adamw"),
-    "smt": ("gmt", {"granularity": "block", "block_size": 64, "density": 0.05}, "adamw"),
+    "gmt": ("gmt", {}, "adamw"),
+    "smt": ("smt", {"block_size": 64, "warmup_steps": 2}, "adamw"),  # the sparse phase after 2 full steps
 }
 
 

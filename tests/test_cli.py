@@ -84,9 +84,9 @@ def test_methods_name_shows_its_options():
 
 
 def test_methods_count(tiny_model_dir, tmp_path):
-    # exactly the registered methods (docs/methods.md's 38): a method module that stopped registering fails here
+    # exactly the registered methods (docs/methods.md's 39): a method module that stopped registering fails here
     listed = runner.invoke(app, ["methods"]).output.splitlines()
-    assert len(listed) == 38, listed
+    assert len(listed) == 39, listed
     assert {line.split()[0] for line in listed} == set(list_methods())
     recipe = _write_recipe(tmp_path, tiny_model_dir, method={"name": "freeze", "layers": [-1]})
     res = runner.invoke(app, ["methods", "--count", str(recipe)])
@@ -106,7 +106,7 @@ COMMANDS = {
                           "--ppl-max-chars", "--ppl-stride", "--ppl-window", "--precision", "--refusal-detector",
                           "--task", "--tasks", "-o"]),
     "export": (["run_dir"], ["--adapter", "--merged", "--no-adapter", "--no-merged"]),
-    "merge": (["recipe"], ["--output", "--overwrite", "-o"]),
+    "merge": (["recipe"], ["--calibration", "--calibration-lr", "--calibration-steps", "--output", "--overwrite", "-o"]),
     "methods": (["name"], ["--count", "--markdown"]),
     "objectives": ([], []),
     "recipe": (["show", "overrides"], []),

@@ -191,6 +191,69 @@ def test_ilora_ema_and_slow_weights_at_evaluation():
     assert model.a.tolist() == [2.0, 2.0]
 
 
+def test_ilora_consistency_loss_is_the_codes_mse_against_the_elementwise_max():
+    """ILORA.py: reg = where(plastic > stable, plastic, stable); l_cons = mean(MSE(plastic, reg)) over the
+    concatenated hidden states of every layer; the EMA coefficient is min(1 - 1/(step + 1), ema_alpha)."""
+    from tunelab.continual.strategies.ilora import consistency_loss, ema_decay
+
+    fast = (torch.tensor([[[1.0, -2.0], [0.5, 3.0]]]), torch.tensor([[[0.0, 0.0], [1.0, 1.0]]]))
+    slow = (torch.tensor([[[2.0, -3.0], [0.5, 4.0]]]), torch.tensor([[[-1.0, 2.0], [1.5, 0.0]]]))
+    reg = [torch.where(p > s, p, s) for p, s in zip(fast, slow)]
+    code = torch.cat([torch.nn.functional.mse_loss(p, r, reduction="none") for p, r in zip(fast, reg)]).mean()
+    assert consistency_loss(fast, slow).item() == pytest.approx(code.item())
+    assert code.item() == pytest.approx((1 + 0 + 0 + 1 + 0 + 4 + 0.25 + 0) / 8)
+    mask = torch.tensor([[1, 0]])  # the second token is a pad: left out
+    assert consistency_loss(fast, slow, mask).item() == pytest.approx((1 + 0 + 0 + 4) / 4)
+    assert [ema_decay(t, 0.25) for t in (1, 2, 10)] == [0.25, 0.25, 0.25] and ema_decay(1, 0.9) == 0.5
+
+
+def test_ilora_replays_with_the_consistency_loss_on_the_tiny_model(tiny_model):
+    """From the second stage, each micro-batch brings a replay batch from the reservoir: the terms are the
+    fast learner's CE on it and 2 w L_cons against the slow learner (twice the code's (L + L_r)/2 + w L_cons)."""
+    from tunelab.continual.strategies.ilora import consistency_loss
+
+    il = build_strategy("ilora", {"buffer_size": 6, "consistency_weight": 0.5})
+    il.setup(SimpleNamespace(pad_id=0), tiny_model)
+    il.before_stage(None, tiny_model, 0)
+    tiny_model.train()
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        ids = torch.randint(5, 60, (2, 10), generator=g)
+        labels = ids.clone()
+        labels[:, :4] = -100
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    assert il.loss_terms(tiny_model, batch()) == {}  # first stage: the rows only enter the buffer
+    for _ in range(4):
+        il.loss_terms(tiny_model, batch())
+    assert len(il.buffer) == 6 and il.n_seen == 10  # a reservoir of the rows seen
+    il.before_stage(None, tiny_model, 1)
+    terms = il.loss_terms(tiny_model, batch())
+    assert set(terms) == {"replay", "consistency"} and terms["consistency"].item() == 0.0  # slow == fast
+    with torch.no_grad():
+        for p in tiny_model.model.layers[0].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    terms = il.loss_terms(tiny_model, batch())
+    r = il.last_replay
+    with torch.no_grad():  # by hand: the fast model and a copy holding the slow weights
+        fast = tiny_model(input_ids=r["input_ids"], attention_mask=r["attention_mask"], output_hidden_states=True)
+        import copy
+
+        slow_model = copy.deepcopy(tiny_model)
+        for n, p in slow_model.named_parameters():
+            p.copy_(il.slow[n])
+        slow = slow_model(input_ids=r["input_ids"], attention_mask=r["attention_mask"], output_hidden_states=True)
+        want = consistency_loss(fast.hidden_states, slow.hidden_states, r["attention_mask"])
+        ce = torch.nn.functional.cross_entropy(fast.logits[:, :-1].reshape(-1, fast.logits.size(-1)),
+                                               r["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    assert want.item() > 0
+    assert terms["consistency"].item() == pytest.approx(2 * 0.5 * want.item(), rel=1e-5)
+    assert terms["replay"].item() == pytest.approx(ce.item(), rel=1e-5)
+    terms["consistency"].backward()  # the gradient reaches the fast weights only
+    assert tiny_model.model.layers[0].mlp.up_proj.weight.grad is not None
+
+
 def test_replay_reservoir_and_mixing():
     from tunelab.continual.strategies.replay import n_replay, reservoir_add
 
@@ -249,6 +312,40 @@ def test_gere_terms_on_the_tiny_model(tiny_model, tiny_tokenizer, general_files)
     assert terms["l2"].item() > 0 and terms["tm"].item() > 0 and terms["kl"].item() > 0
 
 
+def test_gere_default_weights_are_twice_the_authors_loss(tiny_model, tiny_tokenizer, general_files):
+    """The authors' GeReTrainer minimises (CE_task + CE_gere) / 2 + 100 * TM (w_strategy '100'); with the
+    default weights the step's loss (task mean + strategy terms) must be exactly twice that. The old
+    default {ce: 1, tm: 100} gave CE_task + CE_gere + 100 TM (the authors' margin weight 50)."""
+    import torch.nn.functional as F
+
+    from tunelab.continual.strategies.gere import tm_loss
+    from tunelab.objectives.base import build_objective
+
+    text, _ = general_files
+    g = build_strategy("gere", {"texts": str(text), "n_samples": 3, "max_tokens": 16, "batch_size": 2})
+    g.setup(SimpleNamespace(tokenizer=tiny_tokenizer, precision="fp32"), tiny_model)
+    with torch.no_grad():  # move away from the base so that TM is not zero
+        for p in tiny_model.model.layers[-1].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tiny_model.train()
+    ids = torch.randint(5, 60, (2, 10))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    sft = build_objective("sft", {"chunk_size": 0})
+    out = StrategyObjective(sft, [g]).compute(tiny_model, batch)
+    ours = (out.loss_sum / out.n_units).item()
+    with torch.no_grad():  # the authors' loss by hand on the same general rows (0 and 1: the cursor started at 0)
+        task = sft.compute(tiny_model, batch)
+        ce_task = (task.loss_sum / task.n_units).item()
+        o = tiny_model(input_ids=g.ids[[0, 1]], output_hidden_states=True, use_cache=False)
+        ce_gere = F.cross_entropy(o.logits[:, :-1].reshape(-1, o.logits.size(-1)), g.ids[[0, 1], 1:].reshape(-1))
+        tm = tm_loss(o.hidden_states[-1], g.h0[[0, 1]], g.neg_thr, g.pos_thr)
+    assert tm.item() > 0
+    authors = (ce_task + ce_gere.item()) / 2 + 100 * tm.item()
+    assert ours == pytest.approx(2 * authors, rel=1e-5)
+
+
 def test_hft_redraws_a_half_per_stage(tiny_model):
     from tunelab.methods.registry import build_method
 
@@ -277,7 +374,8 @@ def test_lines_scales_each_layer_delta(tiny_model):
     delta = {n: (p - base[n]).mean().item() for n, p in tiny_model.named_parameters()}
     assert delta["model.layers.0.self_attn.q_proj.weight"] == pytest.approx(0.5)  # shallowest: alpha
     assert delta["model.layers.1.mlp.down_proj.weight"] == pytest.approx(1.0)  # deepest: alpha + beta
-    assert delta["model.embed_tokens.weight"] == pytest.approx(0.5) and delta["model.norm.weight"] == pytest.approx(1.0)
+    # outside the layers: alpha, as the authors' LiNeS_scaling (the final norm too; it was alpha + beta)
+    assert delta["model.embed_tokens.weight"] == pytest.approx(0.5) and delta["model.norm.weight"] == pytest.approx(0.5)
 
 
 def test_lines_on_lora_scales_b(tiny_model):

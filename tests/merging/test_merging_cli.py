@@ -174,6 +174,52 @@ def test_run_dir_inputs_and_lora_cat_adapter(models, tmp_path):
     assert res.exit_code == 2 and "is not one" in res.output and not out.exists()
 
 
+def test_bitdelta_calibration_distils_the_scales(models, tmp_path):
+    """`--calibration`: BitDelta's second stage. The compressed matrices stay base + alpha * sign(delta) with one
+    alpha per matrix (now distilled), every other tensor stays the fine-tune's, and the model's logits on the
+    calibration text are closer to the fine-tune's than the first stage's (mean |delta| scales)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    P, base, ft = models["paths"], models["base"], models["noisy"]
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"The {i}th day of the month came after day {i - 1} and before day {i + 1}."
+                             for i in range(1, 80)))
+    recipe = {"merge_method": "bitdelta", "base_model": str(P["base"]), "models": _m(P, "noisy")}
+    res0, first = _merge(tmp_path, recipe, name="first")
+    res, out = _merge(tmp_path, recipe, "--calibration", str(text), "--calibration-steps", "20",
+                      "--calibration-lr", "1e-3", name="distilled")
+    assert res0.exit_code == 0 and res.exit_code == 0, res.output
+    assert "BitDelta scale distillation: 20 steps" in res.output
+    report = json.loads((out / "tunelab_merge_report.json").read_text())
+    assert report["distillation"]["matrices"] == 14 and "compression" in report
+    got, first_sd = _load(out), _load(first)
+    moved = 0
+    for k, b in base.items():
+        delta = ft[k] - b
+        if PROJ.search(k):
+            step = got[k] - b
+            alpha = step.abs().mean()
+            torch.testing.assert_close(step, alpha * torch.where(delta >= 0, 1.0, -1.0), rtol=0, atol=1e-6, msg=k)
+            moved += abs(float(alpha) - float(delta.abs().mean())) > 1e-6
+        else:
+            torch.testing.assert_close(got[k], ft[k], rtol=0, atol=0, msg=k)
+    assert moved > 0
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor([tok(text.read_text(), add_special_tokens=False)["input_ids"][:128]])
+
+    def logits(sd):
+        m = AutoModelForCausalLM.from_pretrained(P["base"])
+        m.load_state_dict(sd, strict=False)
+        with torch.no_grad():
+            return m(input_ids=ids).logits
+
+    target = logits(ft)
+    assert (logits(got) - target).pow(2).mean() < (logits(first_sd) - target).pow(2).mean()
+    res, _ = _merge(tmp_path, {"merge_method": "ties", "base_model": str(P["base"]), "models": _m(P, "ft1", "ft2")},
+                    "--calibration", str(text), name="notbd")
+    assert res.exit_code == 2 and "--calibration distils BitDelta's scales" in res.output
+
+
 def test_bitdelta_and_svd_delta_print_ratio(models, tmp_path):
     P, base, ft = models["paths"], models["base"], models["ft1"]
     res, out = _merge(tmp_path, {"merge_method": "bitdelta", "base_model": str(P["base"]), "models": _m(P, "ft1")},

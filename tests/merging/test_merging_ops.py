@@ -126,14 +126,36 @@ def test_model_stock_hand():
         ops.model_stock(base, [ft1])
 
 
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_matches_mergekit(filter_wise):
+    """Per tensor (the paper's layer-wise t, mergekit's default) and per row (mergekit's filter_wise)."""
+    mk = pytest.importorskip("mergekit.merge_methods.model_stock")
+    from mergekit.merge_methods.base import TensorGroup
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((6, 5), (7,)):
+        base = torch.randn(shape, generator=g)
+        common = torch.randn(shape, generator=g)
+        fts = [base + 0.5 * common + 0.3 * torch.randn(shape, generator=g) for _ in range(3)]
+        want = mk.model_stock_merge_method.implementation(TensorGroup.from_tensors([base, *fts], base_index=0),
+                                                          filter_wise=filter_wise)
+        close(ops.model_stock(base, fts, filter_wise=filter_wise), want)
+    assert not torch.allclose(ops.model_stock(base.expand(3, 7), [f.expand(3, 7) * torch.tensor([[1.0], [2.0], [-1.0]])
+                                                                   for f in fts], filter_wise=True),
+                              ops.model_stock(base.expand(3, 7), [f.expand(3, 7) * torch.tensor([[1.0], [2.0], [-1.0]])
+                                                                   for f in fts]))
+
+
 def test_lines_hand():
     assert ops.layer_index("model.layers.12.self_attn.q_proj.weight") == 12
     assert ops.layer_index("model.norm.weight") is None
     s = [ops.lines_scale(f"model.layers.{i}.mlp.up_proj.weight", 3, alpha=0.2) for i in range(3)]
     assert s == pytest.approx([0.2, 0.6, 1.0])
+    # outside the blocks (embeddings, final norm, head): alpha, as the authors' LiNeS_scaling ("scale with alpha
+    # for layers outside residual blocks"); the old rule gave the final norm and an untied head alpha + beta
     assert ops.lines_scale("model.embed_tokens.weight", 3, alpha=0.2) == pytest.approx(0.2)
-    assert ops.lines_scale("model.norm.weight", 3, alpha=0.2) == pytest.approx(1.0)
-    assert ops.lines_scale("lm_head.weight", 3, alpha=0.2, beta=0.5) == pytest.approx(0.7)
+    assert ops.lines_scale("model.norm.weight", 3, alpha=0.2) == pytest.approx(0.2)
+    assert ops.lines_scale("lm_head.weight", 3, alpha=0.2, beta=0.5) == pytest.approx(0.2)
     assert ops.lines_scale("lm_head.weight", 3, non_layer_scale=0.5) == 0.5
     close(ops.lines(T([1.0, 2.0]), "model.layers.1.mlp.down_proj.weight", 3, alpha=0.2), [0.6, 1.2])
     with pytest.raises(ValueError, match="layer index 5"):

@@ -36,9 +36,13 @@ def base_model(**overrides):
     return build_tiny_model(VOCAB, seed=0, **overrides)
 
 
-def prepared(name: str, opts: dict | None = None, **model_overrides):
+def prepared(name: str, opts: dict | None = None, examples: list[dict] | None = None, **model_overrides):
+    """Build and prepare a method as the assembler does (calibrated first when its capabilities say so)."""
     method = build_method(name, METHODS[name] if opts is None else opts)
-    return method, method.prepare(base_model(**model_overrides))
+    model = base_model(**model_overrides)
+    if method.capabilities.calibrates_from_examples:
+        method.calibrate_from_examples(model, examples or [], None, pad_id=0, batch_size=1)
+    return method, method.prepare(model)
 
 
 def train(method, model, steps: int = 3, lr: float = 1e-2, ids: torch.Tensor | None = None) -> list[float]:

@@ -29,7 +29,8 @@ from tunelab.train.optim import build_optimizer
 VOCAB = 128
 ZOO = {
     "surgical": "2210.11466", "hft": "2404.18466", "lisa": "2403.17919", "galore": "2403.03507",
-    "mezo": "2305.17333", "lift": "2506.00772", "spiel": "2401.16405", "gmt": "2406.15330", "qlora": "2305.14314",
+    "mezo": "2305.17333", "lift": "2506.00772", "spiel": "2401.16405", "gmt": "2406.15330", "smt": "2405.15525",
+    "qlora": "2305.14314",
 }
 
 

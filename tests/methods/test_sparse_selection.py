@@ -1,12 +1,12 @@
-"""surgical / hft / lisa: which parameters train (counted per layer and category), what changes in a step,
-optimizer state across switches, resume across a switch, loss falls."""
+"""surgical (Auto-RGN, block choice) / hft / lisa: which parameters train (counted per layer and category), what
+changes in a step, optimizer state across switches, resume across a switch, loss falls."""
 
 import json
 
 import pytest
 import torch
 
-from test_sparse_common import (assert_resume_exact, changed, checkpoint, run, setup, snapshot, task, tiny,
+from test_sparse_common import (assert_resume_exact, changed, run, setup, snapshot, task, tiny,
                                 train_config)
 from tunelab.methods.freeze import layer_index
 from tunelab.methods.hft import category
@@ -103,6 +103,22 @@ def test_hft_freezes_half_of_each_category():
     assert changed(before, model) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
+def test_hft_trains_exactly_half_of_the_mlp_matrices():
+    """HFT's per-layer rule (attention 2 of 4; the MLP's 3 matrices: 2 in half of the layers, 1 in the other
+    half) trains exactly half of each kind, for every draw. The old fair coin per layer did so only on average."""
+    model = tiny(4)
+    method = build_method("hft", {"seed": 0})
+    method.prepare(model)
+    for period in range(30):
+        drawn = method.draw(model, period)
+        per_layer = [sum(1 for n in drawn if category(n) == ("mlp", i)) for i in range(4)]
+        assert sorted(per_layer) == [1, 1, 2, 2], (period, per_layer)
+        assert all(sum(1 for n in drawn if category(n) == ("attn", i)) == 2 for i in range(4))
+    three = tiny(3)  # an odd number of layers: 4 or 5 of the 9 MLP matrices
+    totals = {sum(1 for n in method.draw(three, p) if category(n)[0] == "mlp") for p in range(40)}
+    assert totals == {4, 5}
+
+
 def test_hft_redraws_every_switch_and_resumes_exactly():
     method = build_method("hft", {"switch_every": 2, "seed": 0})
     model = tiny(2)
@@ -116,75 +132,68 @@ def test_hft_redraws_every_switch_and_resumes_exactly():
 
 # -- surgical --------------------------------------------------------------------------------------
 
-def _reference_fisher(model, batches):
-    """Independent: per layer, sum over batches of sum of squared grads / (batches * entries)."""
-    layers = sorted({layer_index(n) for n, _ in model.named_parameters()} - {None})
-    out = {}
-    for i in layers:
-        params = [p for n, p in model.named_parameters() if layer_index(n) == i]
-        total = 0.0
-        for b in batches:
-            loss = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
-            grads = torch.autograd.grad(loss, params)
-            total += sum(float(g.double().pow(2).sum()) for g in grads)
-        out[i] = total / (len(batches) * sum(p.numel() for p in params))
-    return out
+def test_surgical_auto_rgn_is_the_reference_per_tensor_learning_rate():
+    """Auto-RGN as the authors' main.py builds it: one Adam group per tensor with lr = weight * lr, weight =
+    (||g|| / ||W||) / max over tensors; recomputed here at every step from that step's (clipped) gradient.
+    Checked against a plain torch AdamW given those per-group lrs by hand, over two steps (moments kept)."""
+    import copy
 
+    from tunelab.methods.surgical import rgn_weights
 
-def test_surgical_ranks_layers_by_fisher_and_trains_top_k():
-    model = tiny(4)
-    with torch.no_grad():  # make layer 2 clearly the most sensitive: its MLP output is scaled up
-        model.model.layers[2].mlp.down_proj.weight.mul_(8.0)
-    batches = [task(seed=s) for s in range(3)]
-    method = build_method("surgical", {"top_k": 2, "calibration_batches": 3})
-    scores = method.calibrate(model, batches)
-    ref = _reference_fisher(model, batches)
-    assert scores == pytest.approx(ref, rel=1e-6)
-    assert method.layers == sorted(sorted(ref, key=lambda i: -ref[i])[:2]) and 2 in method.layers
-    assert all(p.grad is None for p in model.parameters())  # calibration leaves no gradients behind
-
-    tc = train_config()
+    tc = train_config(lr=1e-2, weight_decay=0.1)
+    model = tiny(2)
+    ref = copy.deepcopy(model)
+    method = build_method("surgical", {})
     model, opt = setup(method, model, tc)
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == _layer_names(model, method.layers)
+    assert all(p.requires_grad for p in model.parameters())  # the whole model takes part
+    names = [n for n, _ in ref.named_parameters()]
+    params = dict(ref.named_parameters())
+    groups = [{"params": [params[n]], "lr": tc.lr, "weight_decay": 0.1 if params[n].ndim >= 2 else 0.0}
+              for n in names]
+    ref_opt = torch.optim.AdamW(groups, lr=tc.lr, betas=tc.betas, eps=1e-8, foreach=False)
+    batch = task()
+    for step in range(2):
+        run(method, model, opt, range(step, step + 1), tc, batch=batch)
+        # the reference: same gradient (forward_backward + clipping), RGN by hand, per-group lrs
+        from test_sparse_common import backend
+        from tunelab.objectives.base import build_objective
+        from tunelab.train.loop import forward_backward
+
+        forward_backward(ref, build_objective("sft", {}), [batch], backend(), "fp32")
+        torch.nn.utils.clip_grad_norm_(list(ref.parameters()), tc.max_grad_norm)
+        rgn = [float(params[n].grad.norm() / params[n].detach().norm()) for n in names]
+        w = [r / max(rgn) for r in rgn]
+        assert w == pytest.approx(rgn_weights(rgn))
+        for g, wi in zip(ref_opt.param_groups, w):
+            g["lr"] = tc.lr * wi
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        assert method.weights == pytest.approx(dict(zip(names, w)), rel=1e-5)
+        now = dict(model.named_parameters())
+        for n in names:
+            torch.testing.assert_close(now[n].detach(), params[n].detach(), rtol=1e-5, atol=1e-7, msg=n)
+        assert all(g["lr"] == tc.lr for g in opt.param_groups)  # the scheduled lr is restored after the step
+    assert len(set(round(x, 6) for x in w)) > 5 and max(w) == 1.0  # a soft, per-tensor weighting
+
+
+def test_surgical_block_choice_trains_only_the_block():
+    method = build_method("surgical", {"layers": [0], "auto_rgn": False})
+    tc = train_config()
+    model, opt = setup(method, tiny(3), tc)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == _layer_names(model, [0])
     before = snapshot(model)
     losses = run(method, model, opt, range(10), tc)
-    assert changed(before, model) == _layer_names(model, method.layers)
+    assert changed(before, model) == _layer_names(model, [0])
+    assert losses[-1] < 0.9 * losses[0]
+    with pytest.raises(ValueError, match="out of range"):
+        build_method("surgical", {"layers": [5]}).prepare(tiny(3))
+
+
+def test_surgical_auto_rgn_resume_is_exact_and_loss_falls():
+    losses = assert_resume_exact("surgical", {"rgn_every": 2}, train_config(), steps=6, split=3)
     assert losses[-1] < 0.85 * losses[0]
-
-
-def test_surgical_selection_survives_checkpoints_without_recalibration():
-    batches = [task(seed=s) for s in range(2)]
-    calibrate = lambda method, model: method.calibrate(model, batches)  # noqa: E731
-    assert_resume_exact("surgical", {"top_k": 1}, train_config(), steps=4, split=2, prepare_hook=calibrate)
-    # `tunelab eval` restores a run without calibrating: the selection comes from the method state
-    src = build_method("surgical", {"top_k": 1})
-    src.calibrate(tiny(2), batches)
-    tc = train_config()
-    model, opt = setup(src, tiny(2), tc)
-    ck = checkpoint(src, model, opt)
-    fresh = build_method("surgical", {"top_k": 1})
-    model2 = fresh.prepare(tiny(2))
-    assert not any(p.requires_grad for p in model2.parameters())
-    with pytest.raises(RuntimeError, match="calibrate"):
-        fresh.param_groups(model2, 0.0)
-    fresh.load_state_dict(json.loads(ck["method"]))
-    assert fresh.layers == src.layers
-    assert {n for n, p in model2.named_parameters() if p.requires_grad} == _layer_names(model2, src.layers)
-
-
-def test_surgical_calibrate_from_examples_uses_the_objective():
-    from tunelab.data.batching import collate_sft
-    from tunelab.objectives.base import build_objective
-
-    g = torch.Generator().manual_seed(0)
-    examples = [{"input_ids": torch.randint(3, 100, (8 + i,), generator=g).tolist()} for i in range(7)]
-    for e in examples:
-        e["labels"] = [-100] * 4 + e["input_ids"][4:]
-    sft = build_objective("sft", {})
-    model = tiny(2)
-    method = build_method("surgical", {"top_k": 1, "calibration_batches": 2})
-    got = method.calibrate_from_examples(model, examples, sft, pad_id=2, batch_size=3)  # first 2 batches of 3
-    batches = [collate_sft(examples[:3], 2), collate_sft(examples[3:6], 2)]
-    assert got == method.calibrate(model, batches, objective=sft)
-    # the objective's loss_sum / n_units is the token-mean loss HF computes from labels
-    assert got == pytest.approx(method.calibrate(model, batches), rel=1e-5)
+    # Auto-RGN within a block (the embeddings and the first layer)
+    method = build_method("surgical", {"layers": [0], "modules": ["embed_tokens"]})
+    model, opt = setup(method, tiny(2), train_config())
+    run(method, model, opt, range(2), train_config())
+    assert set(method.weights) == _layer_names(model, [0]) | {"model.embed_tokens.weight"}

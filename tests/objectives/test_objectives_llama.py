@@ -230,6 +230,43 @@ def test_kto_objective(model):
     torch.testing.assert_close(out2.loss_sum.detach(), expected.losses.sum(), atol=1e-5, rtol=0)
 
 
+def _pairs_subset(batch, rows):
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def test_kto_refuses_a_kl_estimate_from_matched_prompts(model):
+    """One preference pair per micro-batch: its chosen and rejected rows share their prompt, so the old
+    mismatched pairs (x, y_rejected), (x, y_chosen) made z0 the mean implied reward of matched completions,
+    not a KL estimate. TRL refuses per-device batch size 1 (KTOTrainer: 'Actual (not effective) batch size
+    must be > 1'); so does tunelab, for pairs and for one unpaired example."""
+    batch, ref = make_batch(4), FrozenCopyReference(copy.deepcopy(model))
+    kto_obj = build_objective("kto", {})
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        kto_obj.compute(perturbed(model, seed=5), _pairs_subset(batch, [0]), ref)
+    ids, att, lab = concatenate_pair(_pairs_subset(batch, [0]))
+    one = {"input_ids": ids[:1], "attention_mask": att[:1], "labels": lab[:1], "desirable": torch.tensor([True])}
+    with pytest.raises(ValueError, match="batch_size >= 2"):
+        kto_obj.compute(perturbed(model, seed=5), one, ref)
+
+
+def test_kto_kl_estimate_uses_only_pairs_with_different_prompts(model):
+    """Pairs 0 and 1 of this batch have the same prompt: the KL rows that pair prompt 0 with pair 1's
+    completions are left out, z0 is the mean over the other rows (by hand)."""
+    batch = _pairs_subset(make_batch(4), [0, 0, 2])  # rows 0 and 1 are the same pair
+    ref = FrozenCopyReference(copy.deepcopy(model))
+    policy = perturbed(model, seed=3)
+    ids, att, lab = concatenate_pair(batch)  # [c0, c0, c2, r0, r0, r2]
+    kl_ids, kl_att, kl_lab = mismatched_pairs(ids, att, lab)  # row i: prompt i + completion i+1
+    keep = torch.tensor([False, True, True, False, True, True])  # 0->1 and 3->4 pair prompt 0 with prompt 0
+    with torch.no_grad():
+        pol = model_sequence_logps(policy, kl_ids, kl_att, kl_lab)[0]
+        refl = model_sequence_logps(model, kl_ids, kl_att, kl_lab)[0]
+    out = build_objective("kto", {}).compute(policy, batch, ref)
+    z0 = kto_kl_estimate(pol[keep], refl[keep])
+    assert z0 > 0 and abs(z0 - kto_kl_estimate(pol, refl)) > 1e-4  # the old estimate (every row) differs
+    torch.testing.assert_close(out.metrics["kl"] / 6, z0, atol=1e-6, rtol=0)
+
+
 def test_distill_objective(model):
     batch = make_batch(5)
     sft = {"input_ids": batch["chosen_input_ids"], "attention_mask": batch["chosen_attention_mask"],

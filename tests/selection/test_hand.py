@@ -57,15 +57,31 @@ def test_composite_combinations():
     assert combine([a, b], "product", [2.0, 1.0]).tolist() == [16.0, 4.5]
 
 
-def test_adam_direction_matches_one_adam_step_formula():
-    g, m, v = np.array([0.5, -2.0]), np.array([0.1, 0.0]), np.array([0.04, 1.0])
+def test_adam_direction_is_less_obtain_gradients_with_adam():
+    """LESS (collect_grad_reps.obtain_gradients_with_adam): m' / sqrt(v' + eps), eps INSIDE the root. The
+    second entry (g = 0, v = 0) is where it matters: m' / sqrt(eps) = 0.09 / 1e-4, where the old
+    m' / (sqrt(v') + eps) gave 0.09 / 1e-8."""
+    g, m, v = np.array([0.5, 0.0]), np.array([0.1, 0.1]), np.array([0.04, 0.0])
     b1, b2, eps = 0.9, 0.999, 1e-8
     import torch
 
     out = adam_direction(torch.tensor(g), torch.tensor(m), torch.tensor(v), (b1, b2), eps).numpy()
     m1 = b1 * m + (1 - b1) * g
     v1 = b2 * v + (1 - b2) * g * g
-    assert out == pytest.approx(m1 / (np.sqrt(v1) + eps))
+    assert out == pytest.approx(m1 / np.sqrt(v1 + eps))
+    assert out[1] == pytest.approx(0.09 / 1e-4)
+
+
+def test_less_checkpoint_weights_are_the_mean_lr_of_each_epoch():
+    """LESS's matching.py weights checkpoint c by the mean learning rate of epoch c, renormalised to 1; the
+    linear schedule with warm-up is HF's (ceil(0.03 * total) warm-up steps)."""
+    from tunelab.selection.scorers.gradient import checkpoint_weights, linear_schedule
+
+    f = linear_schedule(8, 0.25)  # 2 warm-up steps, then 6 decaying steps
+    assert [f(k) for k in range(8)] == pytest.approx([0, 0.5, 1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6])
+    lrs = [[f(k) for k in range(4)], [f(k) for k in range(4, 8)]]  # two epochs of 4 steps
+    m0, m1 = (0 + 0.5 + 1 + 5 / 6) / 4, (4 / 6 + 3 / 6 + 2 / 6 + 1 / 6) / 4
+    assert checkpoint_weights(lrs) == pytest.approx([m0 / (m0 + m1), m1 / (m0 + m1)])
 
 
 def test_rademacher_projection():
@@ -214,6 +230,25 @@ def test_grape_keeps_the_most_likely_response_per_instruction():
     assert _select("grape", pool, None) == [1, 4]
     assert pool.report == {"groups": 2, "groups_with_choice": 2}
     assert _select("grape", pool, 1) == [1]
+
+
+def test_qdit_diversity_only_covers_near_duplicate_families_like_k_center():
+    """QDIT at alpha = 0 is the authors' greedy facility location (alpha = 0 "reduces to the classical greedy
+    facility-location algorithm", their section 3.2): on a pool of near-duplicate families of very different
+    sizes it must pick one member of every family, at least as many families as k-center covers."""
+    rng = np.random.default_rng(0)
+    sizes = [1, 2, 3, 5, 8, 13, 21, 34]
+    centers = unit(rng.normal(size=(len(sizes), 32)))
+    family = np.repeat(np.arange(len(sizes)), sizes)
+    emb = unit(centers[family] + 0.05 * rng.normal(size=(len(family), 32)))
+    scores = rng.random(len(family))
+    pool = Pool([None] * len(family), scores=scores, raw_scores=scores, embeddings=emb)
+    for budget in (len(sizes), len(sizes) + 4):
+        q_fam = set(family[_select("qdit", pool, budget, alpha=0.0)].tolist())
+        k_fam = set(family[_select("kcenter", pool, budget)].tolist())
+        assert len(q_fam) == len(sizes) >= len(k_fam)
+    # the largest families first when the budget is short (coverage = members represented)
+    assert set(family[_select("qdit", pool, 3, alpha=0.0)].tolist()) == {5, 6, 7}
 
 
 def test_lazy_greedy_picks_equal_plain_greedy_with_fewer_evaluations():

@@ -102,10 +102,11 @@ def test_judge_is_the_expected_rating(ctx, examples, tiny_tokenizer):
     assert 1 <= out.values.min() and out.values.max() <= 6
 
 
-def test_lm_embedding_is_the_last_token_hidden_state(ctx, examples, tiny_tokenizer):
+def test_lm_embedding_last_token_uncentred(ctx, examples, tiny_tokenizer):
     from tunelab.data.encode import render
 
-    out = build_scorer("embedding", {"encoder": "lm", "precision": "fp32", "batch_size": 2}).score(examples, ctx)
+    opts = {"encoder": "lm", "precision": "fp32", "batch_size": 2, "pooling": "last", "center": False}
+    out = build_scorer("embedding", opts).score(examples, ctx)
     assert out.values.shape == (5, 64)
     np.testing.assert_allclose(np.linalg.norm(out.values, axis=1), 1.0, rtol=1e-5)
     ids = tiny_tokenizer(render(tiny_tokenizer, examples[3].messages), add_special_tokens=False)["input_ids"]
@@ -114,6 +115,42 @@ def test_lm_embedding_is_the_last_token_hidden_state(ctx, examples, tiny_tokeniz
     np.testing.assert_allclose(out.values[3], (h / h.norm()).numpy(), atol=1e-5)
     text = build_scorer("embedding", {"encoder": "lm", "precision": "fp32"}).score([TextExample("plain text")], ctx)
     assert text.values.shape == (1, 64)
+
+
+def test_lm_embedding_default_is_the_centred_mean_of_the_final_states(ctx, examples, tiny_tokenizer):
+    """Default `encoder: lm`: mean of the final hidden states over each example's tokens, minus the pool's mean
+    vector, normalised (the old default, the raw last-token state, fails this)."""
+    from tunelab.data.encode import render
+
+    out = build_scorer("embedding", {"encoder": "lm", "precision": "fp32", "batch_size": 2}).score(examples, ctx)
+    pooled = []
+    for ex in examples:
+        ids = tiny_tokenizer(render(tiny_tokenizer, ex.messages), add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            h = ctx.lm()(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]  # [T, d]
+        pooled.append(h.mean(0).double().numpy())
+    x = np.stack(pooled)
+    x = x - x.mean(0)
+    np.testing.assert_allclose(out.values, x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_degenerate_embeddings_are_warned_about_and_centring_spreads_them(caplog):
+    """States that share a large common component (a causal LM's, typically) have cosine distances near 0:
+    the warning fires; after centring, the same states are spread out."""
+    from tunelab.selection.scorers.embedding import mean_cosine_distance, normalise_rows, warn_if_degenerate
+
+    rng = np.random.default_rng(0)
+    x = 20.0 + rng.normal(size=(50, 16))  # a common offset in every dimension dominates
+    e = normalise_rows(x)
+    pairs = [1 - e[i] @ e[j] for i in range(50) for j in range(50) if i != j]
+    assert mean_cosine_distance(e) == pytest.approx(np.mean(pairs), abs=1e-6)
+    with caplog.at_level("WARNING"):
+        assert warn_if_degenerate(e, 0.1, "test") < 0.01
+    assert "nearly identical" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert warn_if_degenerate(normalise_rows(x - x.mean(0)), 0.1, "test") > 0.9
+    assert not caplog.text
 
 
 def test_minilm_embedding_matches_sentence_transformers(ctx):
@@ -155,8 +192,8 @@ def test_reward_model_score(ctx, examples, tmp_path, tiny_tokenizer):
 def test_gradient_less_scorer(ctx, examples, tmp_path):
     target = tmp_path / "target.jsonl"
     target.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in QA[:2]))
-    opts = {"target": str(target), "precision": "fp32", "proj_dim": 32, "warmup_steps": 2, "warmup_batch_size": 2,
-            "lr": 1e-3, "target_modules": ["q_proj", "v_proj"]}
+    opts = {"target": str(target), "precision": "fp32", "proj_dim": 32, "warmup_fraction": 1.0, "warmup_epochs": 2,
+            "warmup_batch_size": 2, "lr": 1e-3, "target_modules": ["q_proj", "v_proj"]}
     pool = examples + [examples[0]]  # an exact copy gets the same score
     a = build_scorer("gradient", opts).score(pool, ctx).values
     b = build_scorer("gradient", opts).score(pool, ctx).values
@@ -164,6 +201,38 @@ def test_gradient_less_scorer(ctx, examples, tmp_path):
     assert np.all(np.abs(a) <= 1 + 1e-6) and a[0] == pytest.approx(a[-1], abs=1e-6)
     mx = build_scorer("gradient", {**opts, "aggregate": "max"}).score(pool, ctx).values
     assert np.all(mx >= a - 1e-6)
+
+
+def test_gradient_less_sums_checkpoints_weighted_by_their_epoch_lr(ctx, examples, tmp_path, monkeypatch):
+    """LESS's influence sums over the warm-up checkpoints (one per epoch), weighted by each epoch's mean lr:
+    the score must equal that weighted sum of the per-checkpoint mean cosine similarities."""
+    from tunelab.selection.scorers import gradient as less
+
+    target = tmp_path / "target.jsonl"
+    target.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in QA[:2]))
+    opts = {"target": str(target), "precision": "fp32", "proj_dim": 32, "warmup_fraction": 1.0, "warmup_epochs": 3,
+            "warmup_batch_size": 2, "lr": 1e-3, "warmup_ratio": 0.3}
+    seen, lrs = [], []
+    projected, warmup = less.Gradient._projected, less.Gradient._warmup
+
+    def spy_projected(self, *a, **k):
+        out = projected(self, *a, **k)
+        seen.append(out)
+        return out
+
+    def spy_warmup(self, *a, **k):
+        for epoch_lrs, mv in warmup(self, *a, **k):
+            lrs.append(epoch_lrs)
+            yield epoch_lrs, mv
+
+    monkeypatch.setattr(less.Gradient, "_projected", spy_projected)
+    monkeypatch.setattr(less.Gradient, "_warmup", spy_warmup)
+    got = build_scorer("gradient", opts).score(examples, ctx).values
+    assert len(seen) == 6 and len(lrs) == 3  # target + pool at each of the 3 checkpoints
+    w = less.checkpoint_weights(lrs)
+    assert len(set(np.round(w, 6))) > 1  # the epochs' mean lrs differ (warm-up, then linear decay)
+    want = sum(wc * (seen[2 * c + 1] @ seen[2 * c].T).double().mean(1).numpy() for c, wc in enumerate(w))
+    np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_composite_deita_style(ctx, examples):

@@ -29,7 +29,9 @@ Methods writing an HF checkpoint (AutoModelForCausalLM loads it):
   linear, task_arithmetic, ties, dare_linear, dare_ties, slerp,
   wise_ft, model_stock, lines, transfer, greedy_soup;
   bitdelta, svd_delta (rank): compress ONE fine-tune's delta vs
-  base_model, write base + reconstruction, print the ratio.
+  base_model, write base + reconstruction, print the ratio;
+  bitdelta --calibration TEXT: then distil the per-matrix scales
+  against the fine-tuned model (BitDelta's second stage).
 Methods writing a PEFT adapter (PeftModel.from_pretrained loads it):
   lora_linear, lora_cat, lora_svd (rank); inputs must be adapters.
 
@@ -65,6 +67,11 @@ def _print_report(report: dict, out: Path) -> None:
         echo(f"delta stored in {_fmt_bytes(c['stored_bytes'])} of {_fmt_bytes(c['dense_bytes'])} dense: "
              f"compression ratio {c['ratio']:.6f} (1/{1 / max(c['ratio'], 1e-12):.1f}); "
              f"compressed matrices alone {c['compressed_ratio']:.6f}")
+    d = report.get("distillation")
+    if d:
+        echo(f"BitDelta scale distillation: {d['steps']} steps on {d['rows']} rows of {d['max_length']} tokens, "
+             f"logits MSE {d['loss_first']:.4g} -> {d['loss_last']:.4g}; mean scale {d['mean_scale_before']:.4g} -> "
+             f"{d['mean_scale_after']:.4g}")
     g = report.get("greedy_soup")
     if g:
         for i, (m, sc) in enumerate(zip(g["models"], g["individual_scores"])):
@@ -100,6 +107,12 @@ def register(app: typer.Typer) -> None:
                                                 "merge_soup, merge_lora_cat, merge_bitdelta)."),
         output: Path = typer.Option(..., "-o", "--output", help="Output directory (HF checkpoint or PEFT adapter)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+        calibration: Path | None = typer.Option(
+            None, "--calibration", help="bitdelta only: a text file (.txt, or JSONL with `text`) on which the scales "
+                                        "are distilled against the fine-tuned model (logits MSE), as the paper."),
+        calibration_steps: int = typer.Option(100, "--calibration-steps", min=1,
+                                              help="Distillation steps of 4 rows x 128 tokens (BitDelta: 100)."),
+        calibration_lr: float = typer.Option(1e-4, "--calibration-lr", help="AdamW lr of the scales (BitDelta: 1e-4)."),
     ):
         from tunelab.commands._common import fail, setup_logging
 
@@ -119,8 +132,15 @@ def register(app: typer.Typer) -> None:
         try:
             r = load_recipe(recipe)
             typer.echo(f"{r.merge_method}: {len(r.models)} model(s)" + (f", base {r.base_model}" if r.base_model else ""))
+            if calibration is not None and r.merge_method != "bitdelta":
+                _fail(f"--calibration distils BitDelta's scales; merge_method is {r.merge_method!r}")
             report: dict = {}
             out = run_merge(r, output, overwrite=overwrite, report=report)
+            if calibration is not None:
+                from tunelab.merging.bitdelta import calibrate_bitdelta
+
+                report["distillation"] = calibrate_bitdelta(r, out, calibration, steps=calibration_steps,
+                                                            lr=calibration_lr)
         except ValidationError as e:
             fail("\n".join(_validation_lines(e)))
         except (ValueError, FileExistsError, FileNotFoundError, KeyError) as e:

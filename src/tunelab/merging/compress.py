@@ -30,6 +30,8 @@ __all__ = [
     "svd_decompress",
     "compress_deltas",
     "DeltaCompressor",
+    "bitdelta_compressible",
+    "distill_bitdelta_scales",
 ]
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -107,8 +109,9 @@ def bitdelta_compress(delta: Tensor, reference_dtype: torch.dtype | None = None)
 
     ``delta ~ alpha * sign(delta)`` with ``alpha = mean |delta|`` (one scale per matrix; the L2
     optimal scale for a sign code). ``sign(0)`` is taken as ``+1`` because a bit has two states.
-    Storage is the packed bits plus the scale as float32. The paper's second stage (distilling the
-    scales on calibration data) needs a model and data and is left to the caller.
+    Storage is the packed bits plus the scale as float32. This is the paper's first stage; the second
+    (the scales distilled against the fine-tuned model on calibration text) is
+    :func:`distill_bitdelta_scales` (``tunelab merge --calibration``).
     """
     if delta.numel() == 0:
         raise ValueError("bitdelta_compress: empty tensor")
@@ -180,6 +183,68 @@ def _is_embedding(name: str) -> bool:
     return "embed" in name or "lm_head" in name
 
 
+def bitdelta_compressible(name: str, delta: Tensor) -> bool:
+    """The tensors ``merge_method: bitdelta`` compresses: non-zero 2-D deltas outside the embeddings / LM head
+    (the paper's linear layers of the blocks). The rest is kept exactly."""
+    return delta.dim() == 2 and not _is_embedding(name) and bool(delta.any())
+
+
+def distill_bitdelta_scales(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    signs: Mapping[str, Tensor],
+    scales: Mapping[str, float],
+    batches: list[dict[str, Tensor]],
+    *,
+    steps: int = 100,
+    lr: float = 1e-4,
+) -> tuple[dict[str, float], list[float]]:
+    """BitDelta's second stage (Liu et al. 2024, https://arxiv.org/abs/2402.10193, section 3.2; reference code
+    github.com/FasterDecoding/BitDelta `train.py`): the per-matrix scales alpha_i are trained so that the
+    compressed model's logits match the fine-tuned model's, the signs frozen:
+
+        W_i = W_base,i + alpha_i * sign(Delta_i),   min_alpha  mean_(tokens, vocab) (z_student - z_teacher)^2,
+
+    with AdamW(lr) and cosine annealing over ``steps`` steps, as the reference (lr 1e-4, 100 steps of 4 x 128
+    tokens by default). ``student`` holds the BASE values of the compressed tensors (and the fine-tuned values of
+    every other one); ``signs`` [same shapes] are +-1; ``batches`` cycle (input_ids, attention_mask); the mean is
+    over real tokens (the reference pads to 128 and averages over pads too). The student's weights are left at
+    the distilled ``W_i``. Returns (scales, per-step losses).
+    """
+    from torch.func import functional_call
+
+    params = dict(student.named_parameters())
+    missing = [n for n in signs if n not in params]
+    if missing:
+        raise KeyError(f"distill_bitdelta_scales: the student has no tensor {missing[0]!r}")
+    base = {n: params[n].detach().float().clone() for n in signs}
+    alpha = {n: torch.nn.Parameter(torch.tensor(float(scales[n]))) for n in signs}  # one scalar per matrix
+    student.requires_grad_(False)
+    teacher.requires_grad_(False)
+    student.eval()
+    teacher.eval()
+    opt = torch.optim.AdamW(list(alpha.values()), lr=lr)  # torch's defaults, as the reference's
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    losses = []
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        mask = batch["attention_mask"].bool()  # [B, T]
+        with torch.no_grad():
+            target = teacher(**batch).logits.float()  # [B, T, V]
+        weights = {n: (base[n] + alpha[n] * signs[n]).to(params[n].dtype) for n in signs}
+        logits = functional_call(student, weights, args=(), kwargs=batch).logits.float()
+        loss = (logits - target).pow(2)[mask].mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        for n in signs:
+            params[n].copy_((base[n] + alpha[n].detach() * signs[n]).to(params[n].dtype))
+    return {n: float(a.detach()) for n, a in alpha.items()}, losses
+
+
 @dataclass
 class DeltaCompressor:
     """Per-tensor delta compression with byte accounting, for ``merge_method: bitdelta | svd_delta``.
@@ -211,7 +276,7 @@ class DeltaCompressor:
             self.unchanged += 1
             return delta
         small = self.method == "svd_delta" and self.rank * sum(delta.shape) >= delta.numel()
-        if delta.dim() != 2 or _is_embedding(name) or small:
+        if not bitdelta_compressible(name, delta) or small:
             self.kept_dense += 1
             self.stored_bytes += dense
             return delta

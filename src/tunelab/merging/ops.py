@@ -297,31 +297,34 @@ def wise_ft(base: Tensor, finetuned: Tensor, alpha: float) -> Tensor:
     return (1 - alpha) * _f(base) + alpha * _f(finetuned)
 
 
-def model_stock(base: Tensor, finetuned: Sequence[Tensor], eps: float = 1e-6) -> Tensor:
+def model_stock(base: Tensor, finetuned: Sequence[Tensor], eps: float = 1e-6, filter_wise: bool = False) -> Tensor:
     """Model Stock (Jang et al. 2024, https://arxiv.org/abs/2403.19522), applied per tensor (layer-wise).
 
     ``theta = t * mean_i theta_i + (1 - t) theta_base`` with ``t = N cos / (1 + (N - 1) cos)``
     and ``cos`` the mean pairwise cosine between the flattened deltas ``theta_i - theta_base``.
     Needs ``N >= 2``. Where ``1 + (N - 1) cos`` is ~0 the base tensor is kept (as mergekit).
+    The paper computes t per weight tensor ("layer-wise"), as mergekit's default; ``filter_wise`` is
+    mergekit's option of one t per output row (each row of a matrix, a 1-d tensor as one row).
     """
     if len(finetuned) < 2:
         raise ValueError("model_stock needs at least two fine-tuned tensors")
     check_same_shape([base, *finetuned])
     b = _f(base)
-    deltas = [(_f(w) - b).reshape(-1) for w in finetuned]
+    rows = b.reshape(1, -1) if not filter_wise or b.dim() < 2 else b.reshape(b.shape[0], -1)  # [R, C]
+    deltas = [(_f(w).reshape(rows.shape) - rows) for w in finetuned]
     cosines = []
     for i in range(len(deltas)):
         for j in range(i + 1, len(deltas)):
-            denom = max(float(deltas[i].norm() * deltas[j].norm()), eps)
-            cosines.append(max(-1.0, min(1.0, float(deltas[i] @ deltas[j]) / denom)))
-    cos = sum(cosines) / len(cosines)
+            denom = (deltas[i].norm(dim=-1) * deltas[j].norm(dim=-1)).clamp(min=eps)  # [R]
+            cosines.append(((deltas[i] * deltas[j]).sum(-1) / denom).clamp(-1.0, 1.0))
+    cos = torch.stack(cosines).mean(0)  # [R]
     n = len(finetuned)
     denominator = 1 + (n - 1) * cos
-    if abs(denominator) < eps:
-        return b.clone()
-    t = n * cos / denominator
-    avg = _weighted_sum(finetuned, [1.0 / n] * n)
-    return t * avg + (1 - t) * b
+    singular = denominator.abs() < eps
+    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, torch.ones_like(cos),
+                                                                             denominator))[:, None]  # [R, 1]
+    avg = _weighted_sum(finetuned, [1.0 / n] * n).reshape(rows.shape)
+    return (t * avg + (1 - t) * rows).reshape(b.shape)
 
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -345,19 +348,16 @@ def lines_scale(
 
     ``lambda(l) = alpha + beta * l / (L - 1)`` for layer ``l`` in ``0..L-1``; ``beta`` defaults to
     ``1 - alpha`` so the deepest layer keeps its full delta and the shallowest keeps ``alpha``.
-    Tensors outside the layer stack (documented choice, unless ``non_layer_scale`` is given):
-    names containing ``embed`` (input embeddings, also a tied ``lm_head``) count as the shallowest
-    depth and get ``alpha``; everything else (final norm, untied ``lm_head``) counts as the
-    deepest and gets ``alpha + beta``.
+    Tensors outside the layer stack (embeddings, final norm, LM head) get ``alpha``, as the authors'
+    ``LiNeS_scaling`` ("scale with alpha for layers outside residual blocks",
+    github.com/wang-kee/LiNeS, src/eval/eval.py), unless ``non_layer_scale`` is given.
     """
     if num_layers < 1:
         raise ValueError(f"num_layers must be >= 1, got {num_layers}")
     beta = 1.0 - alpha if beta is None else beta
     idx = layer_index(name, pattern)
     if idx is None:
-        if non_layer_scale is not None:
-            return float(non_layer_scale)
-        return alpha if "embed" in name else alpha + beta
+        return float(non_layer_scale) if non_layer_scale is not None else alpha
     if idx >= num_layers:
         raise ValueError(f"tensor {name!r} has layer index {idx} but num_layers={num_layers}")
     return alpha + beta * (idx / (num_layers - 1) if num_layers > 1 else 1.0)

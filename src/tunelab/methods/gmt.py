@@ -1,38 +1,33 @@
-"""GMT / SMT: update only the entries (GMT) or sub-matrix blocks (SMT) with the largest gradient magnitude.
+"""GMT: gradient-mask tuning. Full fine-tuning in which each step updates only the entries of every tensor whose
+accumulated gradient is large; the smallest ones are masked.
 
-GMT, gradient-mask tuning: Li et al. 2024, https://arxiv.org/abs/2406.15330. Update rule per targeted
-matrix W with accumulated step gradient G: M = top-k(|G|) (k = density * numel), W <- W - AdamW update
-restricted to M; the mask is recomputed from every step's gradient.
-SMT, sparse matrix tuning: He et al. 2024, https://arxiv.org/abs/2405.15525 (`granularity: block`). W is
-cut into block_size x block_size sub-matrices (edge blocks smaller); the top density fraction of blocks
-by mean |G| is selected and, as in SMT, kept fixed (`reselect_every: 0`) or refreshed every n steps.
+Li et al. 2024, "Gradient-Mask Tuning Elevates the Upper Limits of LLM Performance" (v2: "Enhancing Large
+Language Model Performance with Gradient-Based Parameter Selection"), https://arxiv.org/abs/2406.15330.
+Update rule: the step's gradient accumulated over its N micro-batches, Gamma = (1/N) sum_n grad L(Theta, B_n) (the
+loop's accumulated gradient), is masked entry-wise per tensor, M(Gamma)_ij = Gamma_ij if |Gamma_ij| is above the
+`mask_ratio` quantile of |Gamma| over that tensor, else 0; then theta <- AdamW(theta, M(Gamma)). The mask is
+recomputed from every step's gradient.
 
-Defaults: density 0.1 (our choice: the masking ratio is the hyper-parameter both papers sweep), block
-size 64 (SMT uses 256 x 256 blocks on 4096-wide LLaMA; 64 keeps a similar count on 576-wide SmolLM2). Targets: the attention and MLP
-projections of every decoder layer; every other parameter is frozen.
-
-Optimizer (`optimizer_state`):
-  lazy  (default) a masked AdamW (`MaskedAdamW`, below): moments, weight decay and the update touch only
-        the masked entries, whose moments persist while they are out of the mask (lazy Adam, as
-        torch.optim.SparseAdam; bias correction uses the parameter's step count). Exactly the k
-        selected entries (or the selected blocks) change at every step. `train.optimizer` is not used.
-  dense the paper's setting: the masked gradient goes through `train.optimizer` (AdamW), whose momentum
-        keeps moving entries selected in earlier steps (exactly k entries change only on the first step).
-The loop clips before the optimizer step, so the clipping norm is that of the full gradient.
-The mask is computed after gradient accumulation (and DDP's all-reduce), inside the optimizer step, so
-every process picks the same entries. Entry masks need no state (they come from the step's gradient);
-block selections are saved in `state_dict()` as block-index lists.
+Defaults (the paper's setting): every parameter of the model trains (GMT is full fine-tuning: embeddings,
+norms, head and all linears; `target_modules` restricts the mask and the training to named linears), the masked
+gradient goes through the run's `train.optimizer` (AdamW, `optimizer_state: dense`; its momentum keeps moving
+entries selected in earlier steps), and `mask_ratio` is the paper's hyper-parameter: the FRACTION OF ENTRIES
+MASKED (dropped), smallest |Gamma| first. Default 0.2, a mild ratio; the paper reports GMT insensitive to it
+(its text giving the main setting could not be read here). `optimizer_state: lazy` instead uses a masked AdamW
+whose moments, weight decay and update touch only the kept entries (exactly the kept entries change).
+The loop clips before the optimizer step, so the clipping norm is that of the full gradient. The mask is
+computed after gradient accumulation (and DDP's all-reduce), inside the optimizer step, so every process keeps
+the same entries. Entry masks need no state. Sub-matrix (block) selection is SMT, `tunelab.methods.smt`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 
-from tunelab.methods.lora import DEFAULT_TARGETS
 from tunelab.methods.registry import Method, MethodOptions, register
 
 
@@ -83,87 +78,47 @@ class MaskedAdamW(torch.optim.Optimizer):
         return loss
 
 
-def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the k largest entries of `score` (same shape)."""
-    flat = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    flat[torch.topk(score.flatten(), k, sorted=False).indices] = True
-    return flat.view_as(score)
-
-
-def block_scores(grad: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean |grad| of each block x block sub-matrix: [ceil(out/b), ceil(in/b)] (edge blocks smaller)."""
-    g = grad.detach().abs().float()[None, None]  # [1, 1, out, in]
-    return torch.nn.functional.avg_pool2d(g, block, stride=block, ceil_mode=True)[0, 0]
-
-
-def blocks_to_mask(block_ids: list[int], shape: torch.Size, block: int, device=None) -> torch.Tensor:
-    """Entry mask [out, in] of the blocks with flat ids `block_ids` in the [ceil(out/b), ceil(in/b)] grid."""
-    rows, cols = math.ceil(shape[0] / block), math.ceil(shape[1] / block)
-    grid = torch.zeros(rows * cols, dtype=torch.bool, device=device)
-    grid[torch.tensor(block_ids, dtype=torch.long, device=device)] = True
-    grid = grid.view(rows, cols).repeat_interleave(block, 0).repeat_interleave(block, 1)
-    return grid[: shape[0], : shape[1]].contiguous()
+def kept_mask(grad: torch.Tensor, mask_ratio: float) -> torch.Tensor | None:
+    """Entries of `grad` kept by GMT: |g| strictly above the k-th smallest |g|, k = round(mask_ratio * numel)
+    (n - k entries when there are no ties). None = keep everything (k = 0)."""
+    k = round(mask_ratio * grad.numel())
+    if k <= 0:
+        return None
+    a = grad.detach().abs()
+    thr = torch.kthvalue(a.flatten().float(), k).values  # the k-th smallest |g|
+    return a > thr
 
 
 @register("gmt", paper="https://arxiv.org/abs/2406.15330")
 class GMT(Method):
-    trains = "the entries (or blocks) with the largest gradient of each targeted W"
+    trains = "every parameter, each step only the entries with the largest accumulated gradient"
+
     class Config(MethodOptions):
-        density: float = Field(0.1, gt=0, le=1, description="Fraction of entries (or blocks) updated per matrix.")
-        granularity: Literal["entry", "block"] = Field("entry", description="entry = GMT; block = SMT sub-matrices.")
-        block_size: int = Field(64, ge=1, description="Side of the SMT sub-matrices (granularity: block).")
-        reselect_every: int | None = Field(
-            None, ge=0, description="Steps between block re-selections (0 = select once, SMT); entry masks are "
-                                    "always per step. null = 1 for entry, 0 for block.")
-        optimizer_state: Literal["lazy", "dense"] = Field("lazy", description="Masked (lazy) or plain AdamW state.")
-        target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS),
-                                          description="Linear modules (name suffixes) whose weights are masked.")
-
-        @model_validator(mode="after")
-        def _entry_is_per_step(self):
-            if self.granularity == "entry" and self.reselect_every not in (None, 1):
-                raise ValueError("granularity 'entry' re-selects at every step (GMT); reselect_every must be 1")
-            return self
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self.blocks: dict[str, list[int]] = {}  # block selection per parameter name (granularity: block)
-        self.step = 0  # optimizer steps completed
-
-    @property
-    def reselect_every(self) -> int:
-        c = self.config
-        return c.reselect_every if c.reselect_every is not None else (1 if c.granularity == "entry" else 0)
+        mask_ratio: float = Field(0.2, ge=0, lt=1, description="Fraction of each tensor's gradient entries masked "
+                                                               "(smallest |gradient| first), the paper's ratio.")
+        target_modules: list[str] | None = Field(None, description="null = every parameter (full fine-tuning, the "
+                                                                   "paper); else Linear modules (name suffixes) "
+                                                                   "whose weights train, masked.")
+        optimizer_state: Literal["dense", "lazy"] = Field("dense", description="The masked gradient into "
+                                                                               "train.optimizer (the paper), or a "
+                                                                               "masked AdamW.")
 
     def prepare(self, model):
+        targets = self.config.target_modules
         self._names = {}
         for mod_name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and mod_name.split(".")[-1] in self.config.target_modules:
+            if targets is not None and isinstance(mod, torch.nn.Linear) and mod_name.split(".")[-1] in targets:
                 self._names[id(mod.weight)] = f"{mod_name}.weight"
+        if targets is None:
+            self._names = {id(p): n for n, p in model.named_parameters()}
         if not self._names:
-            raise ValueError(f"method {self.name}: no Linear module matches {self.config.target_modules}")
+            raise ValueError(f"method {self.name}: no Linear module matches {targets}")
         for p in model.parameters():
             p.requires_grad_(id(p) in self._names)
         return model
 
-    def k_of(self, n: int) -> int:
-        return max(1, round(self.config.density * n))
-
-    def select(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        c = self.config
-        masks = []
-        for p, g in zip(params, grads):
-            if c.granularity == "entry":
-                masks.append(topk_mask(g.detach().abs(), self.k_of(g.numel())))
-                continue
-            name = self._names[id(p)]
-            every = self.reselect_every
-            if name not in self.blocks or (every and self.step % every == 0):
-                scores = block_scores(g, c.block_size)  # [rows, cols]
-                self.blocks[name] = sorted(topk_mask(scores, self.k_of(scores.numel())).flatten()
-                                           .nonzero().flatten().tolist())
-            masks.append(blocks_to_mask(self.blocks[name], p.shape, c.block_size, p.device))
-        return masks
+    def select(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        return [kept_mask(g, self.config.mask_ratio) for g in grads]
 
     def build_optimizer(self, model, train_config):
         from tunelab.train.optim import build_optimizer
@@ -177,18 +132,8 @@ class GMT(Method):
         def mask_grads(optimizer, args, kwargs):  # dense: mask the gradient, then the plain optimizer step
             params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
             for p, m in zip(params, self.select(params, [p.grad for p in params])):
-                p.grad.mul_(m)
+                if m is not None:
+                    p.grad.mul_(m)
 
         opt.register_step_pre_hook(mask_grads)
         return opt
-
-    def on_step_end(self, model, step: int, optimizer) -> None:
-        self.step = step
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "blocks": self.blocks}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state:
-            self.step = int(state.get("step", 0))
-            self.blocks = {k: [int(i) for i in v] for k, v in state.get("blocks", {}).items()}

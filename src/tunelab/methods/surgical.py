@@ -1,21 +1,26 @@
-"""Surgical fine-tuning: train only the k decoder layers that matter most for the task, ranked by Fisher.
+"""Surgical fine-tuning: tune a chosen block of the model, or every tensor at a rate set by its relative gradient.
 
-Lee et al. 2022, "Surgical Fine-Tuning Improves Adaptation to Distribution Shifts",
-https://arxiv.org/abs/2210.11466 (they rank blocks by gradient statistics, e.g. Auto-RGN). Update rule:
-W <- AdamW(W, dL/dW) for W in the top-k layers by Fisher score, every other W stays fixed, where the
-score of layer l is its mean diagonal empirical Fisher information on a few calibration batches,
-    F_l = mean over the layer's entries i and batches b of (dL_b/dW_i)^2.
-The mean (not the sum) over entries makes layers of different widths comparable.
+Lee et al. 2022, "Surgical Fine-Tuning Improves Adaptation to Distribution Shifts", https://arxiv.org/abs/2210.11466
+(reference code: github.com/yoonholee/surgical-finetuning, `main.py`). Two forms, as in the paper:
 
-Defaults: top_k=2 layers (the `freeze` method's default size), 4 calibration batches.
+- the block choice (`layers`, `modules`, `auto_rgn: false`): only the chosen contiguous block trains (the paper
+  tunes the first block for input-level shifts, later ones for feature- or output-level shifts); update rule
+  W <- AdamW(W, dL/dW) for W in the block, every other W fixed;
+- Auto-RGN (`auto_rgn: true`, the default, over the whole model): every tensor W_i trains, its learning rate
+  scaled by its relative gradient norm normalised by the largest,
+      RGN_i = ||g_i|| / ||W_i||,   lr_i = lr * RGN_i / max_j RGN_j,
+  so each step's update concentrates on the tensors whose gradient is largest relative to their size (soft,
+  per tensor). Update rule: W_i <- AdamW(W_i, g_i) with learning rate lr_i (decoupled weight decay scaled
+  with it, as a per-group lr does).
 
-Calibration must happen BEFORE `prepare` (it needs gradients of every layer):
-    method.calibrate(model, batches, objective=objective)      # batches: collated micro-batch dicts
-or, from encoded training examples (what the runner calls):
-    method.calibrate_from_examples(model, train_data, objective, pad_id=..., batch_size=...)
-The selection and scores are kept in `state_dict()`, so a resumed or restored run (`tunelab eval` on a
-run directory) trains/loads the same layers without recalibrating. In multi-process runs every process
-must calibrate on the same batches (`calibrate_from_examples` takes the first ones, so it does).
+Defaults: Auto-RGN over every parameter of the model, recomputed at every optimizer step (`rgn_every: 1`) from
+that step's gradient (after accumulation and the all-reduce, so every process computes the same weights;
+clipping rescales all gradients alike and leaves the ratios unchanged). Departures from the reference code,
+which recomputes the weights once per EPOCH from the mean RGN of 5 batches and then builds a new Adam (its
+moments reset) over non-batch-norm tensors: here the step's own gradient, Adam's moments persist, and every
+tensor takes part (LLMs have no batch norm; norms and embeddings are ordinary tensors). `rgn_every: k` reuses
+one step's weights for k steps. The tensors' lrs are applied through one optimizer parameter group per tensor
+(`train.optimizer`); the scheduler's lr is restored after each step, so schedules and logging are unchanged.
 """
 
 from __future__ import annotations
@@ -27,126 +32,103 @@ import torch
 from pydantic import Field
 
 from tunelab.methods.freeze import layer_index, num_layers
-from tunelab.methods.registry import Capabilities, Method, MethodOptions, register
+from tunelab.methods.registry import Method, MethodOptions, register
 
 log = logging.getLogger(__name__)
 
 
-def layer_fisher(model, batches: list[dict[str, torch.Tensor]], objective=None) -> dict[int, float]:
-    """Mean squared gradient per decoder layer: {layer: mean over entries and batches of g^2}.
+def relative_gradient_norms(params: list[torch.Tensor]) -> list[float]:
+    """RGN_i = ||g_i|| / ||W_i|| (0 for a tensor without gradient; ||W_i|| floored at 1e-12)."""
+    out = []
+    for p in params:
+        if p.grad is None:
+            out.append(0.0)
+            continue
+        out.append(float(p.grad.detach().float().norm()) / max(float(p.detach().float().norm()), 1e-12))
+    return out
 
-    The loss of a batch is its mean per unit (objective.compute's loss_sum / n_units), or the model's own
-    token-mean `labels` loss when no objective is given. Restores requires_grad and clears .grad after.
-    """
-    if not batches:
-        raise ValueError("surgical: calibration needs at least one batch")
-    params = {n: p for n, p in model.named_parameters() if layer_index(n) is not None}
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    sq_sum = torch.zeros(num_layers(model), dtype=torch.float64)  # [L] sum over batches and entries of g^2
-    numel = torch.zeros(num_layers(model), dtype=torch.float64)  # [L] entries per layer
-    for n, p in params.items():
-        numel[layer_index(n)] += p.numel()
-    was_training = model.training
-    model.eval()  # no dropout noise in the scores
-    try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params.values():
-            p.requires_grad_(True)
-        device = next(model.parameters()).device
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            model.zero_grad(set_to_none=True)
-            if objective is not None:
-                out = objective.compute(model, batch, None)
-                loss = out.loss_sum / out.n_units.clamp_min(1)
-            else:
-                loss = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                             labels=batch["labels"]).loss
-            loss.backward()
-            for n, p in params.items():
-                if p.grad is not None:
-                    sq_sum[layer_index(n)] += p.grad.double().pow(2).sum()
-    finally:
-        model.zero_grad(set_to_none=True)
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
-        model.train(was_training)
-    scores = sq_sum / (numel.clamp_min(1) * len(batches))
-    return {i: float(s) for i, s in enumerate(scores)}
+
+def rgn_weights(rgn: list[float]) -> list[float]:
+    """Auto-RGN's learning-rate multipliers: RGN_i / max_j RGN_j (all zero if every RGN is zero)."""
+    top = max(rgn, default=0.0)
+    return [r / top if top > 0 else 0.0 for r in rgn]
 
 
 @register("surgical", paper="https://arxiv.org/abs/2210.11466")
 class Surgical(Method):
-    trains = "the top-k decoder layers by Fisher score (calibration)"
-    capabilities = Capabilities(calibrates_from_examples=True)
+    trains = "every tensor at an lr scaled by its relative gradient norm (Auto-RGN), or a chosen block"
 
     class Config(MethodOptions):
-        top_k: int = Field(2, ge=1, description="Number of decoder layers to train (highest Fisher score).")
-        calibration_batches: int = Field(4, ge=1, description="Batches used to estimate the Fisher scores.")
-        modules: list[str] = Field(default_factory=list,
-                                   description="Name substrings of extra parameters to train (as in freeze).")
+        layers: list[int] | None = Field(None, description="Decoder layers of the block to tune (negative = from the "
+                                                           "top); null = the whole model.")
+        modules: list[str] = Field(default_factory=list, description="Name substrings of extra parameters to tune "
+                                                                     "with the block (embed_tokens, lm_head, norm).")
+        auto_rgn: bool = Field(True, description="Scale each tensor's lr by RGN / max RGN at every step (Auto-RGN).")
+        rgn_every: int = Field(1, ge=1, description="Steps between re-computations of the Auto-RGN weights.")
 
     def __init__(self, config=None):
         super().__init__(config)
-        self.scores: dict[int, float] | None = None
-        self.layers: list[int] | None = None
-
-    def calibrate(self, model, batches: list[dict[str, torch.Tensor]], objective=None) -> dict[int, float]:
-        """Score every decoder layer on `batches` (at most `calibration_batches` are used); pick top_k."""
-        batches = list(batches)[: self.config.calibration_batches]
-        self.scores = layer_fisher(model, batches, objective)
-        if self.config.top_k > len(self.scores):
-            raise ValueError(f"method.top_k={self.config.top_k} exceeds the model's {len(self.scores)} layers")
-        ranked = sorted(self.scores, key=lambda i: (-self.scores[i], i))
-        self.layers = sorted(ranked[: self.config.top_k])
-        log.info("surgical: Fisher scores %s -> training layers %s",
-                 {i: f"{s:.3g}" for i, s in self.scores.items()}, self.layers)
-        return self.scores
-
-    def calibrate_from_examples(self, model, examples: list[dict], objective, *, pad_id: int,
-                                batch_size: int) -> dict[int, float]:
-        """Calibrate on the first `calibration_batches` batches of encoded examples (in data order)."""
-        from tunelab.data.batching import COLLATORS
-
-        collate = COLLATORS[objective.batch_kind]
-        n = self.config.calibration_batches * batch_size
-        batches = [collate(examples[i: i + batch_size], pad_id) for i in range(0, min(n, len(examples)), batch_size)]
-        return self.calibrate(model, batches, objective=objective)
+        self.weights: dict[str, float] = {}  # Auto-RGN multipliers of the last computation, by parameter name
+        self.step = 0  # optimizer steps done
 
     def prepare(self, model):
-        self._model = model
-        if self.layers is None:
-            # restoring a checkpoint: load_state_dict applies the saved selection next
-            log.warning("surgical: prepare() before calibrate(); nothing trains until a selection is loaded")
-        self._apply(model)
-        return model
-
-    def _apply(self, model) -> None:
-        chosen = set(self.layers or [])
+        c = self.config
+        n = num_layers(model)
+        block = None
+        if c.layers is not None:
+            for i in c.layers:
+                if not -n <= i < n:
+                    raise ValueError(f"method.layers: layer {i} out of range for a model of {n} layers")
+            block = {i % n for i in c.layers}
+        any_trainable = False
         for name, p in model.named_parameters():
             idx = layer_index(name)
-            p.requires_grad_((idx is not None and idx in chosen) or any(s in name for s in self.config.modules))
+            train = block is None or (idx is not None and idx in block) or any(s in name for s in c.modules)
+            p.requires_grad_(train)
+            any_trainable |= train
+        if not any_trainable:
+            raise ValueError("method surgical: the block matches no parameter")
+        return model
 
     def param_groups(self, model, weight_decay: float) -> list[dict[str, Any]]:
-        if self.layers is None:
-            raise RuntimeError("method surgical: call method.calibrate(model, batches) before prepare "
-                               "(the runner does this with calibrate_from_examples)")
-        return super().param_groups(model, weight_decay)
+        if not self.config.auto_rgn:
+            return super().param_groups(model, weight_decay)
+        # one group per tensor: each gets its own lr multiplier (matrices decay, 1-d tensors do not)
+        return [{"params": [p], "weight_decay": weight_decay if p.ndim >= 2 else 0.0, "name": n}
+                for n, p in model.named_parameters() if p.requires_grad]
+
+    def build_optimizer(self, model, train_config):
+        if not self.config.auto_rgn:
+            return None
+        from tunelab.train.optim import build_optimizer
+
+        opt = build_optimizer(self.param_groups(model, train_config.weight_decay), train_config)
+        opt.register_step_pre_hook(self._scale_lrs)
+        opt.register_step_post_hook(self._restore_lrs)
+        return opt
+
+    def _scale_lrs(self, optimizer, args, kwargs) -> None:
+        """Before the update: lr_i = lr * RGN_i / max RGN (recomputed every `rgn_every` steps)."""
+        groups = [g for g in optimizer.param_groups if "name" in g]
+        if not self.weights or self.step % self.config.rgn_every == 0:
+            w = rgn_weights(relative_gradient_norms([g["params"][0] for g in groups]))
+            self.weights = {g["name"]: wi for g, wi in zip(groups, w)}
+        for g in groups:
+            g["scheduled_lr"] = g["lr"]
+            g["lr"] = g["lr"] * self.weights.get(g["name"], 0.0)
+
+    def _restore_lrs(self, optimizer, args, kwargs) -> None:
+        for g in optimizer.param_groups:
+            if "scheduled_lr" in g:
+                g["lr"] = g.pop("scheduled_lr")
+
+    def on_step_end(self, model, step: int, optimizer) -> None:
+        self.step = step
 
     def state_dict(self) -> dict[str, Any]:
-        if self.layers is None:
-            return {}
-        return {"layers": self.layers, "scores": {str(i): s for i, s in (self.scores or {}).items()}}
+        return {"step": self.step, "weights": self.weights} if self.config.auto_rgn else {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            return
-        saved = [int(i) for i in state["layers"]]
-        if self.layers is not None and self.layers != saved:
-            log.warning("surgical: calibration picked %s but the checkpoint trained %s; using the checkpoint's",
-                        self.layers, saved)
-        self.layers = saved
-        self.scores = {int(i): float(s) for i, s in state.get("scores", {}).items()}
-        if getattr(self, "_model", None) is not None:
-            self._apply(self._model)
+        if state:
+            self.step = int(state.get("step", 0))
+            self.weights = {k: float(v) for k, v in state.get("weights", {}).items()}

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from pydantic import ConfigDict, Field
 
+from tunelab.core.constants import IGNORE_INDEX
 from tunelab.objectives.base import (
     Objective,
     ObjectiveOptions,
@@ -155,6 +156,22 @@ class ORPO(Objective):
         return ObjectiveOutput(loss_sum=(nll + res.losses).sum(), n_units=n, metrics=metrics)
 
 
+def _prompt(ids: torch.Tensor, att: torch.Tensor, lab: torch.Tensor) -> tuple[int, ...]:
+    """A row's prompt: its real tokens before the first target (label != -100). ids/att/lab [T]."""
+    tgt = (lab != IGNORE_INDEX).nonzero()
+    start = int(tgt[0]) if len(tgt) else int(att.sum())
+    return tuple(ids[:start].tolist())
+
+
+def distinct_prompt_pairs(ids: torch.Tensor, att: torch.Tensor, lab: torch.Tensor, shift: int = 1) -> torch.Tensor:
+    """[N] bool: row i's prompt differs from row (i + shift) mod N's, i.e. `mismatched_pairs` row i is a
+    genuine (x_i, y_j) pair with another prompt. ids/att/lab [N, T]."""
+    prompts = [_prompt(ids[i], att[i], lab[i]) for i in range(ids.size(0))]
+    n = len(prompts)
+    return torch.tensor([prompts[i] != prompts[(i + shift) % n] for i in range(n)], dtype=torch.bool,
+                        device=ids.device)
+
+
 class KTOOptions(ObjectiveOptions):
     beta: float = Field(0.1, gt=0)
     desirable_weight: float = Field(1.0, ge=0)
@@ -170,6 +187,13 @@ class KTO(Objective):
     The reference point z0 is estimated on mismatched pairs (prompt i, completion i+1) built from
     the same micro-batch (or taken from `kl_input_ids`/`kl_attention_mask`/`kl_labels` if given),
     with no gradient, as in TRL.
+
+    z0 estimates KL(pi || pi_ref) with completions of OTHER prompts: a pair whose two rows share their
+    prompt (a preference pair's chosen and rejected rows; one unpaired example paired with itself)
+    gives the implied reward of a matched completion instead. Such pairs are left out of the
+    estimate, and a micro-batch with no mismatched pair at all is refused (ValueError): a
+    preference batch needs `train.batch_size >= 2` pairs with different prompts, an unpaired one
+    >= 2 examples. TRL refuses per-device batch size 1 for the same reason.
     """
 
     Config = KTOOptions
@@ -195,6 +219,13 @@ class KTO(Objective):
             kl_ids, kl_att, kl_lab = batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_labels"]
         else:
             kl_ids, kl_att, kl_lab = mismatched_pairs(ids, att, lab)
+            keep = distinct_prompt_pairs(ids, att, lab)  # [N] row i's prompt differs from row i+1's
+            if not bool(keep.any()):
+                raise ValueError(
+                    "objective kto: every KL pair of this micro-batch shares its prompt (one preference pair, or "
+                    "one example), so z0 would be the implied reward, not a KL estimate. Use train.batch_size >= 2 "
+                    "with different prompts (TRL refuses batch size 1 too), or give kl_input_ids/kl_labels.")
+            kl_ids, kl_att, kl_lab = kl_ids[keep], kl_att[keep], kl_lab[keep]
         with torch.no_grad(), eval_mode(model):  # a constant (as in TRL); no dropout in the estimate
             pol_kl, _ = model_sequence_logps(model, kl_ids, kl_att, kl_lab)
         z0 = kto_kl_estimate(pol_kl, reference.logps_of(kl_ids, kl_att, kl_lab).to(pol_kl))

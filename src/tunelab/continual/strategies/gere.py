@@ -16,7 +16,15 @@ model on the next `batch_size` rows (cycling) and adds the selected terms, each 
        that state: relu(h - (mu - sigma)) for negative, relu((mu + sigma) - h) for positive, relu(h - (mu +
        sigma)) + relu((mu - sigma) - h) for neutral; the loss is the sum of violations divided by the number
        of violating entries (the authors' normalisation). Zero at the start of training.
-Default {ce: 1, tm: 100}: the paper's method (replay CE + TM with the authors' default margin weight 100).
+Default {ce: 1, tm: 200}: the paper's method with the authors' default margin weight. Their trainer
+(github.com/Qznan/GeRe, `GeReTrainer.compute_loss`, `w_strategy='100'`) minimises
+
+  L_authors = (CE_task + CE_gere) / 2 + 100 * TM,
+
+the two cross-entropies AVERAGED. Strategy terms are ADDED to the task's mean loss (StrategyObjective), so
+the same objective here is CE_task + 1 * CE_gere + 200 * TM = 2 * L_authors: equal up to a factor 2, which
+AdamW ignores (up to eps and gradient clipping; halve `train.lr` under SGD). {ce: 1, tm: 100} would be the
+authors' margin weight 50. Their `w_strategy: dy` (TM weighted by CE / TM each step) is not offered.
 """
 
 from __future__ import annotations
@@ -71,8 +79,9 @@ class GeRe(Strategy):
         n_samples: int = Field(64, ge=1, description="Rows of general text in the fixed set.")
         max_tokens: int = Field(128, ge=8, description="Tokens per row.")
         batch_size: int = Field(4, ge=1, description="General rows run with every training micro-batch.")
-        losses: dict[LossName, float] = Field(default_factory=lambda: {"ce": 1.0, "tm": 100.0},
-                                              description="Terms and their weights.")
+        losses: dict[LossName, float] = Field(default_factory=lambda: {"ce": 1.0, "tm": 200.0},
+                                              description="Terms and their weights (default: the authors' "
+                                                          "(CE_task + CE_gere)/2 + 100 TM, times 2).")
         kl_temperature: float = Field(2.0, gt=0, description="Temperature of the kl term (the authors' 2).")
 
     def __init__(self, config=None):

@@ -5,10 +5,10 @@ https://arxiv.org/abs/2410.17146. With the fine-tuning residual tau = theta - th
 
   theta_0 + lambda(l) tau(l),   lambda(l) = alpha + beta * l / (L - 1),   beta = 1 - alpha by default
 so shallow layers keep alpha of their change (general features preserved) and the deepest keeps all of it
-(tunelab.merging.ops.lines_scale; embeddings count as the shallowest, other non-layer tensors as the
-deepest). alpha defaults to 1 / (number of stages). Applied after the last stage, before it is evaluated:
-the last row of the R matrix is the scaled model. For LoRA adapters tau = scale * B A is linear in B, so
-each layer's lora_B is scaled (every task's adapter with O-LoRA); for methods that train the weights
+(tunelab.merging.ops.lines_scale; every tensor outside the layers, embeddings, final norm and head, gets
+alpha, as the authors' code). alpha defaults to 1 / (number of stages). Applied after the last stage, before
+it is evaluated: the last row of the R matrix is the scaled model. For LoRA adapters tau = scale * B A is linear
+in B, so each layer's lora_B is scaled (every task's adapter with O-LoRA); for methods that train the weights
 themselves the base weights are loaded again to form tau. Other adapter kinds are refused.
 """
 

@@ -1,19 +1,27 @@
 """`gradient`: LESS, influence of each example on a small target set through LoRA gradients.
 
 Xia et al. 2024, "LESS: Selecting Influential Data for Targeted Instruction Tuning",
-https://arxiv.org/abs/2402.04333. Steps, as in the paper:
-  1. warm-up: a LoRA adapter is trained for `warmup_steps` AdamW steps on random pool examples, which gives
-     Adam's moment estimates m, v (and non-zero LoRA B matrices: at B = 0 the gradient w.r.t. A vanishes);
-  2. each pool example's gradient g of its mean response loss w.r.t. the LoRA parameters [D] is turned into
-     Adam's update direction  (b1 m + (1-b1) g) / (sqrt(b2 v + (1-b2) g^2) + eps);
-     each target example keeps its plain gradient (LESS uses SGD gradients for the target set);
-  3. both are projected to `proj_dim` dimensions by one random Rademacher matrix R [D, d] (entries +-1/sqrt(d):
-     inner products preserved in expectation, Johnson-Lindenstrauss) and normalised;
-  4. the score is the cosine similarity to the target gradients, averaged over the target examples
-     (`aggregate: mean`, LESS's per-task mean) or their maximum.
+https://arxiv.org/abs/2402.04333; reference code github.com/princeton-nlp/LESS. Steps, as there:
+  1. warm-up: a LoRA adapter is trained on a random `warmup_fraction` (5%) of the pool for `warmup_epochs`
+     (4) epochs with AdamW and a linear schedule (3% warm-up), a checkpoint kept at the end of every epoch
+     (its LoRA weights and Adam's moments m, v); at B = 0 the gradient w.r.t. A would vanish, so the
+     warm-up is also what makes the gradients informative;
+  2. at each checkpoint c, each pool example's gradient g of its mean response loss w.r.t. the LoRA
+     parameters [D] becomes Adam's update direction, with eps INSIDE the square root as in LESS's
+     `obtain_gradients_with_adam` (no bias correction):
+         m' = b1 m + (1-b1) g,   v' = b2 v + (1-b2) g^2,   Gamma(g) = m' / sqrt(v' + eps);
+     each target example keeps its plain (SGD) gradient, as LESS uses for the validation set;
+  3. both are projected to `proj_dim` dimensions by one random Rademacher matrix R [D, d] (entries
+     +-1/sqrt(d), the same R at every checkpoint, as LESS's fixed model_id) and L2-normalised;
+  4. the influence is the checkpoint-weighted sum of cosine similarities (LESS's `matching.py`),
+         Inf(z, z') = sum_c w_c cos(Gamma_c(z), grad_c(z')),   w_c = mean learning rate of epoch c / sum,
+     averaged over the target examples (`aggregate: mean`, LESS's per-task mean) or their maximum.
 R is never stored whole: chunks of its rows are regenerated from a seed for each batch of gradients.
-One forward + backward per example, so this is the slowest scorer (LESS reports the same); on CPU keep the
-adapter small (defaults: r=8 on q_proj, v_proj).
+One forward + backward per example per checkpoint, so this is the slowest scorer (LESS reports the same).
+The paper's reference setting: LoRA r = 128, alpha = 512 on q, k, v, o; lr 2e-5; effective batch 32;
+5% of the data for 4 epochs; proj_dim 8192. The defaults keep LESS's warm-up, schedule and checkpoints but a
+smaller adapter (r = 8 on q_proj, v_proj) and projection (1024) for CPU; `warmup_epochs: 1` is a single
+checkpoint (LESS's cheapest ablation).
 """
 
 from __future__ import annotations
@@ -38,16 +46,21 @@ ROWS_PER_CHUNK = 1 << 16  # rows of R generated at once: [65536, d] int8 -> floa
 class GradientOptions(LMScorerOptions):
     target: str = Field(..., description="File of target-task examples (any supported data format).")
     target_n: int | None = Field(None, ge=1, description="Use the first n target examples.")
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
-    warmup_steps: int = Field(8, ge=1, description="AdamW steps of the warm-up adapter (gives Adam's m and v).")
-    warmup_batch_size: int = Field(4, ge=1)
-    lr: float = Field(1e-4, gt=0, description="Warm-up learning rate.")
+    lora_r: int = Field(8, ge=1, description="LoRA rank of the warm-up adapter (LESS: 128).")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (LESS: 512).")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
+                                      description="LoRA targets (LESS: q_proj, k_proj, v_proj, o_proj).")
+    warmup_fraction: float = Field(0.05, gt=0, le=1, description="Fraction of the pool the warm-up trains on "
+                                                                 "(LESS: 5%).")
+    warmup_epochs: int = Field(4, ge=1, description="Warm-up epochs; one checkpoint at the end of each (LESS: 4).")
+    warmup_batch_size: int = Field(32, ge=1, description="Examples per warm-up step (LESS: 1 x 32 accumulated).")
+    lr: float = Field(2e-5, gt=0, description="Peak warm-up learning rate (LESS: 2e-5), linear decay.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Linear learning-rate warm-up (LESS: 0.03).")
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     proj_dim: int = Field(1024, ge=8, description="Dimension d of the random projection (LESS: 8192).")
-    projection_batch: int = Field(64, ge=1, description="Gradients projected together (R chunks regenerated per batch).")
+    projection_batch: int = Field(64, ge=1, description="Gradients projected together (R chunks regenerated per "
+                                                         "batch).")
     aggregate: str = Field("mean", pattern="^(mean|max)$", description="Over target examples: mean (LESS) or max.")
     seed: int = 0
 
@@ -68,10 +81,31 @@ def project(grads: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
 
 
 def adam_direction(g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, betas, eps: float) -> torch.Tensor:
-    """The update direction Adam would take with this gradient: LESS's preconditioned training gradient."""
+    """LESS's Adam-preconditioned gradient: m' / sqrt(v' + eps), with m' = b1 m + (1-b1) g and
+    v' = b2 v + (1-b2) g^2 (eps inside the root, no bias correction: `obtain_gradients_with_adam`)."""
     m1 = betas[0] * m + (1 - betas[0]) * g
     v1 = betas[1] * v + (1 - betas[1]) * g * g
-    return m1 / (v1.sqrt() + eps)
+    return m1 / torch.sqrt(v1 + eps)
+
+
+def linear_schedule(total_steps: int, warmup_ratio: float):
+    """HF's linear schedule with warm-up (LESS's `lr_scheduler_type linear`, `warmup_ratio`): the factor of
+    the peak lr at step k (0-based), warm-up steps = ceil(ratio * total)."""
+    warm = math.ceil(total_steps * warmup_ratio)
+
+    def factor(k: int) -> float:
+        if k < warm:
+            return k / max(1, warm)
+        return max(0.0, (total_steps - k) / max(1, total_steps - warm))
+
+    return factor
+
+
+def checkpoint_weights(epoch_lrs: list[list[float]]) -> list[float]:
+    """LESS's checkpoint weights: the mean learning rate of each epoch's steps, normalised to sum to 1."""
+    means = [float(np.mean(lrs)) if lrs else 0.0 for lrs in epoch_lrs]
+    total = sum(means)
+    return [m / total for m in means] if total > 0 else [1.0 / len(means)] * len(means)
 
 
 @register_scorer("gradient", paper="https://arxiv.org/abs/2402.04333")
@@ -107,13 +141,19 @@ class Gradient(Scorer):
             return r.cond_ids, r.cond_start
 
         pool = [encode(ex) for ex in examples]
-        m, v = self._warmup(model, params, pool, pad_id_of(tok), ctx)
-        model.eval()
-        t = self._projected(model, params, [encode(ex) for ex in target], None, ctx, "LESS target")
-        x = self._projected(model, params, pool, (m, v), ctx, "LESS pool")
-        sims = x @ t.T  # [N, n_target] cosine similarities (rows unit-norm)
+        targets = [encode(ex) for ex in target]
+        epoch_lrs, per_ckpt = [], []  # per checkpoint c: the epoch's lrs, cos sims [N, n_target]
+        for lrs, (m, v) in self._warmup(model, params, pool, pad_id_of(tok), ctx):
+            model.eval()  # at the end of warm-up epoch c, this checkpoint's gradients
+            c = len(per_ckpt) + 1
+            t = self._projected(model, params, targets, None, ctx, f"LESS target (checkpoint {c})")
+            x = self._projected(model, params, pool, (m, v), ctx, f"LESS pool (checkpoint {c})")
+            per_ckpt.append((x @ t.T).double())  # rows unit-norm: cosine similarities
+            epoch_lrs.append(lrs)
+            model.train()
+        sims = sum(w * s_c for w, s_c in zip(checkpoint_weights(epoch_lrs), per_ckpt))  # [N, n_target]
         values = sims.mean(1) if cfg.aggregate == "mean" else sims.max(1).values
-        return ScoreOutput(values.double().numpy())
+        return ScoreOutput(values.numpy())
 
     def _loss(self, model, rows: list[tuple[list[int], int]], pad_id: int, ctx) -> torch.Tensor:
         """Mean response-token loss of a padded batch (labels: -100 outside the responses)."""
@@ -128,18 +168,34 @@ class Gradient(Scorer):
                                                  labels[:, 1:].reshape(-1).to(ctx.device), ignore_index=-100)
 
     def _warmup(self, model, params, pool, pad_id, ctx):
+        """Train the adapter on a random warmup_fraction of the pool; yield (the epoch's learning rates,
+        Adam's (m, v)) at the end of every epoch, the model then being that epoch's checkpoint."""
         cfg = self.config
-        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0)
         g = torch.Generator().manual_seed(cfg.seed)
+        n_warm = max(1, round(cfg.warmup_fraction * len(pool)))
+        subset = torch.randperm(len(pool), generator=g)[:n_warm].tolist()
+        bs = min(cfg.warmup_batch_size, n_warm)
+        steps_per_epoch = math.ceil(n_warm / bs)
+        factor = linear_schedule(steps_per_epoch * cfg.warmup_epochs, cfg.warmup_ratio)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=0.0)
+        step = 0
         model.train()
-        for _ in tqdm(range(cfg.warmup_steps), desc="LESS warm-up", disable=not ctx.progress, leave=False):
-            idx = torch.randint(0, len(pool), (min(cfg.warmup_batch_size, len(pool)),), generator=g).tolist()
-            opt.zero_grad(set_to_none=True)
-            self._loss(model, [pool[i] for i in idx], pad_id, ctx).backward()
-            opt.step()
-        m = torch.cat([opt.state[p]["exp_avg"].flatten().cpu() for p in params])
-        v = torch.cat([opt.state[p]["exp_avg_sq"].flatten().cpu() for p in params])
-        return m, v
+        for epoch in range(cfg.warmup_epochs):
+            order = [subset[i] for i in torch.randperm(n_warm, generator=g).tolist()]
+            lrs = []
+            for s in tqdm(range(0, n_warm, bs), desc=f"LESS warm-up epoch {epoch + 1}", disable=not ctx.progress,
+                          leave=False):
+                lr = cfg.lr * factor(step)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                self._loss(model, [pool[i] for i in order[s: s + bs]], pad_id, ctx).backward()
+                opt.step()
+                lrs.append(lr)
+                step += 1
+            m = torch.cat([opt.state[p]["exp_avg"].flatten().cpu() for p in params])
+            v = torch.cat([opt.state[p]["exp_avg_sq"].flatten().cpu() for p in params])
+            yield lrs, (m, v)
 
     def _projected(self, model, params, rows, adam, ctx, desc) -> torch.Tensor:
         """Unit-norm projected (preconditioned when `adam` is given) per-example gradients: [N, proj_dim]."""

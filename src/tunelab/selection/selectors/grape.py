@@ -3,7 +3,10 @@
 Zhang et al. 2025, "The Best Instruction-Tuning Data are Those That Fit", https://arxiv.org/abs/2502.04194.
 Records sharing the same prompt (every message before the response) form a group; the best-scored member
 of each group is kept. With `scorer: {name: perplexity}` under the model being tuned (lower preferred), that
-is the response closest to the model's own distribution, GRAPE's criterion. Budget: null keeps one per
+is the response closest to the model's own distribution, GRAPE's criterion. Length: perplexity is
+exp(mean NLL per response token), i.e. the length-normalised likelihood GRAPE compares across responses of
+different lengths; a summed log-likelihood would favour the shortest response, so the selector should be fed a
+per-token score (perplexity, or a mean log-probability), not a sequence total. Budget: null keeps one per
 instruction; a count keeps the best-scored winners.
 """
 
