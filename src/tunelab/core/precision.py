@@ -52,7 +52,7 @@ class Capability:
     name: str = ""  # e.g. "amx", "avx512_bf16", "avx2", "NVIDIA A100 (sm_80)"
 
 
-def cpu_capability(flags: set[str] | None = None, isa: str | None = None) -> Capability:
+def cpu_capability(flags: set[str] | frozenset[str] | None = None, isa: str | None = None) -> Capability:
     """A CPU's capability from its /proc/cpuinfo `flags` and torch's `get_cpu_capability()` (`isa`).
 
     Pure when both are given (tests feed them); read from this machine otherwise. The name is the best

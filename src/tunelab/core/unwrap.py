@@ -1,11 +1,16 @@
-"""Reaching the model inside its wrappers: one implementation each, used everywhere."""
+"""Reaching the model inside its wrappers: one implementation each, used everywhere.
+
+Both return `Any`: an HF `PreTrainedModel` or a `PeftModel`, whose methods (`get_input_embeddings`,
+`set_attn_implementation`, ...) the callers use; `nn.Module`'s typing would call them tensors."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> Any:
     """The model under process wrappers (DDP, accelerate, torch.compile's `_orig_mod` is not one of these):
     anything with `.module` and no `get_input_embeddings`. A PEFT model is returned as it is."""
     while not hasattr(model, "get_input_embeddings") and isinstance(getattr(model, "module", None), torch.nn.Module):
@@ -13,7 +18,7 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_peft(model: torch.nn.Module) -> Any:
     """The HF ``*ForCausalLM`` inside a PEFT ``PeftModel`` (LoRA layers stay inside its modules); the model
     itself when it is no PeftModel."""
     get_base = getattr(model, "get_base_model", None)

@@ -85,6 +85,7 @@ class Distill(Objective):
     """
 
     Config = DistillOptions
+    config: DistillOptions  # the validated options, typed
     unit = "token"
     batch_kind = "sft"
 

@@ -72,6 +72,7 @@ class DPO(Objective):
     """
 
     Config = DPOOptions
+    config: DPOOptions  # the validated options, typed
     unit = "example"
     batch_kind = "preference"
 
@@ -114,6 +115,7 @@ class SimPO(Objective):
     """SimPO: length-normalised log-prob margin, no reference model. Unit: one pair."""
 
     Config = SimPOOptions
+    config: SimPOOptions  # the validated options, typed
     unit = "example"
     batch_kind = "preference"
 
@@ -141,6 +143,7 @@ class ORPO(Objective):
     """
 
     Config = ORPOOptions
+    config: ORPOOptions  # the validated options, typed
     unit = "example"
     batch_kind = "preference"
 
@@ -197,6 +200,7 @@ class KTO(Objective):
     """
 
     Config = KTOOptions
+    config: KTOOptions  # the validated options, typed
     unit = "example"
     batch_kind = "preference"
 

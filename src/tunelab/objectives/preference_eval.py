@@ -21,8 +21,8 @@ def evaluate_preferences(model, objective: Objective, pairs: list[dict], *, batc
                          device: torch.device | str | None = None, precision: str = "fp32", ref=None,
                          collate=None) -> dict[str, float]:
     """Mean loss and metrics per pair over `pairs` (encoded preference examples), in eval mode."""
-    from tunelab.data.batching import collate_preference
     from tunelab.core.precision import autocast_context
+    from tunelab.data.batching import collate_preference
 
     if objective.batch_kind != "preference":
         raise ValueError(f"objective {objective.name!r} does not train on preference pairs")

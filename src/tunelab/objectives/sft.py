@@ -25,7 +25,7 @@ blocks are the pure functions of `tunelab.objectives.sft_variants`.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +156,7 @@ class SFT(Objective):
     """
 
     Config = SFTOptions
+    config: SFTOptions  # the validated options, typed
     unit = "token"
 
     def reference_use(self) -> str:
@@ -181,7 +182,7 @@ class SFT(Objective):
         plain = not (cfg.dft or cfg.kl_coef > 0 or cfg.neftune_alpha > 0 or cfg.masked_thought_p > 0)
         if plain and weights is None:
             # chunked output projection + CE: full [tokens, vocab] logits are never materialised
-            inputs = model_inputs(batch)
+            inputs: dict[str, Any] = model_inputs(batch)
             loss_fn = causal_lm_loss if cfg.chunk_size else naive_causal_lm_loss
             loss_sum, n_tokens = loss_fn(model, inputs.pop("input_ids"), inputs.pop("attention_mask", None),
                                          batch["labels"], chunk_size=cfg.chunk_size or 1024, **inputs)
@@ -233,6 +234,7 @@ class DFT(SFT):
     """Dynamic Fine-Tuning: l_t = sg(p(y_t)) * CE_t, the token mean over targets. `sft` with dft=true."""
 
     Config = DFTOptions
+    config: DFTOptions  # the validated options, typed
 
 
 class ASFTOptions(SFTOptions):
@@ -246,6 +248,7 @@ class ASFT(SFT):
     base (PEFT) or the `ref` passed to the loop."""
 
     Config = ASFTOptions
+    config: ASFTOptions  # the validated options, typed
 
 
 class NEFTuneOptions(SFTOptions):
@@ -257,6 +260,7 @@ class NEFTune(SFT):
     """SFT with noisy input embeddings: + alpha/sqrt(L d) * U(-1, 1) during training only."""
 
     Config = NEFTuneOptions
+    config: NEFTuneOptions  # the validated options, typed
 
 
 class MaskedThoughtOptions(SFTOptions):
@@ -268,6 +272,7 @@ class MaskedThought(SFT):
     """SFT with a fraction p of the response tokens replaced by a mask token in the input (targets unchanged)."""
 
     Config = MaskedThoughtOptions
+    config: MaskedThoughtOptions  # the validated options, typed
 
 
 class WeightedSFTOptions(SFTOptions):
@@ -279,3 +284,4 @@ class WeightedSFT(SFT):
     """Token-weighted CE: l_t = loss_weights[t] * CE_t (per-token weights from the data), token mean."""
 
     Config = WeightedSFTOptions
+    config: WeightedSFTOptions  # the validated options, typed

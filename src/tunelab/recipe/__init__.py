@@ -320,7 +320,7 @@ def describe_fields(model: type[BaseModel] = Recipe, prefix: str = "") -> list[t
             rows += describe_fields(DatasetSpec, path + ".")
             continue
         if info.default_factory is not None:
-            default = info.default_factory()
+            default = info.get_default(call_default_factory=True)
             default = default.model_dump(mode="json") if isinstance(default, BaseModel) else default
         else:
             default = info.default

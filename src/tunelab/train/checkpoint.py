@@ -45,8 +45,8 @@ class CheckpointError(ValueError):
 
 
 def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state = {
+    np_state: Any = np.random.get_state()  # the legacy tuple (name, keys, pos, has_gauss, cached_gaussian)
+    state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],

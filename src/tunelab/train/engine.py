@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from typing import Any
 
 import torch
 
@@ -102,6 +103,7 @@ def configure_engine(model: torch.nn.Module, tc: TrainConfig, device: torch.devi
     applied["attention"] = set_attention(model, tc.attention, device, precision)
     if tc.gradient_checkpointing:
         # non-reentrant checkpointing works with frozen inputs (adapters) without enable_input_require_grads
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hf_model: Any = model  # a transformers PreTrainedModel (or PeftModel) under nn.Module's type
+        hf_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         applied["gradient_checkpointing"] = True
     return applied
