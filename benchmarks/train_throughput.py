@@ -107,11 +107,11 @@ def worker_baseline(kind: str, steps: int, warmup: int, device: torch.device) ->
 def worker_ours(kind: str, steps: int, warmup: int, device: torch.device, extra: list[str]) -> dict:
     import tempfile
 
-    from tunelab.validate import load_validated_recipe
-    from tunelab.runner import Workspace, make_accelerator, train_workspace
     from tunelab.methods.registry import build_method
     from tunelab.model import load_model, load_tokenizer
     from tunelab.objectives.base import build_objective
+    from tunelab.runner import Workspace, make_accelerator, train_workspace
+    from tunelab.validate import load_validated_recipe
 
     method = ["method.name=lora", "method.r=16", "method.alpha=32"] if kind == "lora" else ["method.name=full"]
     recipe = load_validated_recipe(None, method + [f"train.max_steps={steps + warmup}", f"train.batch_size={BATCH}",

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny import build_tiny_model, build_tiny_tokenizer, tiny_recipe_dict  # noqa: F401
 
 

@@ -3,8 +3,8 @@ and a tiny run resolving `auto` on a faked AVX2-only CPU trains and evaluates in
 
 import pytest
 import torch
-
 from tiny import tiny_recipe_dict
+
 from tunelab.core import precision as P
 from tunelab.core.precision import Capability, cpu_capability, cuda_capability, explain_precision, resolve_precision
 

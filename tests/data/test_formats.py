@@ -2,8 +2,16 @@ import json
 
 import pytest
 
-from tunelab.data.formats import (ChatExample, DataError, PreferenceExample, Record, TextExample, detect_format,
-                                  load_records, to_example)
+from tunelab.data.formats import (
+    ChatExample,
+    DataError,
+    PreferenceExample,
+    Record,
+    TextExample,
+    detect_format,
+    load_records,
+    to_example,
+)
 
 
 @pytest.mark.parametrize("rec,fmt", [

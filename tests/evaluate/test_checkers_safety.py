@@ -9,8 +9,14 @@ import pytest
 
 from tunelab.data.formats import DataError
 from tunelab.evaluate.checkers import contains, exact, load_generation_file, numeric, parse_number, regex
-from tunelab.evaluate.safety import (BENIGN_PROMPTS, HARMFUL_PROMPTS, PhraseDetector, load_detector, load_prompts,
-                                     safety_eval)
+from tunelab.evaluate.safety import (
+    BENIGN_PROMPTS,
+    HARMFUL_PROMPTS,
+    PhraseDetector,
+    load_detector,
+    load_prompts,
+    safety_eval,
+)
 
 
 @pytest.mark.parametrize("check, pred, ref, ok", [

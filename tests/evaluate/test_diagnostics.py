@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from tunelab.evaluate.diagnostics import (diagnose_state_dicts, effective_rank, intruder_dimensions,
-                                          matrix_diagnostics)
+from tunelab.evaluate.diagnostics import diagnose_state_dicts, effective_rank, intruder_dimensions, matrix_diagnostics
 
 
 def orthonormal(n: int, seed: int) -> torch.Tensor:

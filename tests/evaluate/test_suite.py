@@ -7,8 +7,8 @@ import json
 import pytest
 
 from tunelab.data.formats import DataError
-from tunelab.evaluate.targets import evaluate_target, show_results
 from tunelab.evaluate.suite import SuiteSettings, parse_spec, run_suite
+from tunelab.evaluate.targets import evaluate_target, show_results
 
 
 def write(path, rows):
@@ -44,7 +44,7 @@ def test_failing_tasks_are_recorded_and_the_others_still_run(tmp_path, tiny_mode
                           ppl_max_length=16, progress=False)
     t = res["tasks"]
     assert res["failed"] == [f"mc:{tmp_path.name}/bad_mc.jsonl", f"mc:{tmp_path.name}/missing.jsonl", "not_a_task"]
-    assert f"bad_mc.jsonl:2: malformed JSON" in t[f"mc:{tmp_path.name}/bad_mc.jsonl"]["error"]
+    assert "bad_mc.jsonl:2: malformed JSON" in t[f"mc:{tmp_path.name}/bad_mc.jsonl"]["error"]
     assert "missing.jsonl" in t[f"mc:{tmp_path.name}/missing.jsonl"]["error"]
     ok = t[f"mc:{tmp_path.name}/mc.jsonl"]
     assert ok["n"] == 2 and 0 <= ok["acc"] <= 1 and ok["category"] == "general" and ok["primary"] == "acc_norm"
@@ -69,6 +69,7 @@ def test_all_good_suite_exits_zero(tiny_model, tiny_tokenizer, tmp_path):
 
 def test_run_recipe_evaluates_the_suite_before_and_after_and_the_report_shows_it(tmp_path, tiny_model_dir):
     from tiny import tiny_recipe_dict
+
     from tunelab.recipe import Recipe
     from tunelab.runner import format_table, run_recipe
     from tunelab.track.report import load_run, main_row

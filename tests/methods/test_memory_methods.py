@@ -7,13 +7,10 @@ import json
 
 import pytest
 import torch
+from test_sparse_common import assert_resume_exact, backend, changed, run, setup, snapshot, task, tiny, train_config
 
-from test_sparse_common import (assert_resume_exact, backend, changed, run, setup, snapshot, task, tiny,
-                                train_config)
 from tunelab.methods.registry import build_method
 from tunelab.objectives.base import build_objective
-
-
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -2,8 +2,8 @@
 and the PEFT adapter."""
 
 import torch
-
 from test_own_common import linear_shapes, logits, n_trainable, prepared, train, trainable_names
+
 from tunelab.methods.asymmetric_lora import lora_layers
 
 

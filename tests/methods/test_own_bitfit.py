@@ -4,9 +4,9 @@ import logging
 
 import pytest
 import torch
+from test_own_common import VOCAB, linear_shapes, logits, n_trainable, prepared, trainable_names
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from test_own_common import VOCAB, linear_shapes, logits, n_trainable, prepared, trainable_names
 from tunelab.methods.registry import ExportUnsupported, build_method
 
 

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 import torch
-
 from test_own_common import base_model, linear_shapes, logits, n_trainable, prepared, train
+
 from tunelab.methods.asymmetric_lora import lora_layers
 
 
@@ -92,6 +92,7 @@ def test_rejects_modules_to_save():
 @pytest.mark.slow
 def test_resume_through_the_loop_is_bit_exact(tiny_model_dir, tmp_path):
     from tiny import tiny_recipe_dict
+
     from tunelab.recipe import Recipe
     from tunelab.runner import open_workspace, train_workspace
     from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint

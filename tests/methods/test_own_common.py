@@ -8,8 +8,8 @@ import json
 
 import pytest
 import torch
-
 from tiny import build_tiny_model
+
 from tunelab.methods.registry import ExportUnsupported, build_method, list_methods
 
 VOCAB = 256
@@ -204,6 +204,7 @@ def test_peft_adapter_export_loads_with_peft(name, tmp_path):
 def test_run_recipe_trains_evaluates_and_exports(name, opts, tiny_model_dir, tmp_path):
     # the whole main path: eval (greedy generation through the method's modules), train, exports
     from tiny import tiny_recipe_dict
+
     from tunelab.recipe import Recipe
     from tunelab.runner import run_recipe
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from test_own_common import linear_shapes, n_trainable, prepared, trainable_names
+
 from tunelab.methods.diablo import DiaBloLinear
 
 

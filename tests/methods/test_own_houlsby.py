@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from test_own_common import logits, n_trainable, prepared, trainable_names
+
 from tunelab.methods.houlsby import BottleneckAdapter
 
 

@@ -3,8 +3,8 @@ prompt tokens, pyreft's get_intervention_locations) in training, under a KV cach
 
 import pytest
 import torch
-
 from test_own_common import base_model, batch, n_trainable, prepared, train
+
 from tunelab.methods.loreft import LoReFTIntervention, prompt_masks, segments
 
 

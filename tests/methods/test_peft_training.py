@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_peft_methods import (fixed_batch, load_tiny, pattern_batch, prepared,  # noqa: F401
-                               sft_loss, train_steps)
+from test_peft_methods import fixed_batch, load_tiny, pattern_batch, prepared, sft_loss, train_steps  # noqa: F401
 
 from tunelab.methods.registry import build_method
 from tunelab.recipe import TrainConfig

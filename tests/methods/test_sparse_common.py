@@ -17,8 +17,8 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-
 from tiny import build_tiny_model
+
 from tunelab.methods.registry import build_method, list_methods
 from tunelab.objectives.base import build_objective
 from tunelab.recipe import TrainConfig

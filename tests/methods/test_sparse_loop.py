@@ -6,14 +6,12 @@ import json
 
 import pytest
 import torch
-
 from tiny import tiny_recipe_dict
+
 from tunelab.export import export_all
 from tunelab.recipe import Recipe
 from tunelab.runner import open_workspace, train_workspace
 from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint
-
-
 
 
 class Crash(Exception):

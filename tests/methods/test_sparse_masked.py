@@ -4,17 +4,15 @@ against independent computations, optimizer state at refreshes, sparse export + 
 
 import pytest
 import torch
+from test_sparse_common import assert_resume_exact, backend, changed, run, setup, snapshot, task, tiny, train_config
 
-from test_sparse_common import (assert_resume_exact, backend, changed, run, setup, snapshot, task, tiny,
-                                train_config)
 from tunelab.methods.gmt import MaskedAdamW
-from tunelab.methods.smt import block_scores, blocks_to_mask, total_blocks
 from tunelab.methods.lift import principal_mask
 from tunelab.methods.registry import build_method
+from tunelab.methods.smt import block_scores, blocks_to_mask, total_blocks
 from tunelab.methods.spiel import SparseDelta, _deltas, apply_sparse_delta
 from tunelab.objectives.base import build_objective
 from tunelab.train.loop import forward_backward
-
 
 
 def _targets(model):

@@ -5,14 +5,12 @@ import json
 
 import pytest
 import torch
+from test_sparse_common import assert_resume_exact, changed, run, setup, snapshot, task, tiny, train_config
 
-from test_sparse_common import (assert_resume_exact, changed, run, setup, snapshot, task, tiny,
-                                train_config)
 from tunelab.methods.freeze import layer_index
 from tunelab.methods.hft import category
 from tunelab.methods.registry import build_method
 from tunelab.train.precision import cast_frozen_linears
-
 
 
 def _layer_names(model, layers) -> set[str]:
@@ -156,6 +154,7 @@ def test_surgical_auto_rgn_is_the_reference_per_tensor_learning_rate():
         run(method, model, opt, range(step, step + 1), tc, batch=batch)
         # the reference: same gradient (forward_backward + clipping), RGN by hand, per-group lrs
         from test_sparse_common import backend
+
         from tunelab.objectives.base import build_objective
         from tunelab.train.loop import forward_backward
 

@@ -13,8 +13,8 @@ def test_two_runs_evaluated_diagnosed_and_reported(tmp_path, tiny_model_dir):
     from typer.testing import CliRunner
 
     from tunelab.cli import app
-    from tunelab.evaluate.targets import evaluate_target
     from tunelab.evaluate.diagnostics import diagnose_run
+    from tunelab.evaluate.targets import evaluate_target
     from tunelab.recipe import Recipe
     from tunelab.runner import run_recipe
 

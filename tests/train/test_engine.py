@@ -11,8 +11,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from tiny import build_tiny_model, tiny_recipe_dict
+
 from tunelab.data.batching import collate_packed, collate_sft
 from tunelab.objectives.base import build_objective
 from tunelab.recipe import Recipe, TrainConfig

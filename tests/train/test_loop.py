@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 from accelerate import Accelerator
-
 from tiny import tiny_recipe_dict
+
 from tunelab.data.batching import collate_sft
 from tunelab.objectives.base import build_objective
 from tunelab.recipe import Recipe
 from tunelab.runner import open_workspace, train_workspace
-from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint
 from tunelab.train.backends import DDPBackend
+from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint
 from tunelab.train.loop import TrainingDiverged, forward_backward
 
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-
 from tiny import tiny_recipe_dict
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from tiny import tiny_recipe_dict
+
 from tunelab.recipe import Recipe
 from tunelab.runner import open_workspace, train_workspace
 from tunelab.train.precision import cast_frozen_linears, upcast_linears

@@ -43,5 +43,5 @@ def register(app: typer.Typer) -> None:
                 open_in_chromium(path, screenshot=screenshot)
             except (FileNotFoundError, RuntimeError) as e:
                 typer.secho(f"error: screenshot: {e}", fg=typer.colors.RED, err=True)
-                raise typer.Exit(1)
+                raise typer.Exit(1) from None
             typer.echo(f"screenshot: {screenshot}")

@@ -19,13 +19,11 @@ Every malformed line is reported with file and line (`data.jsonl:7: ...`).
 
 from __future__ import annotations
 
-import json
 import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from tunelab.data.formats import DataError, iter_jsonl, open_text  # noqa: F401 (re-exported)
 

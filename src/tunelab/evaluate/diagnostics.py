@@ -117,9 +117,9 @@ def diagnose_state_dicts(base: dict[str, torch.Tensor], tuned: dict[str, torch.T
 def diagnose_run(run_dir: str | Path, *, write: bool = True, **kw) -> dict[str, Any]:
     """Diagnostics of a run's fine-tuned weights against its base model; saved as <run>/diagnostics.json."""
     from tunelab.core.rundir import write_json
-    from tunelab.weights import AdapterReader, CheckpointReader
     from tunelab.model import resolve_model_path
     from tunelab.recipe import load_recipe
+    from tunelab.weights import AdapterReader, CheckpointReader
 
     run_dir = Path(run_dir)
     recipe = load_recipe(run_dir / "recipe.yaml")

@@ -84,7 +84,7 @@ def forgetting(r: Sequence[Row], variant: Literal["just_after", "max"] = "just_a
         if variant == "just_after":
             ref = r[i][i]
         else:
-            earlier = [r[l][i] for l in range(k - 1) if r[l][i] is not None]
+            earlier = [r[s][i] for s in range(k - 1) if r[s][i] is not None]
             ref = max(earlier) if earlier else None
         out.append(ref - final if _ok(ref, final) else None)
     return out

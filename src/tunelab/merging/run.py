@@ -38,9 +38,10 @@ from typing import Any
 
 import torch
 
+from tunelab.weights import AdapterReader, CheckpointReader, CheckpointWriter, is_adapter_dir, resolve_model_path
+
 from . import ops
 from .compress import DeltaCompressor
-from tunelab.weights import AdapterReader, CheckpointReader, CheckpointWriter, is_adapter_dir, resolve_model_path
 from .recipe import COMPRESS_METHODS, LORA_METHODS, Recipe, load_recipe
 from .resolve import resolve_recipe
 from .score import TaskScorer

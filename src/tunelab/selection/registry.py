@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from tunelab.data.formats import ChatExample, DataError, PreferenceExample, TextExample
 from tunelab.core.registry import Registry
+from tunelab.data.formats import ChatExample, DataError, PreferenceExample, TextExample
 
 if TYPE_CHECKING:
     from tunelab.recipe.select import SelectConfig

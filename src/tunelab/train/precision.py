@@ -21,7 +21,6 @@ import torch
 from tunelab.core.precision import AUTOCAST_DTYPES, DTYPES
 
 
-
 def frozen_dtype_for(frozen_dtype: str, precision: str) -> torch.dtype | None:
     """`auto` follows the autocast precision (resolved: not `auto`); None means leave the weights as they are."""
     if frozen_dtype == "auto":

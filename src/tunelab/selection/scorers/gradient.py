@@ -35,10 +35,10 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
+from tunelab.core.precision import autocast_context
 from tunelab.selection.lm import _pad, pad_id_of, response_input
 from tunelab.selection.registry import ScoreOutput, Scorer, as_chat, register_scorer
 from tunelab.selection.scorers._common import LMScorerOptions
-from tunelab.core.precision import autocast_context
 
 ROWS_PER_CHUNK = 1 << 16  # rows of R generated at once: [65536, d] int8 -> float
 

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from tunelab.core.precision import autocast_context
 from tunelab.data.encode import render
 from tunelab.selection.lm import _pad, batched, pad_id_of
 from tunelab.selection.registry import ScoreOutput, Scorer, ScorerOptions, as_chat, register_scorer
-from tunelab.core.precision import autocast_context
 
 
 class RewardOptions(ScorerOptions):
