@@ -1,0 +1,10 @@
+"""One generation engine for evaluation, RL rollouts, iterate rounds and chat (layer 4: imports core, recipe,
+data and model only). `generate(model, tokenizer, prompts, GenerateConfig(...))`; see engine.py."""
+
+from tunelab.generate.batching import encode_prompts, plan_batches
+from tunelab.generate.config import GenerateConfig
+from tunelab.generate.engine import Completion, GenerationOutput, GenerationStats, generate
+from tunelab.generate.stops import default_stop_ids
+
+__all__ = ["Completion", "GenerateConfig", "GenerationOutput", "GenerationStats", "default_stop_ids",
+           "encode_prompts", "generate", "plan_batches"]

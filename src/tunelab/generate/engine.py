@@ -1,0 +1,182 @@
+"""The generation engine: batched greedy or sampled decoding with a KV cache, for evaluation, RL rollouts,
+iterate rounds and chat.
+
+    out = generate(model, tokenizer, prompts, GenerateConfig(max_new_tokens=64, do_sample=True, seed=0))
+    out.texts                       # one completion per prompt (x num_return_sequences), in input order
+    out.completions[i].token_ids    # generated ids (the stop token included), .finish_reason, .logprobs
+
+Per call: eval mode, torch.inference_mode, weights in the compute dtype (forward.generation_mode), all
+restored on return. Prompts are sorted by length and cut into batches (batching.plan_batches); each batch
+is left-padded, its prompts prefilled once into a preallocated KV cache (cache.py; with
+`num_return_sequences` > 1 the prompt's cache is shared by its completions, never recomputed), then one
+token per row per step until every row has stopped: on a stop token id (EOS, end of turn), after a token
+that completes a stop string, or at `max_new_tokens`. Rows that stopped are fed the pad token, as in
+transformers' generate, or dropped from the batch (`drop_finished`: less work, but the matmuls then see
+fewer rows, which changes their rounding and so is not bit-identical to transformers).
+
+Greedy outputs equal transformers' `generate` on the same batches token for token (same forward inputs and
+shapes; tests/generate/test_engine.py). PEFT prompt-learning adapters (prompt / prefix / P-tuning) insert
+virtual tokens inside PEFT's own generate: those models go through it (fallback.py).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from tunelab.generate.batching import Prompt, encode_prompts, left_pad, plan_batches
+from tunelab.generate.cache import make_cache
+from tunelab.generate.config import GenerateConfig
+from tunelab.generate.forward import DTYPES, ModelStep, generation_mode, is_prompt_learning
+from tunelab.generate.sampling import next_tokens, sequence_uniforms, token_logprobs
+from tunelab.generate.stops import StopStrings, default_stop_ids
+
+
+@dataclass
+class Completion:
+    """One generated sequence. `token_ids` run up to and including the token that stopped it (EOS, end of
+    turn, or the one completing a stop string); `text` is their decoding, cut before a stop string."""
+
+    prompt_index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" | "length"
+    logprobs: list[float] | None = None  # one per token id (GenerateConfig.return_logprobs)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0  # real (unpadded) prompt tokens, each prompt counted once
+    new_tokens: int = 0  # generated tokens kept (up to each stop), over all completions
+    seconds: float = 0.0
+    first_token_seconds: list[float] = field(default_factory=list)  # per batch: its start -> its first token
+    batches: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class GenerationOutput:
+    completions: list[Completion]  # prompt i's completions at i*n .. i*n + n - 1 (n = num_return_sequences)
+    stats: GenerationStats
+
+    @property
+    def texts(self) -> list[str]:
+        return [c.text for c in self.completions]
+
+
+def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[Prompt], config: GenerateConfig | None = None,
+             *, progress: bool = False) -> GenerationOutput:
+    """Generate for every prompt (chat messages, text or token ids); see the module docstring."""
+    cfg = config or GenerateConfig()
+    encoded = encode_prompts(tokenizer, prompts)
+    stop_ids = cfg.stop_token_ids if cfg.stop_token_ids is not None else default_stop_ids(tokenizer, model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
+    seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
+    n = cfg.num_return_sequences
+    stats = GenerationStats(prompt_tokens=sum(len(e) for e in encoded))
+    t0 = time.perf_counter()
+    if is_prompt_learning(model):
+        from tunelab.generate.fallback import generate_with_peft
+
+        completions = generate_with_peft(model, tokenizer, encoded, cfg, stop_ids, pad_id, seed, stats, progress)
+    else:
+        completions = [None] * (len(encoded) * n)
+        stops = StopStrings(tokenizer, cfg.stop_strings, cfg.skip_special_tokens)
+        batches = plan_batches([len(e) for e in encoded], max(1, cfg.batch_size // n))
+        with generation_mode(model, DTYPES[cfg.precision]) as mixed, torch.inference_mode():
+            step = ModelStep(model, autocast_dtype=DTYPES[cfg.precision] if mixed else None)
+            for idx in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
+                for c in _generate_batch(step, tokenizer, [encoded[i] for i in idx], idx, cfg, stop_ids, pad_id,
+                                         stops, seed, stats):
+                    completions[c.prompt_index * n + c.sample] = c.completion
+    stats.seconds = time.perf_counter() - t0
+    stats.new_tokens = sum(len(c.token_ids) for c in completions)
+    return GenerationOutput(completions, stats)
+
+
+@dataclass
+class _Row:
+    completion: Completion
+    sample: int
+
+    @property
+    def prompt_index(self) -> int:
+        return self.completion.prompt_index
+
+
+def _generate_batch(step: ModelStep, tokenizer, prompt_ids: list[list[int]], prompt_index: list[int],
+                    cfg: GenerateConfig, stop_ids: tuple[int, ...], pad_id: int, stops: StopStrings, seed: int,
+                    stats: GenerationStats) -> list[_Row]:
+    """Prefill one batch of prompts, then decode until every row has stopped."""
+    t_start = time.perf_counter()
+    n, max_new = cfg.num_return_sequences, cfg.max_new_tokens
+    ids, mask, positions = left_pad(prompt_ids, pad_id)
+    width = ids.shape[1]
+    # transformers drops an all-ones mask (no padding): attention then takes its causal path; so do we
+    padded = not bool(mask.all())
+    cache = make_cache(step.config, width + max_new)
+    logits = step.prefill(ids, mask if padded else None, positions, cache)  # [P, V] fp32
+    rows = len(prompt_ids) * n
+    if n > 1:  # one prefill per prompt; its cache rows repeated for its n completions
+        cache.batch_repeat_interleave(n)
+        logits, mask, positions = (t.repeat_interleave(n, dim=0) for t in (logits, mask, positions))
+    seq_index = [p * n + j for p in prompt_index for j in range(n)]  # global sequence ids: the RNG streams
+    uniforms = sequence_uniforms(seed, seq_index, max_new) if cfg.do_sample else None
+    full_mask = torch.ones(rows, width + max_new, dtype=torch.long)
+    full_mask[:, :width] = mask
+    last_pos = positions[:, -1].clone()  # [rows] position of each row's last token
+    stop_t = torch.tensor(stop_ids, dtype=torch.long, device=logits.device)
+    tokens = torch.full((rows, max_new), pad_id, dtype=torch.long)
+    lps = torch.zeros(rows, max_new) if cfg.return_logprobs else None
+    ends = [max_new] * rows  # tokens kept per row
+    reasons = ["length"] * rows
+    live = torch.arange(rows)  # batch row -> its original row (changes when finished rows are dropped)
+    done = torch.zeros(rows, dtype=torch.bool)  # finished rows still in the batch
+    history = [[] for _ in range(rows)] if stops else None
+    for t in range(max_new):
+        nxt = next_tokens(logits, cfg, uniforms[live, t] if uniforms is not None else None)
+        nxt = torch.where(done.to(nxt.device), torch.full_like(nxt, pad_id), nxt)
+        nxt_cpu = nxt.cpu()
+        tokens[live, t] = nxt_cpu
+        if lps is not None:
+            lps[live, t] = token_logprobs(logits, nxt, cfg.temperature if cfg.do_sample else 1.0).cpu()
+        if t == 0:
+            stats.first_token_seconds.append(time.perf_counter() - t_start)
+        hit = torch.isin(nxt, stop_t).cpu() & ~done
+        if history is not None:
+            for r, (tok, finished) in enumerate(zip(nxt_cpu.tolist(), done.tolist())):
+                if not finished:
+                    history[r].append(tok)
+                    if not hit[r] and stops.hit(history[r]):
+                        hit[r] = True
+        for r in hit.nonzero().flatten().tolist():
+            ends[int(live[r])], reasons[int(live[r])] = t + 1, "stop"
+        done |= hit
+        if bool(done.all()) or t == max_new - 1:
+            break
+        if cfg.drop_finished and int(done.sum()) * 8 >= len(done):  # compact when >= 1/8 of the rows are done
+            keep = (~done).nonzero().flatten()
+            cache.batch_select_indices(keep.to(logits.device))
+            live, done, nxt, last_pos, full_mask = live[keep], done[keep], nxt[keep], last_pos[keep], full_mask[keep]
+            if history is not None:
+                history = [history[int(k)] for k in keep]
+        last_pos = last_pos + 1
+        logits = step.decode(nxt.view(-1, 1), full_mask[:, : width + t + 1] if padded else None,
+                             last_pos.view(-1, 1), cache)
+    stats.batches += 1
+    out = []
+    kept = [tokens[r, : ends[r]].tolist() for r in range(rows)]
+    texts = tokenizer.batch_decode(kept, skip_special_tokens=cfg.skip_special_tokens)
+    for r in range(rows):
+        text, cut = stops.cut(texts[r]) if stops else (texts[r], False)
+        comp = Completion(prompt_index[r // n], kept[r], text, "stop" if cut else reasons[r],
+                          lps[r, : ends[r]].tolist() if lps is not None else None)
+        out.append(_Row(comp, r % n))
+    return out

@@ -1,0 +1,113 @@
+"""The model side of generation: eval mode and weights in the compute dtype for the call, and the two
+forward passes (prefill of the prompts, one-token decoding steps) as transformers' `generate` makes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def forward_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The module to call: DDP / torch.compile wrappers removed (a PEFT wrapper stays: it applies adapters)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP / compile / PEFT wrappers (its config and forward signature)."""
+    model = forward_module(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def is_prompt_learning(model: torch.nn.Module) -> bool:
+    """PEFT prompt tuning / prefix tuning / P-tuning: virtual tokens that only PEFT's own generate inserts."""
+    cfg = getattr(forward_module(model), "active_peft_config", None)
+    return bool(getattr(cfg, "is_prompt_learning", False))
+
+
+@contextlib.contextmanager
+def generation_mode(model: torch.nn.Module, dtype: torch.dtype):
+    """Eval mode, and every floating parameter in `dtype`, for the duration; both restored on exit.
+
+    Weights already in `dtype` are untouched (no copy): with `train.frozen_cast: all` that is all the frozen
+    base, so only the trainable ones (an adapter's, or all of them in full fine-tuning) are copied. The
+    originals are put back as they were (the same tensors: bit for bit, optimizer state unaffected).
+    Parameters that are tensor subclasses (quantised NF4, sharded DTensors) cannot be cast: yields True when
+    such a parameter has another dtype, and the caller runs under autocast for them.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    mixed = False
+    try:
+        model.eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.is_floating_point() or p.dtype == dtype:
+                    continue
+                if type(p.data) is torch.Tensor:
+                    saved.append((p, p.data))
+                    p.data = p.data.to(dtype)
+                else:
+                    mixed = True
+        yield mixed
+    finally:
+        for p, original in saved:
+            p.data = original
+        for m, training in modes:
+            m.training = training
+
+
+class ModelStep:
+    """Calls the model's forward exactly as transformers' generate does (same inputs, same shapes), so the
+    numerics are the same, with two differences that do not change them:
+
+    * the prefill's logits come from the last position only, selected with an index tensor: a contiguous
+      [B, 1, d] copy. `logits_to_keep=1` slices a strided view, and a strided 3-D input to a bf16 linear
+      layer on CPU is computed as a batched matmul against the weight EXPANDED to [B, vocab, d]: for
+      SmolLM2 at batch 32 a 1.6 GB transient (the "known generation-memory issue") and a slow copy;
+    * the KV cache is the caller's (tunelab.generate.cache).
+    """
+
+    def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None = None):
+        self.module = forward_module(model)
+        params = inspect.signature(hf_model(model).forward).parameters
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.keep_kw = "logits_to_keep" if "logits_to_keep" in params else None
+        self.config = hf_model(model).config
+        self.device = next(model.parameters()).device
+        self.autocast = autocast_dtype
+
+    def _call(self, **kwargs) -> torch.Tensor:
+        ctx = (torch.autocast(self.device.type, dtype=self.autocast) if self.autocast is not None
+               else contextlib.nullcontext())
+        with ctx:
+            out = self.module(use_cache=True, return_dict=True, **kwargs)
+        # HF: next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
+        return out.logits[:, -1].to(copy=True, dtype=torch.float32)
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache) -> torch.Tensor:
+        """Logits [B, V] fp32 of the last prompt position; fills `cache` with the prompts' keys and values."""
+        kwargs = {}
+        if self.keep_kw is not None:
+            kwargs[self.keep_kw] = torch.tensor([ids.shape[1] - 1], device=self.device)
+        return self._call(input_ids=ids.to(self.device), attention_mask=_to(mask, self.device),
+                          position_ids=positions.to(self.device), **{self.cache_kw: cache}, **kwargs)
+
+    def decode(self, tokens: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, cache) -> torch.Tensor:
+        """Logits [B, V] fp32 after one new token per row (tokens [B, 1], positions [B, 1])."""
+        return self._call(input_ids=tokens.to(self.device), attention_mask=_to(mask, self.device),
+                          position_ids=positions.to(self.device), **{self.cache_kw: cache})
+
+
+def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
