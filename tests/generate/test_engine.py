@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tiny import build_tiny_model
+
 from tunelab.generate import GenerateConfig, encode_prompts, generate, plan_batches
 from tunelab.generate.batching import left_pad
 

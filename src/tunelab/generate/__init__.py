@@ -3,7 +3,8 @@ data and model only). `generate(model, tokenizer, prompts, GenerateConfig(...))`
 
 from tunelab.generate.batching import encode_prompts, plan_batches
 from tunelab.generate.config import GenerateConfig
-from tunelab.generate.engine import Completion, GenerationOutput, GenerationStats, generate
+from tunelab.generate.engine import generate
+from tunelab.generate.outputs import Completion, GenerationOutput, GenerationStats
 from tunelab.generate.stops import default_stop_ids
 
 __all__ = ["Completion", "GenerateConfig", "GenerationOutput", "GenerationStats", "default_stop_ids",

@@ -21,9 +21,9 @@ def encode_prompts(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
         if isinstance(p, str):
             out.append(list(tokenizer(p)["input_ids"]))
         elif len(p) > 0 and isinstance(p[0], dict):
-            out.append(encode_prompt(tokenizer, list(p)))
+            out.append(encode_prompt(tokenizer, [dict(m) for m in p]))  # type: ignore[arg-type]
         else:
-            out.append([int(i) for i in p])
+            out.append([int(i) for i in p])  # type: ignore[arg-type]
         if not out[-1]:
             raise ValueError(f"prompt {len(out) - 1} is empty")
     return out

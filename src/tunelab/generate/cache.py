@@ -60,8 +60,8 @@ class _PreallocatedMixin:
 
     def reset(self) -> None:
         self.length = 0
-        self.keys = self.values = None
-        self.is_initialized = False
+        if self.is_initialized:
+            self.keys, self.values = self._k[:, :, :0], self._v[:, :, :0]
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove < 0 and self.is_initialized:
@@ -101,5 +101,5 @@ def make_cache(model_config, capacity: int):
     if cache.layers:
         cache.layers = [prealloc(capacity) if type(layer) is dynamic else layer for layer in cache.layers]
     elif getattr(cache, "layer_class_to_replicate", None) is dynamic:
-        cache.layer_class_to_replicate = functools.partial(prealloc, capacity)
+        cache.layer_class_to_replicate = functools.partial(prealloc, capacity)  # type: ignore[assignment]
     return cache

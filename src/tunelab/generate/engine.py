@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -31,44 +31,11 @@ from tqdm.auto import tqdm
 from tunelab.generate.batching import Prompt, encode_prompts, left_pad, plan_batches
 from tunelab.generate.cache import make_cache
 from tunelab.generate.config import GenerateConfig
+from tunelab.generate.fallback import generate_with_peft
 from tunelab.generate.forward import DTYPES, ModelStep, generation_mode, is_prompt_learning
+from tunelab.generate.outputs import Completion, GenerationOutput, GenerationStats
 from tunelab.generate.sampling import next_tokens, sequence_uniforms, token_logprobs
 from tunelab.generate.stops import StopStrings, default_stop_ids
-
-
-@dataclass
-class Completion:
-    """One generated sequence. `token_ids` run up to and including the token that stopped it (EOS, end of
-    turn, or the one completing a stop string); `text` is their decoding, cut before a stop string."""
-
-    prompt_index: int
-    token_ids: list[int]
-    text: str
-    finish_reason: str  # "stop" | "length"
-    logprobs: list[float] | None = None  # one per token id (GenerateConfig.return_logprobs)
-
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0  # real (unpadded) prompt tokens, each prompt counted once
-    new_tokens: int = 0  # generated tokens kept (up to each stop), over all completions
-    seconds: float = 0.0
-    first_token_seconds: list[float] = field(default_factory=list)  # per batch: its start -> its first token
-    batches: int = 0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass
-class GenerationOutput:
-    completions: list[Completion]  # prompt i's completions at i*n .. i*n + n - 1 (n = num_return_sequences)
-    stats: GenerationStats
-
-    @property
-    def texts(self) -> list[str]:
-        return [c.text for c in self.completions]
 
 
 def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[Prompt], config: GenerateConfig | None = None,
@@ -79,26 +46,28 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[Prompt], confi
     stop_ids = cfg.stop_token_ids if cfg.stop_token_ids is not None else default_stop_ids(tokenizer, model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
     seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
-    n = cfg.num_return_sequences
     stats = GenerationStats(prompt_tokens=sum(len(e) for e in encoded))
     t0 = time.perf_counter()
-    if is_prompt_learning(model):
-        from tunelab.generate.fallback import generate_with_peft
-
-        completions = generate_with_peft(model, tokenizer, encoded, cfg, stop_ids, pad_id, seed, stats, progress)
-    else:
-        completions = [None] * (len(encoded) * n)
-        stops = StopStrings(tokenizer, cfg.stop_strings, cfg.skip_special_tokens)
-        batches = plan_batches([len(e) for e in encoded], max(1, cfg.batch_size // n))
-        with generation_mode(model, DTYPES[cfg.precision]) as mixed, torch.inference_mode():
-            step = ModelStep(model, autocast_dtype=DTYPES[cfg.precision] if mixed else None)
-            for idx in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
-                for c in _generate_batch(step, tokenizer, [encoded[i] for i in idx], idx, cfg, stop_ids, pad_id,
-                                         stops, seed, stats):
-                    completions[c.prompt_index * n + c.sample] = c.completion
+    run = generate_with_peft if is_prompt_learning(model) else _generate_batches
+    completions = run(model, tokenizer, encoded, cfg, stop_ids, pad_id, seed, stats, progress)
     stats.seconds = time.perf_counter() - t0
     stats.new_tokens = sum(len(c.token_ids) for c in completions)
     return GenerationOutput(completions, stats)
+
+
+def _generate_batches(model, tokenizer, encoded: list[list[int]], cfg: GenerateConfig, stop_ids: tuple[int, ...],
+                      pad_id: int, seed: int, stats: GenerationStats, progress: bool) -> list[Completion]:
+    n = cfg.num_return_sequences
+    completions: list = [None] * (len(encoded) * n)
+    stops = StopStrings(tokenizer, cfg.stop_strings, cfg.skip_special_tokens)
+    batches = plan_batches([len(e) for e in encoded], max(1, cfg.batch_size // n))
+    with generation_mode(model, DTYPES[cfg.precision]) as mixed, torch.inference_mode():
+        step = ModelStep(model, autocast_dtype=DTYPES[cfg.precision] if mixed else None)
+        for idx in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
+            for c in _generate_batch(step, tokenizer, [encoded[i] for i in idx], idx, cfg, stop_ids, pad_id, stops,
+                                     seed, stats):
+                completions[c.prompt_index * n + c.sample] = c.completion
+    return completions
 
 
 @dataclass
@@ -139,7 +108,7 @@ def _generate_batch(step: ModelStep, tokenizer, prompt_ids: list[list[int]], pro
     reasons = ["length"] * rows
     live = torch.arange(rows)  # batch row -> its original row (changes when finished rows are dropped)
     done = torch.zeros(rows, dtype=torch.bool)  # finished rows still in the batch
-    history = [[] for _ in range(rows)] if stops else None
+    history: list[list[int]] | None = [[] for _ in range(rows)] if stops else None
     for t in range(max_new):
         nxt = next_tokens(logits, cfg, uniforms[live, t] if uniforms is not None else None)
         nxt = torch.where(done.to(nxt.device), torch.full_like(nxt, pad_id), nxt)

@@ -15,14 +15,13 @@ from tqdm.auto import tqdm
 from tunelab.generate.batching import left_pad, plan_batches
 from tunelab.generate.config import GenerateConfig
 from tunelab.generate.forward import DTYPES, generation_mode
+from tunelab.generate.outputs import Completion, GenerationStats
 from tunelab.generate.sampling import mix_seed, token_logprobs
 from tunelab.generate.stops import StopStrings
 
 
 def generate_with_peft(model, tokenizer, encoded: list[list[int]], cfg: GenerateConfig, stop_ids, pad_id: int,
-                       seed: int, stats, progress: bool) -> list:
-    from tunelab.generate.engine import Completion
-
+                       seed: int, stats: GenerationStats, progress: bool) -> list[Completion]:
     n = cfg.num_return_sequences
     stops = StopStrings(tokenizer, cfg.stop_strings, cfg.skip_special_tokens)
     completions: list = [None] * (len(encoded) * n)

@@ -9,35 +9,26 @@ import inspect
 
 import torch
 
+from tunelab.core.unwrap import unwrap_model, unwrap_peft
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def forward_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The module to call: DDP / torch.compile wrappers removed (a PEFT wrapper stays: it applies adapters)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
 def hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under DDP / compile / PEFT wrappers (its config and forward signature)."""
-    model = forward_module(model)
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    """The transformers model under process (DDP) and PEFT wrappers: its config and forward signature."""
+    return unwrap_peft(unwrap_model(model))
 
 
 def is_prompt_learning(model: torch.nn.Module) -> bool:
     """PEFT prompt tuning / prefix tuning / P-tuning: virtual tokens that only PEFT's own generate inserts."""
-    cfg = getattr(forward_module(model), "active_peft_config", None)
+    cfg = getattr(unwrap_model(model), "active_peft_config", None)
     return bool(getattr(cfg, "is_prompt_learning", False))
 
 
 @contextlib.contextmanager
 def generation_mode(model: torch.nn.Module, dtype: torch.dtype):
-    """Eval mode, and every floating parameter in `dtype`, for the duration; both restored on exit.
+    """Eval mode, compiled regions eager, and every floating parameter in `dtype`, for the duration; all
+    restored on exit.
 
     Weights already in `dtype` are untouched (no copy): with `train.frozen_cast: all` that is all the frozen
     base, so only the trainable ones (an adapter's, or all of them in full fine-tuning) are copied. The
@@ -46,9 +37,13 @@ def generation_mode(model: torch.nn.Module, dtype: torch.dtype):
     such a parameter has another dtype, and the caller runs under autocast for them.
     """
     modes = [(m, m.training) for m in model.modules()]
+    # train.compile's regions (nn.Module.compile) run eagerly: every new cache length would recompile them
+    compiled = {m: impl for m in model.modules() if (impl := getattr(m, "_compiled_call_impl", None)) is not None}
     saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
     mixed = False
     try:
+        for m in compiled:
+            m._compiled_call_impl = None
         model.eval()
         with torch.no_grad():
             for p in model.parameters():
@@ -65,6 +60,8 @@ def generation_mode(model: torch.nn.Module, dtype: torch.dtype):
             p.data = original
         for m, training in modes:
             m.training = training
+        for m, impl in compiled.items():
+            m._compiled_call_impl = impl
 
 
 class ModelStep:
@@ -79,7 +76,7 @@ class ModelStep:
     """
 
     def __init__(self, model: torch.nn.Module, autocast_dtype: torch.dtype | None = None):
-        self.module = forward_module(model)
+        self.module = unwrap_model(model)  # a PEFT wrapper stays: its forward applies the adapters
         params = inspect.signature(hf_model(model).forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.keep_kw = "logits_to_keep" if "logits_to_keep" in params else None

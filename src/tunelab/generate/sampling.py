@@ -89,6 +89,8 @@ def next_tokens(logits: torch.Tensor, cfg: GenerateConfig, uniforms: torch.Tenso
     and transformers), else one draw per row from `uniforms` [B] in the temperature/top-k/top-p distribution."""
     if not cfg.do_sample:
         return torch.argmax(logits, dim=-1)
+    if uniforms is None:
+        raise ValueError("sampling needs one uniform number per row")
     z = _scaled(logits, cfg)
     probs, ids, short = candidates(z, cfg)
     tokens = _draw(probs, ids, uniforms)
