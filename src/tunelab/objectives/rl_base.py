@@ -35,10 +35,13 @@ def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], tem
     None). Logits are computed for the completion positions only (`logits_to_keep`), in fp32 for the softmax;
     positions count real tokens, so left padding changes nothing. Entropy is a metric: computed without grad."""
     ids, att, comp = batch["input_ids"], batch["attention_mask"], batch["completion_ids"]
-    c = comp.size(1)
+    c, width = comp.size(1), ids.size(1)
     positions = (att.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=att, position_ids=positions, use_cache=False, logits_to_keep=c + 1)
-    logits = out.logits[:, -(c + 1):-1, :].float()  # [B, C, V]: position t predicts completion token t
+    # an index tensor, not an int: the kept hidden states are then a contiguous copy (a strided view makes the
+    # bf16 lm_head on CPU expand its weight per row, tunelab.generate's note)
+    keep = torch.arange(width - c - 1, width, device=ids.device)
+    out = model(input_ids=ids, attention_mask=att, position_ids=positions, use_cache=False, logits_to_keep=keep)
+    logits = out.logits[:, :-1, :].float()  # [B, C, V]: position t predicts completion token t
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)

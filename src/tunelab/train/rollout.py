@@ -2,8 +2,9 @@
 
 Per generation (every `rollout.num_iterations` optimizer steps), inside the loop's `generation_mode`:
   1. this process's share of `prompts_per_step` prompts (StepSampler order: a pure function of (seed, epoch));
-  2. `num_generations` completions of each, sampled with the policy by the generation engine (KV cache, eval mode,
-     no compiled regions); the sampling seed is a pure function of (train.seed, generation index, process);
+  2. `num_generations` completions of each, sampled with the policy by `sampler` (tunelab.assemble.rollout wires
+     the generation engine: KV cache, eval mode, no compiled regions); the sampling seed is a pure function of
+     (train.seed, prompt window, process);
   3. rewards: `score(items, completions)` (the runner's RewardSet: each reward function's scores, weighted sum,
      verifier accuracy, counted failures);
   4. `prepare(model, batch, gather)`: the objective's advantages, old and reference log-probs (once per generation,
@@ -23,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,21 +108,6 @@ Scorer = Callable[[list[PromptItem], list[Completion]], RewardScores]
 Preparer = Callable[[torch.nn.Module, Batch, Gather], Batch]
 
 
-def engine_sampler(tokenizer, *, precision: str) -> Sampler:
-    """Sampling through tunelab's generation engine (tunelab.generate): KV cache, per-sequence seeded RNG."""
-    from tunelab.generate import GenerateConfig, generate
-
-    def sample(model, prompt_ids, rollout: RolloutConfig, seed: int) -> list[Completion]:
-        cfg = GenerateConfig(max_new_tokens=rollout.max_completion_length, do_sample=True,
-                             temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-                             num_return_sequences=rollout.num_generations, stop_strings=tuple(rollout.stop_strings),
-                             batch_size=rollout.generation_batch_size, seed=seed, precision=precision)
-        out = generate(model, tokenizer, prompt_ids, cfg)
-        return [Completion(c.prompt_index, list(c.token_ids), c.text, c.finish_reason) for c in out.completions]
-
-    return sample
-
-
 def _pad(rows: list[list[int]], value: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(1, max(len(r) for r in rows))
     ids = torch.full((len(rows), width), value, dtype=torch.long)
@@ -161,9 +146,9 @@ class RolloutSource:
     generates = True
 
     def __init__(self, prompts: list[PromptItem], tokenizer, rollout: RolloutConfig, *, score: Scorer,
-                 prepare: Preparer, backend: Backend, batch_size: int, seed: int, steps: int | None = None,
-                 epochs: float = 1.0, sampler: Sampler | None = None, precision: str = "bf16",
-                 log_path: Path | None = None, autocast: Callable[[], Any] | None = None):
+                 prepare: Preparer, sampler: Sampler, backend: Backend, batch_size: int, seed: int,
+                 steps: int | None = None, epochs: float = 1.0, log_path: Path | None = None,
+                 autocast: Callable[[], Any] | None = None):
         world = backend.num_processes
         if rollout.prompts_per_step % world:
             raise ValueError(f"rollout.prompts_per_step ({rollout.prompts_per_step}) must be a multiple of the "
@@ -171,7 +156,7 @@ class RolloutSource:
         self.prompts, self.tokenizer, self.rollout = prompts, tokenizer, rollout
         self.score, self.prepare, self.backend = score, prepare, backend
         self.batch_size, self.seed, self.log_path = batch_size, seed, log_path
-        self.sampler = sampler or engine_sampler(tokenizer, precision=precision)
+        self.sampler = sampler
         self.autocast = autocast
         self.gather = ProcessGather(backend)
         self.prompt_order = StepSampler(len(prompts), rollout.prompts_per_step // world, 1, world,
@@ -192,12 +177,10 @@ class RolloutSource:
     def micro_batches(self, step: int, model: torch.nn.Module) -> list[Batch]:
         gen = step // self.rollout.num_iterations
         if self.buffer is None or self.buffer_generation != gen:
-            t0 = time.perf_counter()
             self.buffer = self._generate(model, gen, step)
             self.buffer_generation = gen
-            self._metrics["rollout_time_s"] = time.perf_counter() - t0
         else:
-            self._metrics = {"rollout_time_s": 0.0}
+            self._metrics = {}
         self.position = step + 1
         return list(self.buffer)
 
