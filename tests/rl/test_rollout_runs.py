@@ -4,6 +4,7 @@ generation, the LoRA reference is the adapter-disabled base, bad input refused o
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,23 @@ def test_prompts_without_answers_are_refused_before_any_run_dir(tiny_model_dir, 
     with pytest.raises(DataError, match=r"prompts.jsonl:2: no reference answer.*rewards.0 \('math'\)"):
         open_workspace(recipe)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("objective,extra", [
+    ({"name": "gspo"}, {}), ({"name": "rloo", "beta": 0.05, "normalize_advantages": True}, {}),
+    ({"name": "reinforce_pp", "beta": 0.01, "baseline": "group"}, {}),
+    ({"name": "online_dpo", "beta": 0.1}, {}),
+    ({"name": "grpo", "loss_type": "dr_grpo", "scale_rewards": "batch"},
+     {"num_iterations": 2, "dynamic_sampling": True, "max_resample": 1})])
+def test_every_rl_objective_trains_the_policy(tiny_model_dir, tmp_path, objective, extra):
+    recipe = rl_recipe(tiny_model_dir, tmp_path, objective=objective, rollout=extra, train={"max_steps": 2},
+                       eval={"before": False, "after": False})
+    ws = open_workspace(recipe)
+    model = prepare_workspace(ws)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    _, result, _ = train_workspace(ws)
+    assert result.steps == 2 and all(math.isfinite(x) for x in result.losses)
+    moved = any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    if objective["name"] == "grpo" and extra.get("dynamic_sampling"):
+        assert "dynamic_sampling/rounds" in metrics(ws.run_dir)[0]
+    assert moved or objective["name"] == "online_dpo"  # online DPO moves only when some group has a pair

@@ -67,6 +67,15 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{name:<14} {cls.paper or '-':<36} {doc}")
 
     @app.command()
+    def rewards():
+        """List the registered rewards of on-line RL (verifiers, format, length, functions, judges, reward models)."""
+        from tunelab.rewards.base import list_rewards
+
+        for name, cls in list_rewards().items():
+            kind = "verifier" if cls.verifier else ""
+            typer.echo(f"{name:<14} {kind:<9} {cls.description or (cls.__doc__ or '').strip().splitlines()[0]}")
+
+    @app.command()
     def tasks():
         """List the built-in tasks (generators with answer checkers)."""
         from tunelab.data.builtin import list_tasks
