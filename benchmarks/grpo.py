@@ -44,7 +44,8 @@ def run_tunelab(s: dict) -> dict:
 
     out = tempfile.mkdtemp(prefix="bench-grpo-")
     recipe = validate_recipe(load_recipe(os.path.join(HERE, "..", "recipes", "grpo.yaml"), [
-        f"output_dir={out}", "name=tunelab", f"train.max_steps={s['steps']}", f"rollout.prompts_per_step={s['prompts']}",
+        f"output_dir={out}", "name=tunelab", f"train.max_steps={s['steps']}",
+        f"rollout.prompts_per_step={s['prompts']}",
         f"rollout.num_generations={s['generations']}", f"train.batch_size={s['micro']}",
         f"rollout.max_completion_length={s['max_new']}", f"train.lr={s['lr']}", "train.save_every=null",
         "eval.before=false", "eval.after=false", "export.adapter=false", "export.merged=false",

@@ -71,7 +71,8 @@ def test_grpo_loss_and_gradient_equal_trl(loss_type, beta, level, eps, with_old)
     # logged metrics: TRL's names and definitions (token means; sequence means for GSPO's one ratio per sequence)
     m = mask.double()
     for key, ours_sum in (("clip_ratio/low_mean", token_mean_sum(res.low_clipped, m, step_sequences=s, step_tokens=t)),
-                          ("clip_ratio/high_mean", token_mean_sum(res.high_clipped, m, step_sequences=s, step_tokens=t))):
+                          ("clip_ratio/high_mean",
+                           token_mean_sum(res.high_clipped, m, step_sequences=s, step_tokens=t))):
         assert abs(float(ours_sum) / s - metrics[key][0]) < TOL, key
     if beta:
         assert abs(float(token_mean_sum(res.kl, m, step_sequences=s, step_tokens=t)) / s - metrics["kl"][0]) < TOL

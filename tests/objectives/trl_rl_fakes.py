@@ -84,7 +84,8 @@ def trl_grpo_generation(prompt_ids: list[list[int]], completion_ids: list[list[i
         reward_weights=torch.tensor(reward_weights if reward_weights is not None else [1.0] * k),
         scale_rewards=scale_rewards, reward_func_names=[f"r{i}" for i in range(k)],
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-        _logs={"prompt": [], "completion": [], "rewards": defaultdict(list), "advantages": [], "extra": defaultdict(list)},
+        _logs={"prompt": [], "completion": [], "rewards": defaultdict(list), "advantages": [],
+               "extra": defaultdict(list)},
         _pending_extra_logs={}, _pending_metrics={}, log_multimodal=False, processing_class=None,
         normalize_advantages=normalize_advantages, reward_clip_range=None, temperature=1.0,
         state=SimpleNamespace(num_input_tokens_seen=0, global_step=0))

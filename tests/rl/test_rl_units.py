@@ -39,7 +39,8 @@ def test_reinforce_pp_by_hand():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     kl = torch.tensor([[0.1, 0.2, 0.0], [0.3, 0.0, 0.1]])
     a = reinforce_pp(rewards, mask, 1, token_kl=kl, kl_coef=0.5)
-    # token rewards: row 0 = [-0.05, 1 - 0.1]; row 1 = [-0.15, 0, -0.05]; returns to go: [0.85, 0.9], [-0.2, -0.05, -0.05]
+    # token rewards: row 0 = [-0.05, 1 - 0.1]; row 1 = [-0.15, 0, -0.05]
+    # returns to go: [0.85, 0.9], [-0.2, -0.05, -0.05]
     flat = torch.tensor([0.85, 0.9, -0.2, -0.05, -0.05])
     want = (flat - flat.mean()) / (flat.std() + 1e-4)
     got = torch.cat([a.values[0, :2], a.values[1]])

@@ -75,7 +75,8 @@ class GRPO(RLObjective):
         return ObjectiveOutput(loss_sum, torch.tensor(float(mask.size(0))), policy_metrics(res, entropy, mask, s, t))
 
 
-def policy_metrics(res, entropy: torch.Tensor | None, mask: torch.Tensor, s: float, t: float) -> dict[str, torch.Tensor]:
+def policy_metrics(res, entropy: torch.Tensor | None, mask: torch.Tensor, s: float,
+                   t: float) -> dict[str, torch.Tensor]:
     """TRL's names: token means over the step (the loop divides these sums by the step's completions)."""
     out = {
         "clip_ratio/low_mean": token_mean_sum(res.low_clipped, mask, step_sequences=s, step_tokens=t),

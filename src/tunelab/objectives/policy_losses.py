@@ -69,7 +69,8 @@ def clipped_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages
     per_token = -torch.min(unclipped * adv, clipped * adv)
     if kl is not None:
         per_token = per_token + beta * kl
-    return PolicyLoss(per_token, ratio, kl, (ratio < 1 - epsilon_low) & (adv < 0), (ratio > 1 + epsilon_high) & (adv > 0))
+    return PolicyLoss(per_token, ratio, kl, (ratio < 1 - epsilon_low) & (adv < 0),
+                      (ratio > 1 + epsilon_high) & (adv > 0))
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, *, step_sequences: float,

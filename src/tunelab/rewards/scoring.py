@@ -45,7 +45,8 @@ class RewardSet:
 
     @classmethod
     def from_recipe(cls, recipe, **context: Any) -> RewardSet:
-        rewards = [build_reward(spec.name, recipe.reward_options(i), **context) for i, spec in enumerate(recipe.rewards)]
+        rewards = [build_reward(spec.name, recipe.reward_options(i), **context)
+                   for i, spec in enumerate(recipe.rewards)]
         return cls(rewards, [spec.weight for spec in recipe.rewards])
 
     def check(self, items: list[PromptItem]) -> None:

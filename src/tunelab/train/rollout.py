@@ -246,6 +246,7 @@ class RolloutSource:
 
     def _generate(self, model: torch.nn.Module, gen: int, step: int) -> list[Batch]:
         ro = self.rollout
+        self._metrics = {}
         items, batch = self._sample_window(model, gen, self.prompt_cursor)
         self.prompt_cursor += 1
         if ro.dynamic_sampling:
