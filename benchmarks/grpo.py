@@ -32,7 +32,8 @@ ISO = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def settings(args) -> dict:
-    return {"steps": args.steps, "prompts": 4, "generations": 8, "micro": 16, "max_new": 12, "lr": 2e-3, "seed": 0}
+    return {"steps": args.steps, "prompts": 4, "generations": 8, "micro": 16, "max_new": 12, "lr": 2e-3, "seed": 0,
+            "model": args.model}
 
 
 def run_tunelab(s: dict) -> dict:
@@ -49,7 +50,7 @@ def run_tunelab(s: dict) -> dict:
         f"rollout.num_generations={s['generations']}", f"train.batch_size={s['micro']}",
         f"rollout.max_completion_length={s['max_new']}", f"train.lr={s['lr']}", "train.save_every=null",
         "eval.before=false", "eval.after=false", "export.adapter=false", "export.merged=false",
-        "rollout.log_completions_every=0", f"train.seed={s['seed']}"]))
+        "rollout.log_completions_every=0", f"train.seed={s['seed']}", f"model.name_or_path={s['model']}"]))
     summary = run_recipe(recipe)
     rows = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     return {"rollout_s": [r["rollout_time_s"] for r in rows], "update_s": [r["update_time_s"] for r in rows],
@@ -67,7 +68,7 @@ def run_trl(s: dict) -> dict:
     from tunelab.model import load_model, load_tokenizer
     from tunelab.recipe import ModelConfig
 
-    cfg = ModelConfig(name_or_path=MODEL)
+    cfg = ModelConfig(name_or_path=s["model"])
     model, tok = load_model(cfg), load_tokenizer(cfg)
     task = get_task(TASK)
     items = generate(task, "train", s["prompts"] * s["steps"] * 2, 0)
@@ -133,6 +134,7 @@ def mean_after_first(xs: list[float]) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--model", default=MODEL, help="model of both sides (a built-in alias or an HF directory)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--settings", default=None, help=argparse.SUPPRESS)
@@ -143,7 +145,7 @@ def main() -> None:
     s = settings(args)
     results = {name: run_child(os.path.abspath(__file__), name, ["--settings", json.dumps(s)])
                for name in ("tunelab", "trl")}
-    print(f"GRPO, {MODEL}, {TASK}, LoRA r16, {s['prompts']} prompts x {s['generations']} completions, "
+    print(f"GRPO, {s['model']}, {TASK}, LoRA r16, {s['prompts']} prompts x {s['generations']} completions, "
           f"{s['max_new']} new tokens, {s['steps']} steps, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'all')}")
     print(f"{'':10} {'rollout s/step':>15} {'update s/step':>14} {'step s':>8} {'steps/s':>8} {'peak MB':>9}")
     rows = {}

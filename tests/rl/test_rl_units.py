@@ -135,3 +135,41 @@ def test_prompt_records_gsm8k_messages_and_missing_prompts():
     assert chat.messages == ({"role": "user", "content": "hi"},) and chat.answer == "hello"
     with pytest.raises(DataError, match="f:3: no prompt"):
         record_to_prompt(Record({"text": "x"}, "f:3"), None, None)
+
+
+def test_judge_scales_the_rubric_score_and_refuses_replies_without_one(monkeypatch):
+    import tunelab.generate as gen
+
+    replies = iter([["7", "Score: 10", "12"], ["no idea"]])
+
+    class Out:
+        def __init__(self, texts):
+            self.texts = texts
+
+    seen = []
+
+    def fake_generate(model, tok, prompts, cfg):
+        seen.append(prompts)
+        return Out(next(replies))
+
+    monkeypatch.setattr(gen, "generate", fake_generate)
+    judge = build_reward("judge", {}, policy=lambda: "the policy", tokenizer="tok")
+    assert judge.score(["q1", "q2", "q3"], ["a", "b", "c"], ["r", None, None]) == [0.7, 1.0, 1.0]
+    assert "q1" in seen[0][0][0]["content"] and "Response: a" in seen[0][0][0]["content"]
+    with pytest.raises(ValueError, match="no score"):
+        judge.score(["q"], ["a"], [None])
+
+
+def test_reward_model_scores_with_a_sequence_classification_model(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = LlamaConfig.from_pretrained(tiny_model_dir, num_labels=1)
+    cfg.pad_token_id = tok.pad_token_id
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    rm = build_reward("reward_model", {"path": str(tmp_path / "rm")})
+    a = rm.score(["hi", "hi"], ["hello there", "no"], [None, None])
+    assert len(a) == 2 and all(math.isfinite(x) for x in a) and a[0] != a[1]
+    assert rm.score(["hi"], ["hello there"], [None]) == pytest.approx([a[0]], abs=1e-4)  # padding changes nothing
