@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.prompts import PromptItem, load_prompts, require_answers
+from tunelab.core.precision import autocast_context, resolve_precision
 from tunelab.generate import GenerateConfig, generate
 from tunelab.objectives.rl_base import RLObjective
 from tunelab.recipe import Recipe, RolloutConfig
 from tunelab.rewards.base import get_reward_class
 from tunelab.rewards.scoring import RewardSet
 from tunelab.train.backends import Backend
-from tunelab.train.loop import autocast_context
 from tunelab.train.rollout import Completion, RolloutSource, Sampler
 
 
@@ -61,16 +61,17 @@ def build_rollout_source(recipe: Recipe, *, prompts: list[PromptItem], tokenizer
     ro = recipe.rollout
     assert ro is not None, "build_rollout_source needs a recipe with a rollout section"
     tc = recipe.train
-    rewards = RewardSet.from_recipe(recipe, tokenizer=tokenizer, precision=tc.precision, device=backend.device,
+    precision = resolve_precision(tc.precision, backend.device)  # the runner resolves it; direct callers may not
+    rewards = RewardSet.from_recipe(recipe, tokenizer=tokenizer, precision=precision, device=backend.device,
                                     policy=policy)
     prepare = functools.partial(_prepare, objective=objective, ref=ref, num_iterations=ro.num_iterations,
                                 group_size=ro.num_generations)
     return RolloutSource(
         prompts, tokenizer, ro, score=rewards, prepare=prepare,
-        sampler=engine_sampler(tokenizer, precision=tc.precision), backend=backend, batch_size=tc.batch_size,
+        sampler=engine_sampler(tokenizer, precision=precision), backend=backend, batch_size=tc.batch_size,
         seed=tc.seed, steps=rollout_steps(recipe, len(prompts)),
         log_path=(run_dir / "rollouts.jsonl") if run_dir is not None else None,
-        autocast=lambda: autocast_context(backend.device, tc.precision))
+        autocast=lambda: autocast_context(backend.device, precision))
 
 
 def _prepare(model, batch, gather, *, objective: RLObjective, ref, num_iterations: int, group_size: int):
