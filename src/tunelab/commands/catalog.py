@@ -1,5 +1,5 @@
 """The catalogue: `tunelab methods` (with a method's options, or a recipe's trainable-parameter count), `tunelab
-objectives`, `tunelab tasks`."""
+objectives`, `tunelab rewards`, `tunelab tasks`."""
 
 from __future__ import annotations
 
