@@ -12,8 +12,8 @@ import functools
 from pathlib import Path
 from typing import Any
 
-from tunelab.data.prompts import PromptItem, load_prompts, require_answers
 from tunelab.core.precision import autocast_context, resolve_precision
+from tunelab.data.prompts import PromptItem, load_prompts, require_answers
 from tunelab.generate import GenerateConfig, generate
 from tunelab.objectives.rl_base import RLObjective
 from tunelab.recipe import Recipe, RolloutConfig
