@@ -111,6 +111,7 @@ COMMANDS = {
     "objectives": ([], []),
     "recipe": (["show", "overrides"], []),
     "report": (["run_dirs"], ["--diagnostics", "--output", "--screenshot", "--title", "-o"]),
+    "rewards": ([], []),
     "run": (["recipe", "overrides"], ["--overwrite", "--resume"]),
     "select": (["data", "overrides"], ["--budget", "--config", "--embedding", "--format", "--list", "--model", "--n",
                                        "--no-progress", "--output", "--progress", "--report-dir", "--scorer",

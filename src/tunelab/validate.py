@@ -20,6 +20,7 @@ from tunelab.evaluate.heldout import is_pairs
 from tunelab.methods.registry import Method, get_method_class
 from tunelab.objectives.base import Objective, get_objective_class
 from tunelab.recipe import DatasetSpec, Recipe, RecipeError, format_validation_error, load_recipe
+from tunelab.rewards.base import get_reward_class
 from tunelab.selection.registry import validate_select_config
 
 
@@ -37,6 +38,7 @@ def validate_recipe(recipe: Recipe) -> Recipe:
             cls.Config.model_validate(options)
         except ValidationError as e:
             raise RecipeError(format_validation_error(e, prefix=section)) from None
+    validate_rollout(recipe)
     if recipe.data.select is not None:
         try:
             validate_select_config(recipe.data.select)
@@ -70,6 +72,40 @@ def check_data_fits(objective: Objective, method: Method, train_data: list[dict]
     raise RecipeError(f"objective {objective.name!r} trains on SFT examples (formats alpaca, messages, "
                       f"prompt_completion, text), but {where} holds preference pairs (format {fmt!r}); use SFT data "
                       "or a preference objective (dpo, simpo, orpo, kto)")
+
+
+def validate_rollout(recipe: Recipe) -> None:
+    """On-line RL: an RL objective iff a rollout section; every reward known, its options valid; a group size the
+    objective can use; online DPO's groups whole in a micro-batch."""
+    objective = get_objective_class(recipe.objective.name)
+    online = objective.batch_kind == "rollout"
+    if online and recipe.rollout is None:
+        raise RecipeError(f"recipe field 'rollout': objective {recipe.objective.name!r} learns from samples of the "
+                          "policy: add a rollout section and rewards (docs/rl.md)")
+    if recipe.rollout is not None and not online:
+        raise RecipeError(f"recipe field 'rollout': objective {recipe.objective.name!r} trains on data, not "
+                          "rollouts; use an RL objective (grpo, gspo, rloo, reinforce_pp, online_dpo) or remove "
+                          "the rollout section")
+    for i, spec in enumerate(recipe.rewards):
+        try:
+            cls = get_reward_class(spec.name)
+        except UnknownName as e:
+            raise RecipeError(f"recipe field 'rewards.{i}.name': {e}") from None
+        try:
+            cls.Config.model_validate(recipe.reward_options(i))
+        except ValidationError as e:
+            raise RecipeError(format_validation_error(e, prefix=f"rewards.{i}")) from None
+    if recipe.rollout is None:
+        return
+    g = recipe.rollout.num_generations
+    opts = objective.Config.model_validate(recipe.objective_options())
+    need = objective(opts).min_group_size
+    if g < need:
+        raise RecipeError(f"recipe field 'rollout.num_generations': {recipe.objective.name} compares completions of "
+                          f"the same prompt and needs at least {need} per prompt, got {g}")
+    if recipe.objective.name == "online_dpo" and recipe.train.batch_size % g:
+        raise RecipeError(f"recipe field 'train.batch_size': online_dpo pairs completions of one prompt inside a "
+                          f"micro-batch: use a multiple of rollout.num_generations ({g})")
 
 
 def load_validated_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:

@@ -1,5 +1,5 @@
 """The catalogue: `tunelab methods` (with a method's options, or a recipe's trainable-parameter count), `tunelab
-objectives`, `tunelab tasks`."""
+objectives`, `tunelab rewards`, `tunelab tasks`."""
 
 from __future__ import annotations
 
@@ -65,6 +65,15 @@ def register(app: typer.Typer) -> None:
         for name, cls in list_objectives().items():
             doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
             typer.echo(f"{name:<14} {cls.paper or '-':<36} {doc}")
+
+    @app.command()
+    def rewards():
+        """List the registered rewards of on-line RL (verifiers, format, length, functions, judges, reward models)."""
+        from tunelab.rewards.base import list_rewards
+
+        for name, cls in list_rewards().items():
+            kind = "verifier" if cls.verifier else ""
+            typer.echo(f"{name:<14} {kind:<9} {cls.description or (cls.__doc__ or '').strip().splitlines()[0]}")
 
     @app.command()
     def tasks():

@@ -195,6 +195,44 @@ class TrackingConfig(_Strict):
     mlflow: bool = Field(False, description="Also log to an MLflow file store at <run>/mlruns (needs `mlflow-skinny`).")
 
 
+class RolloutConfig(_Strict):
+    """On-line RL: sample completions of the training prompts with the current policy between optimizer steps
+    (docs/rl.md). Set together with an RL objective (grpo, gspo, rloo, reinforce_pp, online_dpo) and `rewards`."""
+
+    num_generations: int = Field(
+        4, ge=1, description="Completions sampled per prompt (the group the advantages compare; at least 2).")
+    prompts_per_step: int = Field(
+        4, ge=1, description="Prompts per generation batch, over all processes; the step trains on prompts_per_step "
+        "x num_generations completions, in micro-batches of train.batch_size completions.")
+    max_completion_length: int = Field(64, ge=1, description="Maximum new tokens per completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (the log-probs use the same).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: smallest set of tokens with this mass.")
+    top_k: int = Field(0, ge=0, description="Sample among the k most likely tokens (0: all).")
+    stop_strings: list[str] = Field(
+        default_factory=list, description="Stop a completion after the token that completes one of these strings.")
+    num_iterations: int = Field(
+        1, ge=1, description="Optimizer steps on each generation batch (TRL's num_iterations, mu); > 1 keeps the "
+        "sampling policy's log-probs for the importance ratio.")
+    dynamic_sampling: bool = Field(
+        False, description="DAPO's dynamic sampling: groups whose rewards are all equal (no signal) are replaced by "
+        "groups of further prompts, up to `max_resample` extra generation rounds.")
+    max_resample: int = Field(2, ge=0, description="Extra generation rounds dynamic sampling may spend per step.")
+    generation_batch_size: int = Field(
+        64, ge=1, description="Sequences the generation engine decodes together.")
+    log_completions_every: int = Field(
+        10, ge=0, description="Write the step's prompts, completions and rewards to rollouts.jsonl every N steps "
+        "(0: never).")
+
+
+class RewardSpec(BaseModel):
+    """One reward: `name` picks a registered reward (`tunelab rewards`), `weight` scales it in the sum; its other
+    keys are validated by that reward's Config."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    weight: float = 1.0
+
+
 class Recipe(_Strict):
     """A whole fine-tuning run."""
 
@@ -210,6 +248,27 @@ class Recipe(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    rollout: RolloutConfig | None = Field(
+        None, description="On-line RL: sample with the policy between steps (docs/rl.md). null = train on data.")
+    rewards: list[RewardSpec] = Field(
+        default_factory=list, description="Rewards scoring the rollouts: [{name, weight, options...}] (docs/rl.md).")
+
+    @model_validator(mode="after")
+    def _rollout_shape(self) -> "Recipe":
+        if self.rollout is None:
+            if self.rewards:
+                raise ValueError("`rewards` score rollouts: add a `rollout` section (or remove `rewards`)")
+            return self
+        if not self.rewards:
+            raise ValueError("a `rollout` section needs at least one entry in `rewards`")
+        n = self.rollout.prompts_per_step * self.rollout.num_generations
+        if n % self.train.batch_size:
+            raise ValueError(f"rollout.prompts_per_step x rollout.num_generations = {n} completions per step must be "
+                             f"a multiple of train.batch_size ({self.train.batch_size}), the micro-batch")
+        if self.train.grad_accum != 1:
+            raise ValueError("with a rollout section the micro-batches per step are prompts_per_step x "
+                             "num_generations / train.batch_size: leave train.grad_accum at 1")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -221,6 +280,10 @@ class Recipe(_Strict):
 
     def objective_options(self) -> dict[str, Any]:
         return {k: v for k, v in self.objective.model_dump().items() if k != "name"}
+
+    def reward_options(self, i: int) -> dict[str, Any]:
+        """Options of `rewards[i]` for its reward's Config (name and weight removed)."""
+        return {k: v for k, v in self.rewards[i].model_dump().items() if k not in ("name", "weight")}
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
@@ -315,9 +378,11 @@ def describe_fields(model: type[BaseModel] = Recipe, prefix: str = "") -> list[t
             rows.append((path, "", ((ann.__doc__ or "").strip().splitlines() or [""])[0]))
             rows += describe_fields(ann, path + ".")
             continue
-        if ann is not None and getattr(ann, "__args__", None) and DatasetSpec in ann.__args__:
+        section = next((a for a in getattr(ann, "__args__", None) or () if isinstance(a, type)
+                        and issubclass(a, BaseModel)), None) if ann is not None else None
+        if section is not None and type(None) in ann.__args__:  # an optional section (data.eval, rollout)
             rows.append((path, "see below" if info.default is None else "", info.description or ""))
-            rows += describe_fields(DatasetSpec, path + ".")
+            rows += describe_fields(section, path + ".")
             continue
         if info.default_factory is not None:
             default = info.get_default(call_default_factory=True)

@@ -111,6 +111,7 @@ class Workspace:
     params: dict = field(default_factory=dict)  # trainable / total parameter counts of the prepared model
     engine: dict = field(default_factory=dict)  # what train.engine.configure_engine applied
     backend: Backend | None = None  # the distributed backend (`distributed.backend`); built from the recipe if None
+    prompts: list | None = None  # on-line RL (a `rollout` section): the training prompts; train_data is then None
 
     def __post_init__(self) -> None:
         if self.backend is None:
@@ -154,8 +155,12 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
         validate_recipe(recipe)  # also for recipes built in code: registered names, options, built-in tasks
         tokenizer = load_tokenizer(recipe.model)
         method, objective = build_method_for(recipe), build_objective_for(recipe)
-        train_data = stats = None
-        if need_train and recipe.data.select is None:
+        train_data = stats = prompts = None
+        if need_train and recipe.rollout is not None:  # on-line RL: prompts (checked against the rewards) instead
+            from tunelab.rollouts import load_rollout_prompts
+
+            prompts = load_rollout_prompts(recipe)
+        elif need_train and recipe.data.select is None:
             train_data, stats = encode_spec(tokenizer, recipe.data.train, recipe.data)
             check_data_fits(objective, method, train_data, recipe.data.train)
         eval_data, items = None, []
@@ -180,7 +185,7 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
             atomic_write_text(run_dir / "recipe.yaml", recipe_to_yaml(asked))
         accelerator.print(f"run directory: {run_dir}")
         accelerator.print(f"precision: {recipe.train.precision} ({why})")
-        if need_train and recipe.data.select is not None:  # score + select first; training reads the subset file
+        if need_train and recipe.data.select is not None and prompts is None:  # select first; train on the subset
             from tunelab.selection.run import select_for_recipe
 
             train_spec = select_for_recipe(recipe, run_dir, accelerator)
@@ -188,6 +193,8 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
             check_data_fits(objective, method, train_data, train_spec)
         if stats is not None:
             accelerator.print(f"train data: {stats.summary()}")
+        if prompts is not None:
+            accelerator.print(f"train prompts: {len(prompts)} (rollouts of {recipe.rollout.num_generations} each)")
         backend = make_backend(accelerator)
     except BaseException:
         if created:
@@ -196,7 +203,7 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
             lock.release()
         raise
     ws = Workspace(recipe, run_dir, accelerator, tokenizer, model, method, objective, train_data, eval_data, items,
-                   backend=backend)
+                   backend=backend, prompts=prompts)
     if lock is not None:
         weakref.finalize(ws, lock.release)
     return ws
@@ -280,9 +287,17 @@ def prepare_workspace(ws: Workspace):
 def train_workspace(ws: Workspace, *, resume: bool = False, on_step=None) -> tuple[Any, TrainResult, dict]:
     """Prepare the model (if `prepare_workspace` has not) and train it; returns (trained model, result, counts)."""
     model = prepare_workspace(ws)
-    source = StaticBatchSource.from_recipe(ws.recipe, ws.train_data, batch_kind=ws.objective.batch_kind,
-                                           pad_id=ws.tokenizer.pad_token_id, backend=ws.backend)
+    if ws.prompts is not None:  # on-line RL: the rollout source samples with the policy between steps
+        from tunelab.rollouts import build_rollout_source
+
+        source: Any = build_rollout_source(ws.recipe, prompts=ws.prompts, tokenizer=ws.tokenizer,
+                                           objective=ws.objective, ref=ws.ref, backend=ws.backend,
+                                           run_dir=ws.run_dir if ws.backend.is_main_process else None,
+                                           policy=lambda: model)
+    else:
+        source = StaticBatchSource.from_recipe(ws.recipe, ws.train_data, batch_kind=ws.objective.batch_kind,
+                                               pad_id=ws.tokenizer.pad_token_id, backend=ws.backend)
     result = train(ws.recipe, model, ws.method, ws.objective, source, run_dir=ws.run_dir, backend=ws.backend,
-                   pad_id=ws.tokenizer.pad_token_id, eval_data=ws.eval_data, resume=resume, ref=ws.ref,
-                   on_step=on_step)
+                   pad_id=ws.tokenizer.pad_token_id, eval_data=ws.eval_data if ws.prompts is None else None,
+                   resume=resume, ref=ws.ref, on_step=on_step)
     return model, result, ws.params

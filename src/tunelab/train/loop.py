@@ -130,6 +130,12 @@ def forward_backward(model, objective: TrainObjective, micro: list[dict[str, tor
     return StepResult(loss_sum_local, metric_sums, global_units, global_tokens)
 
 
+def source_metrics(source: BatchSource) -> dict[str, float]:
+    """What a source reports about its last step (`metrics()`, optional: sources without it report nothing)."""
+    get = getattr(source, "metrics", None)
+    return dict(get()) if callable(get) else {}
+
+
 def train(recipe: Recipe, model, method: TrainMethod, objective: TrainObjective, source: BatchSource, *,
           run_dir: Path, backend: Backend, pad_id: int, eval_data: list[dict] | None = None, resume: bool = False,
           ref=None, on_step: Callable[[int, float], None] | None = None, progress: bool = True) -> TrainResult:
@@ -184,6 +190,7 @@ def train(recipe: Recipe, model, method: TrainMethod, objective: TrainObjective,
             t0 = time.perf_counter()
             with generation_mode(unwrapped) if source.generates else contextlib.nullcontext():
                 micro = source.micro_batches(step, unwrapped)
+            t_source = time.perf_counter() - t0
             if not micro:  # a source without a fixed length ran dry: the run ends here
                 accelerator.print(f"the batch source has no more batches after step {step}")
                 if done > start_step and not (tc.save_every and done % tc.save_every == 0):
@@ -226,6 +233,9 @@ def train(recipe: Recipe, model, method: TrainMethod, objective: TrainObjective,
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm
             record.update({k: v / max(global_units, 1.0) for k, v in zip(names, reduced[1:])})
+            if source.generates:  # a generating source's own metrics (rollouts: rewards, lengths, accuracy)
+                record.update(source_metrics(source))
+                record["rollout_time_s"], record["update_time_s"] = t_source, dt - t_source
             if tc.eval_every and eval_data and (step + 1) % tc.eval_every == 0 and backend.is_eval_process:
                 eval_losses[step + 1] = record["eval_loss"] = evaluate_loss(
                     unwrapped, objective, eval_data, batch_size=recipe.eval.batch_size, pad_id=pad_id,
@@ -233,7 +243,8 @@ def train(recipe: Recipe, model, method: TrainMethod, objective: TrainObjective,
             if (step + 1) % tc.log_every == 0 or step + 1 == total_steps:
                 metrics.write(record)
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step + 1)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{global_tokens / dt:.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{global_tokens / dt:.0f}",
+                            **{k: f"{record[k]:.3f}" for k in ("reward", "accuracy") if k in record})
             bar.update(1)
             if on_step is not None:
                 on_step(step + 1, loss)
