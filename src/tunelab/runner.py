@@ -145,7 +145,7 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
     from tunelab.core.rundir import MetricsLog, discard_if_unstarted, lock_of, lock_run_dir
     from tunelab.train.checkpoint import check_resumable, clean_checkpoints
 
-    make_backend = backend_class(recipe.distributed)  # an unavailable backend is refused before any run dir exists
+    make_backend = backend_class(recipe)  # a backend that cannot run is refused before any run dir exists
     asked = recipe  # saved as written: `precision: auto` stays auto, so the run resumes right on another machine
     recipe, why = resolve_run_precision(recipe)
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
@@ -199,7 +199,7 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
             check_data_fits(objective, method, train_data, train_spec)
         if stats is not None:
             accelerator.print(f"train data: {stats.summary()}")
-        backend = make_backend(accelerator)
+        backend = make_backend(accelerator, recipe)
     except BaseException:
         if created:
             discard_if_unstarted(run_dir)  # removes it and drops the lock
@@ -385,7 +385,7 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
     before = after = None
     model = prepare_workspace(ws)  # method applied and reference set up: "before" sees the starting point
     if recipe.eval.before and not resume and evaluates:
-        print("evaluating the base model ...")
+        ws.accelerator.print("evaluating the base model ...")
         before = evaluate(ws, model, "before")
     elif resume and (ws.run_dir / "eval_before.json").is_file():
         import json
@@ -396,16 +396,20 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
     if do_train:
         model, result, _ = train_workspace(ws, resume=resume)  # trains `model` (ws.prepared)
     if do_train and recipe.eval.after and evaluates:
-        print("evaluating the trained model ...")
+        ws.accelerator.print("evaluating the trained model ...")
         after = evaluate(ws, model, "after")
     exports: dict[str, str] = {}
-    if do_export and main:
-        print("exporting ...")
-        if recipe.export.merged:
-            # frozen weights were stored in the compute dtype for training: merge into the original full-precision base
-            restore_frozen_weights(model, load_model(recipe.model).state_dict())
-        exports = export_all(ws.method, model, ws.tokenizer, ws.run_dir / "export",
-                             adapter=recipe.export.adapter, merged=recipe.export.merged)
+    if do_export and (recipe.export.adapter or recipe.export.merged):
+        # the trained model, unsharded, on the main process (sharded backends gather it: every process calls this)
+        full = ws.backend.export_model(model)
+        if main:
+            print("exporting ...")
+            if recipe.export.merged:
+                # frozen weights were stored in the compute dtype for training: merge into the original
+                # full-precision base
+                restore_frozen_weights(full, load_model(recipe.model).state_dict())
+            exports = export_all(ws.method, full, ws.tokenizer, ws.run_dir / "export",
+                                 adapter=recipe.export.adapter, merged=recipe.export.merged)
     summary = {
         "run_dir": str(ws.run_dir), "method": recipe.method.name, "objective": recipe.objective.name,
         "precision": recipe.train.precision, **ws.params,
