@@ -32,7 +32,7 @@ import torch
 from pydantic import Field, field_validator
 
 from tunelab.methods._modules import load_named_tensors, resolve_layers, save_own_adapter
-from tunelab.methods.registry import ExportUnsupported, Method, MethodOptions, register
+from tunelab.methods.registry import Capabilities, ExportUnsupported, Method, MethodOptions, register
 
 NOT_MERGEABLE = ("loreft: the intervention h + R^T(W h + b - R h) edits hidden states at chosen positions; it is "
                  "not a weight edit and cannot be merged. Use the adapter export (tunelab's own format: PEFT cannot "
@@ -96,6 +96,7 @@ def position_mask(seq_len: int, attention_mask: torch.Tensor | None, first_k: in
 
 @register("loreft", paper="https://arxiv.org/abs/2404.03592")
 class LoReFT(Method):
+    capabilities = Capabilities(supports_sharding=True)  # tests/train/test_sharded_methods.py
     trains = "low-rank interventions R, W, b on the layers' hidden states"
     mergeable = False
     adapter_format = "tunelab"

@@ -79,7 +79,7 @@ def layer_fisher(model, batches: list[dict[str, torch.Tensor]], objective=None) 
 @register("surgical", paper="https://arxiv.org/abs/2210.11466")
 class Surgical(Method):
     trains = "the top-k decoder layers by Fisher score (calibration)"
-    capabilities = Capabilities(calibrates_from_examples=True)
+    capabilities = Capabilities(calibrates_from_examples=True, supports_sharding=True)
 
     class Config(MethodOptions):
         top_k: int = Field(2, ge=1, description="Number of decoder layers to train (highest Fisher score).")

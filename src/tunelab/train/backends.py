@@ -207,14 +207,22 @@ BACKENDS: dict[str, str] = {
 }
 
 
-def backend_class(recipe: Recipe) -> type[Backend]:
-    """The Backend class a recipe's `distributed.backend` names, after its `check` of the recipe; a RecipeError
-    naming the field when it cannot run (an extra not installed, options that do not go together)."""
-    name = recipe.distributed.backend
+def _load(name: str) -> type[Backend]:
     if name not in BACKENDS:
         raise RecipeError(f"recipe field 'distributed.backend': unknown backend {name!r}; one of {sorted(BACKENDS)}")
     module, _, attr = BACKENDS[name].partition(":")
-    cls: type[Backend] = getattr(importlib.import_module(module), attr)
+    return getattr(importlib.import_module(module), attr)
+
+
+def is_sharded(name: str) -> bool:
+    """Whether backend `name` splits the model or its optimizer state across processes (methods must support it)."""
+    return _load(name).sharded
+
+
+def backend_class(recipe: Recipe) -> type[Backend]:
+    """The Backend class a recipe's `distributed.backend` names, after its `check` of the recipe; a RecipeError
+    naming the field when it cannot run (an extra not installed, options that do not go together)."""
+    cls = _load(recipe.distributed.backend)
     cls.check(recipe)
     return cls
 
