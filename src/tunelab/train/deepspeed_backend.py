@@ -93,7 +93,8 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
     """
     tc, dc = recipe.train, recipe.distributed.deepspeed
     zero: dict[str, Any] = {"stage": dc.zero_stage}
-    for kind, device in (("offload_optimizer", dc.offload_optimizer_device), ("offload_param", dc.offload_param_device)):
+    offload = (("offload_optimizer", dc.offload_optimizer_device), ("offload_param", dc.offload_param_device))
+    for kind, device in offload:
         if device != "none":
             zero[kind] = {"device": device, "pin_memory": torch.cuda.is_available()}
     ours: dict[str, Any] = {

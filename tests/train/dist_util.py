@@ -1,0 +1,73 @@
+"""Helpers of the multi-process tests: launch `tunelab` (or a test script) under torchrun, read what a run logged.
+
+Every launch gets a free port of its own, so tests of several engineers on one machine do not collide; every
+process runs one torch thread (two processes on two cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+CRASH_RUN = str(Path(__file__).parent / "crash_run.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+def run(args: list[str], *, ok: bool = True, timeout: int = 600, **extra_env: str) -> subprocess.CompletedProcess:
+    res = subprocess.run(args, capture_output=True, text=True, env=env(**extra_env), timeout=timeout)
+    if ok:
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    return res
+
+
+def torchrun(nproc: int, *args: str, port: int | None = None, nnodes: int = 1, node_rank: int = 0) -> list[str]:
+    """The command line of `torchrun` (python -m torch.distributed.run) for `args` (a script, or -m module)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(port or free_port())]
+    if nnodes > 1:
+        cmd += ["--nnodes", str(nnodes), "--node_rank", str(node_rank), "--master_addr", "127.0.0.1"]
+    return cmd + list(args)
+
+
+def cli(*args: str) -> list[str]:
+    return ["-m", "tunelab.cli", *args]
+
+
+def one_process(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(x)["loss"] for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def max_rel_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b), (a, b)
+    return max(abs(x - y) / abs(x) for x, y in zip(a, b))
+
+
+def export_tensors(run_dir: Path, kind: str) -> dict[str, torch.Tensor]:
+    """The safetensors of `<run>/export/<kind>` (adapter or merged)."""
+    (path,) = sorted((Path(run_dir) / "export" / kind).glob("*.safetensors"))
+    return load_file(str(path))
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
