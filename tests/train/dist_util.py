@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
+from tiny import tiny_recipe_dict
 
 CRASH_RUN = str(Path(__file__).parent / "crash_run.py")
 
@@ -71,3 +73,41 @@ def export_tensors(run_dir: Path, kind: str) -> dict[str, torch.Tensor]:
 def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+# The recipes of the equality tests: the tiny Llama on the date task, 10 steps of a global batch of 4 (2 processes x
+# 1 micro-batch of 2, or 1 process x 2 micro-batches of 2), a sharded-or-not checkpoint every 4 steps.
+STEPS = 10
+LORA = {"method": {"name": "lora", "r": 4, "alpha": 8},
+        "train": {"max_steps": STEPS, "batch_size": 2, "lr": 1e-2, "precision": "bf16", "save_every": 4,
+                  "keep_checkpoints": 3}}
+FULL = {"method": {"name": "full"},
+        "train": {"max_steps": STEPS, "batch_size": 2, "lr": 1e-3, "precision": "fp32", "save_every": 4,
+                  "keep_checkpoints": 3}}
+
+
+class Runs:
+    """`tunelab train` runs made on demand and shared by the tests of a module (each costs a launch)."""
+
+    def __init__(self, root: Path, model_dir: Path):
+        self.root, self.model_dir, self.done = root, model_dir, {}
+
+    def recipe(self, kind: str) -> str:
+        """The recipe file of `kind` ("lora" or "full")."""
+        path = self.root / f"{kind}.yaml"
+        if not path.exists():
+            d = tiny_recipe_dict(self.model_dir, self.root / "runs", **(LORA if kind == "lora" else FULL),
+                                 eval={"before": False, "after": False})
+            path.write_text(yaml.safe_dump(d))
+        return str(path)
+
+    def dir(self, name: str) -> Path:
+        return self.root / "runs" / name
+
+    def get(self, name: str, kind: str, nproc: int, *overrides: str) -> Path:
+        """Run `name`: recipe `kind` on `nproc` processes (1: no torchrun; grad_accum 2 / nproc), once."""
+        if name not in self.done:
+            args = cli("train", self.recipe(kind), f"name={name}", f"train.grad_accum={2 // nproc}", *overrides)
+            run(one_process(*args) if nproc == 1 else torchrun(nproc, *args))
+            self.done[name] = self.dir(name)
+        return self.done[name]

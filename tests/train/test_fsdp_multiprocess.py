@@ -14,10 +14,12 @@ import subprocess
 
 import pytest
 import torch
-import yaml
 from dist_util import (
     CRASH_RUN,
+    STEPS,
+    Runs,
     cli,
+    env,
     export_tensors,
     free_port,
     losses,
@@ -27,44 +29,10 @@ from dist_util import (
     run,
     torchrun,
 )
-from tiny import tiny_recipe_dict
 
 pytestmark = pytest.mark.slow
 
-STEPS = 10
-LORA = {"method": {"name": "lora", "r": 4, "alpha": 8},
-        "train": {"max_steps": STEPS, "batch_size": 2, "lr": 1e-2, "precision": "bf16", "save_every": 4,
-                  "keep_checkpoints": 3}}
-FULL = {"method": {"name": "full"},
-        "train": {"max_steps": STEPS, "batch_size": 2, "lr": 1e-3, "precision": "fp32", "save_every": 4,
-                  "keep_checkpoints": 3}}
 TOL = {"bf16": {"loss": 2e-3, "weights": 2e-3}, "fp32": {"loss": 1e-5, "weights": 1e-4}}
-
-
-class Runs:
-    """Runs made on demand and shared by the tests of this module (each costs a launch)."""
-
-    def __init__(self, root, model_dir):
-        self.root, self.model_dir, self.done = root, model_dir, {}
-
-    def recipe(self, kind: str):
-        path = self.root / f"{kind}.yaml"
-        if not path.exists():
-            d = tiny_recipe_dict(self.model_dir, self.root / "runs", **(LORA if kind == "lora" else FULL),
-                                 eval={"before": False, "after": False})
-            path.write_text(yaml.safe_dump(d))
-        return str(path)
-
-    def dir(self, name):
-        return self.root / "runs" / name
-
-    def get(self, name: str, kind: str, nproc: int, *overrides: str):
-        """`tunelab train` of recipe `kind` as run `name` on `nproc` processes (1: no torchrun), once."""
-        if name not in self.done:
-            args = cli("train", self.recipe(kind), f"name={name}", f"train.grad_accum={2 // nproc}", *overrides)
-            run(one_process(*args) if nproc == 1 else torchrun(nproc, *args))
-            self.done[name] = self.dir(name)
-        return self.done[name]
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +123,6 @@ def test_two_nodes_on_loopback_equal_two_processes_on_one_node(runs, tiny_model_
     reference = runs.get("fsdp-full", "full", 2, "distributed.backend=fsdp")
     port = free_port()
     args = cli("train", runs.recipe("full"), "name=two-nodes", "train.grad_accum=1", "distributed.backend=fsdp")
-    from dist_util import env
-
     nodes = [subprocess.Popen(torchrun(1, *args, port=port, nnodes=2, node_rank=r), env=env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in nodes]

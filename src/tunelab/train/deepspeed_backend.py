@@ -158,6 +158,9 @@ class DeepSpeedBackend(Backend):
 
     def __init__(self, accelerator: Any, recipe: Recipe | None = None):
         super().__init__(accelerator, recipe)
+        if self.recipe.train.precision == "fp16":  # resolved: `auto` gives fp16 on GPUs without bf16
+            raise RecipeError(f"recipe field 'train.precision': fp16 needs loss scaling, which distributed.backend="
+                              f"{self.name} does not wire in yet; use bf16 (GPUs from Ampere on) or fp32, or ddp")
         self.engine: Any = None
         self._boundary = True
         self._skeleton: torch.nn.Module | None = None
