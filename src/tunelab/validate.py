@@ -2,7 +2,8 @@
 
 `tunelab.recipe` validates shapes only (it imports nothing of tunelab but itself); the options of the
 registered method, objective and selection scorer/selector, and the names of built-in tasks, are checked here,
-each error naming the dotted recipe field. Commands load recipes with `load_validated_recipe`. `check_data_fits`
+each error naming the dotted recipe field; so is whether the method runs under a sharded `distributed.backend`
+(its `capabilities.supports_sharding`). Commands load recipes with `load_validated_recipe`. `check_data_fits`
 checks loaded data against the objective (runner.open_workspace calls it before any model work).
 """
 
@@ -17,11 +18,12 @@ from tunelab.data.builtin import get_task
 from tunelab.data.formats import detect_format
 from tunelab.data.pipeline import load_spec_records
 from tunelab.evaluate.heldout import is_pairs
-from tunelab.methods.registry import Method, get_method_class
+from tunelab.methods.registry import Method, get_method_class, list_methods
 from tunelab.objectives.base import Objective, get_objective_class
 from tunelab.recipe import DatasetSpec, Recipe, RecipeError, format_validation_error, load_recipe
 from tunelab.rewards.base import get_reward_class
 from tunelab.selection.registry import validate_select_config
+from tunelab.train.backends import is_sharded
 
 
 def validate_recipe(recipe: Recipe) -> Recipe:
@@ -39,6 +41,7 @@ def validate_recipe(recipe: Recipe) -> Recipe:
         except ValidationError as e:
             raise RecipeError(format_validation_error(e, prefix=section)) from None
     validate_rollout(recipe)
+    validate_sharding(recipe)
     if recipe.data.select is not None:
         try:
             validate_select_config(recipe.data.select)
@@ -106,6 +109,22 @@ def validate_rollout(recipe: Recipe) -> None:
     if recipe.objective.name == "online_dpo" and recipe.train.batch_size % g:
         raise RecipeError(f"recipe field 'train.batch_size': online_dpo pairs completions of one prompt inside a "
                           f"micro-batch: use a multiple of rollout.num_generations ({g})")
+
+
+def validate_sharding(recipe: Recipe) -> None:
+    """A sharded backend (fsdp, deepspeed) runs only the methods that declare `supports_sharding`: the others keep
+    state per whole weight matrix (GaLore's projections, LIFT's and GMT's selections), step on their own (MeZO),
+    re-draw what trains (LISA, COLA), or hold tensors FSDP2 cannot shard (QLoRA's NF4, prompt embeddings)."""
+    backend = recipe.distributed.backend
+    if not is_sharded(backend):
+        return
+    cls = get_method_class(recipe.method.name)
+    method = cls(cls.Config.model_validate(recipe.method_options()))  # capabilities may depend on the options
+    if not method.capabilities.supports_sharding:
+        ok = sorted(n for n, c in list_methods().items() if c.capabilities.supports_sharding)
+        raise RecipeError(f"recipe field 'method.name': {recipe.method.name!r} does not run under "
+                          f"distributed.backend={backend} (it is not declared to support sharding); use "
+                          f"distributed.backend=ddp, or one of: {', '.join(ok)}")
 
 
 def load_validated_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:

@@ -25,12 +25,30 @@ def test_ddp_is_the_default_backend(backend):
 
 
 @pytest.mark.parametrize("name", ["fsdp", "deepspeed"])
-def test_fsdp_and_deepspeed_are_refused_naming_the_field(name, backend, tiny_model_dir, tmp_path):
-    recipe = load_recipe(None, [f"distributed.backend={name}"])  # valid schema: the value is known
-    with pytest.raises(RecipeError, match=rf"'distributed\.backend': '{name}' is not available yet: FSDP2/DeepSpeed"):
+def test_sharded_backends_are_built_from_the_recipe(name, backend):
+    pytest.importorskip("deepspeed") if name == "deepspeed" else None
+    b = build_backend(load_recipe(None, [f"distributed.backend={name}"]), backend.accelerator)
+    assert b.name == name and b.sharded and isinstance(b, Backend)
+    assert b.is_eval_process  # forward passes are collective under sharding: every process evaluates
+
+
+def test_deepspeed_without_its_package_is_refused_naming_the_field(backend, tiny_model_dir, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_deepspeed(name, *args, **kwargs):
+        if name == "deepspeed" or name.startswith("deepspeed."):
+            raise ImportError("No module named 'deepspeed'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_deepspeed)
+    recipe = load_recipe(None, ["distributed.backend=deepspeed"])
+    with pytest.raises(RecipeError, match=r"'distributed\.backend': 'deepspeed' needs the DeepSpeed package: "
+                                          r"pip install 'tunelab\[deepspeed\]'"):
         build_backend(recipe, backend.accelerator)
     # through the runner: refused before a run directory is made
-    r = Recipe.model_validate(tiny_recipe_dict(tiny_model_dir, tmp_path / "runs", distributed={"backend": name}))
+    r = Recipe.model_validate(tiny_recipe_dict(tiny_model_dir, tmp_path / "runs", distributed={"backend": "deepspeed"}))
     with pytest.raises(RecipeError, match=r"distributed\.backend"):
         open_workspace(r)
     assert not (tmp_path / "runs").exists()

@@ -82,6 +82,9 @@ class Stream:
         self.accelerator = make_accelerator(cr.base, self.run_dir)
         self.accelerator.print(f"precision: {base.train.precision} ({why})")
         self.backend = build_backend(cr.base, self.accelerator)
+        if self.backend.sharded:  # every stage trains the same model again: it would be sharded once per stage
+            raise ContinualError(f"tunelab continual trains with distributed.backend=ddp (one process); "
+                                 f"{cr.base.distributed.backend!r} is for `tunelab run` / `train`")
         if self.accelerator.num_processes > 1:
             raise ContinualError("tunelab continual runs in one process for now (multi-process stages are not "
                                  "implemented); launch it without torchrun / accelerate launch")

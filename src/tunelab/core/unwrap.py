@@ -11,9 +11,11 @@ import torch
 
 
 def unwrap_model(model: torch.nn.Module) -> Any:
-    """The model under process wrappers (DDP, accelerate, torch.compile's `_orig_mod` is not one of these):
-    anything with `.module` and no `get_input_embeddings`. A PEFT model is returned as it is."""
-    while not hasattr(model, "get_input_embeddings") and isinstance(getattr(model, "module", None), torch.nn.Module):
+    """The model under process wrappers (DDP, accelerate, DeepSpeed's engine; torch.compile's `_orig_mod` is not
+    one of these): anything with `.module` whose class has no `get_input_embeddings` (DeepSpeed's engine forwards
+    unknown attributes to its module, so the class is asked, not the instance). A PEFT model is returned as it is."""
+    while not hasattr(type(model), "get_input_embeddings") and isinstance(getattr(model, "module", None),
+                                                                          torch.nn.Module):
         model = model.module  # type: ignore[assignment]
     return model
 

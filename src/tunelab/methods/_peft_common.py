@@ -31,7 +31,7 @@ import torch
 from pydantic import Field
 
 from tunelab.methods.lora import LoRAOptions, PeftAdapterMethod
-from tunelab.methods.registry import ExportUnsupported, MethodOptions
+from tunelab.methods.registry import Capabilities, ExportUnsupported, MethodOptions
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")  # what calibration passes to the model
 
@@ -47,6 +47,7 @@ class CalibrationOptions(MethodOptions):
 class PeftMethod(PeftAdapterMethod):
     """A PEFT-backed method, plus calibration data and conversion of base-mutating initialisations."""
 
+    capabilities = Capabilities(is_adapter=True, supports_sharding=True)  # tests/train/test_sharded_methods.py
     mutates_base: ClassVar[bool] = False  # the init subtracts B0 @ A0 from W: export converts to plain LoRA
 
     def __init__(self, config=None):
@@ -118,6 +119,8 @@ def lora_init_config(opts: LoRAOptions, init: Any, **extra):
 class PromptLearningMethod(PeftMethod):
     """Virtual tokens (prompt tuning, prefix tuning, P-tuning): no weight to merge them into."""
 
+    # not sharded: FSDP2 meets the virtual-token embedding (a plain tensor) next to sharded weights
+    capabilities = Capabilities(is_adapter=True)
     prepends_tokens: ClassVar[bool] = True  # False for prefix tuning (keys/values, not input positions)
     mergeable = False
 

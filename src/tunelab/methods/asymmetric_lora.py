@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from tunelab.methods.lora import LoRAOptions, PeftAdapterMethod, lora_peft_config
-from tunelab.methods.registry import register
+from tunelab.methods.registry import Capabilities, register
 
 
 class AsymmetricLoRAOptions(LoRAOptions):
@@ -36,6 +36,7 @@ def lora_layers(model):
 
 @register("asymmetric_lora", paper="https://arxiv.org/abs/2402.16842")
 class AsymmetricLoRA(PeftAdapterMethod):
+    capabilities = Capabilities(is_adapter=True, supports_sharding=True)  # tests/train/test_sharded_methods.py
     trains = "LoRA B only (A frozen at its random init)"
     Config = AsymmetricLoRAOptions
 

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from tunelab.methods._modules import OwnAdapterMixin, sync_bias_config, target_linears
 from tunelab.methods.lora import DEFAULT_TARGETS
-from tunelab.methods.registry import Method, MethodOptions, register
+from tunelab.methods.registry import Capabilities, Method, MethodOptions, register
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class BitFitOptions(MethodOptions):
 
 @register("bitfit", paper="https://arxiv.org/abs/2106.10199")
 class BitFit(OwnAdapterMixin, Method):
+    capabilities = Capabilities(supports_sharding=True)  # tests/train/test_sharded_methods.py
     trains = "biases of the targeted linears (added as zeros where missing)"
     Config = BitFitOptions
 

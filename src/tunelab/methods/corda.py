@@ -34,7 +34,7 @@ class CorDA(PeftMethod):
     trains = "LoRA A, B initialised from the SVD of W x input covariance (calibration)"
 
     Config = CorDAOptions
-    capabilities = Capabilities(is_adapter=True, needs_calibration=True)
+    capabilities = Capabilities(is_adapter=True, needs_calibration=True, supports_sharding=True)
     mutates_base = True
 
     def peft_config(self):

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from tunelab.methods._modules import FoldableWrapper, OwnAdapterMixin, fold_wrappers, target_linears, wrap_targets
 from tunelab.methods.lora import DEFAULT_TARGETS
-from tunelab.methods.registry import Method, MethodOptions, register
+from tunelab.methods.registry import Capabilities, Method, MethodOptions, register
 
 
 class DiaBloLinear(FoldableWrapper):
@@ -66,6 +66,7 @@ class DiaBloOptions(MethodOptions):
 
 @register("diablo", paper="https://arxiv.org/abs/2506.03230")
 class DiaBlo(OwnAdapterMixin, Method):
+    capabilities = Capabilities(supports_sharding=True)  # tests/train/test_sharded_methods.py
     trains = "diagonal blocks added to the targeted weight matrices"
     Config = DiaBloOptions
 

@@ -39,7 +39,7 @@ class EVA(PeftMethod):
     trains = "LoRA A, B with A from the SVD of the layers' input activations (calibration)"
 
     Config = EVAOptions
-    capabilities = Capabilities(is_adapter=True, needs_calibration=True)
+    capabilities = Capabilities(is_adapter=True, needs_calibration=True, supports_sharding=True)
 
     def peft_config(self):
         from peft.tuners.lora.config import EvaConfig

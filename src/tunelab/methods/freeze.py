@@ -15,7 +15,7 @@ import re
 
 from pydantic import Field
 
-from tunelab.methods.registry import Method, MethodOptions, register
+from tunelab.methods.registry import Capabilities, Method, MethodOptions, register
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -31,6 +31,7 @@ def layer_index(param_name: str) -> int | None:
 
 @register("freeze", paper="https://arxiv.org/abs/1911.03090")
 class Freeze(Method):
+    capabilities = Capabilities(supports_sharding=True)  # tests/train/test_sharded_methods.py
     trains = "the chosen decoder layers / modules (default: the last two layers)"
     class Config(MethodOptions):
         layers: list[int] = Field(default_factory=lambda: [-2, -1], description="Decoder layer indices to train.")

@@ -12,7 +12,7 @@ from tunelab.methods.registry import Capabilities, Method, MethodOptions, regist
 @register("full", paper="https://arxiv.org/abs/1801.06146")
 class Full(Method):
     trains = "every parameter"
-    capabilities = Capabilities(supports_sharding=True)  # FSDP2 per decoder layer + root (DESIGN.md)
+    capabilities = Capabilities(supports_sharding=True)  # tests/train/test_sharded_methods.py
 
     class Config(MethodOptions):
         pass

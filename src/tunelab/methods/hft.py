@@ -28,7 +28,7 @@ from pydantic import Field
 
 from tunelab.methods.freeze import layer_index
 from tunelab.methods.lisa import SwitchingSubset, period_generator
-from tunelab.methods.registry import MethodOptions, register
+from tunelab.methods.registry import Capabilities, MethodOptions, register
 
 
 def category(param_name: str) -> tuple:
@@ -45,6 +45,7 @@ def category(param_name: str) -> tuple:
 
 @register("hft", paper="https://arxiv.org/abs/2404.18466")
 class HFT(SwitchingSubset):
+    capabilities = Capabilities(supports_sharding=True)  # tests/train/test_sharded_methods.py
     trains = "a random half of the parameter blocks"
     class Config(MethodOptions):
         switch_every: int | None = Field(None, ge=1, description="Steps between re-draws; null = one draw.")

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 
 from tunelab.methods._modules import FoldableWrapper, OwnAdapterMixin, target_linears, wrap_targets
-from tunelab.methods.registry import ExportUnsupported, Method, MethodOptions, register
+from tunelab.methods.registry import Capabilities, ExportUnsupported, Method, MethodOptions, register
 
 ACTIVATIONS = {"silu": torch.nn.SiLU, "gelu": torch.nn.GELU, "relu": torch.nn.ReLU}
 
@@ -69,6 +69,7 @@ class HoulsbyOptions(MethodOptions):
 
 @register("houlsby", paper="https://arxiv.org/abs/1902.00751")
 class Houlsby(OwnAdapterMixin, Method):
+    capabilities = Capabilities(supports_sharding=True)  # tests/train/test_sharded_methods.py
     trains = "bottleneck adapters after the attention and MLP outputs"
     mergeable = False
     Config = HoulsbyOptions

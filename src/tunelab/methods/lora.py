@@ -73,7 +73,7 @@ class PeftAdapterMethod(Method):
 class LoRA(PeftAdapterMethod):
     trains = "low-rank A, B on the attention and MLP linears"
     Config = LoRAOptions
-    capabilities = Capabilities(is_adapter=True, supports_sharding=True)  # FSDP2 shards PEFT LoRA (DESIGN.md)
+    capabilities = Capabilities(is_adapter=True, supports_sharding=True)  # tests/train/test_sharded_methods.py
 
     def peft_config(self):
         return lora_peft_config(self.config)

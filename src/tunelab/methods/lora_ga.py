@@ -35,7 +35,7 @@ class LoRAGA(PeftMethod):
     trains = "LoRA A, B initialised from the SVD of the full gradient (calibration)"
 
     Config = LoRAGAOptions
-    capabilities = Capabilities(is_adapter=True, needs_calibration=True)
+    capabilities = Capabilities(is_adapter=True, needs_calibration=True, supports_sharding=True)
     mutates_base = True
 
     def peft_config(self):

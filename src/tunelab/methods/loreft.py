@@ -149,7 +149,8 @@ class LoReFT(Method):
     trains = "low-rank interventions R, W, b on the first and last prompt positions of every layer"
     mergeable = False
     adapter_format = "tunelab"
-    capabilities = Capabilities(calibrates_from_examples=True)  # the training rows' prompt boundaries
+    # the training rows' prompt boundaries; sharding: tests/train/test_sharded_methods.py
+    capabilities = Capabilities(calibrates_from_examples=True, supports_sharding=True)
     Config = LoReFTOptions
 
     def __init__(self, config=None):

@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 from torch.nn.utils import parametrize
 
 from tunelab.methods.lora import DEFAULT_TARGETS
-from tunelab.methods.registry import Method, MethodOptions, register
+from tunelab.methods.registry import Capabilities, Method, MethodOptions, register
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ def apply_sparse_delta(model, directory: str | Path):
 
 @register("spiel", paper="https://arxiv.org/abs/2401.16405")
 class SpIEL(Method):
+    capabilities = Capabilities(supports_sharding=True)  # tests/train/test_sharded_methods.py
     trains = "a sparse delta over a fixed budget of indices (pruned and regrown)"
     adapter_format = "sparse_delta"
     class Config(MethodOptions):

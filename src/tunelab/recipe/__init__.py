@@ -153,12 +153,49 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep on disk.")
 
 
+class FSDPConfig(_Strict):
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`) options, used when `distributed.backend` is `fsdp`."""
+
+    reshard_after_forward: bool = Field(
+        True, description="Free each decoder layer's gathered weights after its forward and gather them again in "
+        "backward (ZeRO-3: least memory). false keeps them until backward (ZeRO-2-like: one all-gather less per layer).")
+    cpu_offload: bool = Field(
+        False, description="Keep the sharded parameters, gradients and optimizer state in CPU memory and run the "
+        "optimizer there (FSDP2 CPUOffloadPolicy); only the layer being computed lives on the GPU.")
+    param_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="MixedPrecisionPolicy: dtype the weights are gathered and computed in (null: as stored; "
+        "`train.precision` autocast still applies).")
+    reduce_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="MixedPrecisionPolicy: dtype gradients are reduce-scattered in (null: `param_dtype`'s).")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in backward (applied per layer before "
+        "sharding, parameter names unchanged). Use it instead of `train.gradient_checkpointing`, not with it.")
+
+
+class DeepSpeedConfig(_Strict):
+    """DeepSpeed ZeRO options, used when `distributed.backend` is `deepspeed` (the `tunelab[deepspeed]` extra)."""
+
+    zero_stage: Literal[1, 2, 3] = Field(
+        2, description="ZeRO stage: 1 shards the optimizer state, 2 also the gradients, 3 also the parameters.")
+    offload_optimizer_device: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="Where ZeRO keeps (and steps) the optimizer state: `cpu` is ZeRO-Offload.")
+    offload_param_device: Literal["none", "cpu", "nvme"] = Field(
+        "none", description="Where ZeRO-3 keeps the parameters between uses (`cpu`, `nvme`: ZeRO-Infinity).")
+    config: str | dict[str, Any] | None = Field(
+        None, description="A DeepSpeed JSON config (a file path or an inline mapping) merged over the one tunelab "
+        "writes from the fields above and `train.*`: anything else DeepSpeed takes. Batch sizes, accumulation and "
+        "clipping come from `train.*` (a different value here is an error); so do the optimizer and schedule.")
+
+
 class DistributedConfig(_Strict):
-    """How training is spread over processes (launched by torchrun or accelerate launch)."""
+    """How training is spread over processes (launched by torchrun or accelerate launch; docs/distributed.md)."""
 
     backend: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp", description="`ddp`: every process holds the whole model, gradients are averaged (one process: no "
-        "wrapper). `fsdp` (FSDP2) and `deepspeed` (ZeRO) are not available yet: they come with the scale-out work.")
+        "wrapper). `fsdp`: FSDP2, parameters, gradients and optimizer state sharded per decoder layer, sharded "
+        "checkpoints (DCP) that resume on any number of processes. `deepspeed`: ZeRO stage `deepspeed.zero_stage`.")
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
 
 class EvalConfig(_Strict):

@@ -60,7 +60,7 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
     before = after = None
     model = prepare_workspace(ws)  # method applied and reference set up: "before" sees the starting point
     if recipe.eval.before and not resume and evaluates:
-        print("evaluating the base model ...")
+        ws.accelerator.print("evaluating the base model ...")
         before = evaluate(ws, model, "before")
     elif resume and (ws.run_dir / "eval_before.json").is_file():
         before = json.loads((ws.run_dir / "eval_before.json").read_text())
@@ -69,16 +69,20 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
     if do_train:
         model, result, _ = train_workspace(ws, resume=resume)  # trains `model` (ws.prepared)
     if do_train and recipe.eval.after and evaluates:
-        print("evaluating the trained model ...")
+        ws.accelerator.print("evaluating the trained model ...")
         after = evaluate(ws, model, "after")
     exports: dict[str, str] = {}
-    if do_export and main:
-        print("exporting ...")
-        if recipe.export.merged:
-            # frozen weights were stored in the compute dtype for training: merge into the original full-precision base
-            restore_frozen_weights(model, load_model(recipe.model).state_dict())
-        exports = export_all(ws.method, model, ws.tokenizer, ws.run_dir / "export",
-                             adapter=recipe.export.adapter, merged=recipe.export.merged)
+    if do_export and (recipe.export.adapter or recipe.export.merged):
+        # the trained model, unsharded, on the main process (sharded backends gather it: every process calls this)
+        full = ws.backend.export_model(model)
+        if main:
+            print("exporting ...")
+            if recipe.export.merged:
+                # frozen weights were stored in the compute dtype for training: merge into the original
+                # full-precision base
+                restore_frozen_weights(full, load_model(recipe.model).state_dict())
+            exports = export_all(ws.method, full, ws.tokenizer, ws.run_dir / "export",
+                                 adapter=recipe.export.adapter, merged=recipe.export.merged)
     summary = {
         "run_dir": str(ws.run_dir), "method": recipe.method.name, "objective": recipe.objective.name,
         "precision": recipe.train.precision, **ws.params,

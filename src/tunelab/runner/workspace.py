@@ -135,7 +135,7 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
     from tunelab.core.rundir import MetricsLog, discard_if_unstarted, lock_of, lock_run_dir
     from tunelab.train.checkpoint import check_resumable, clean_checkpoints
 
-    make_backend = backend_class(recipe.distributed)  # an unavailable backend is refused before any run dir exists
+    make_backend = backend_class(recipe)  # a backend that cannot run is refused before any run dir exists
     asked = recipe  # saved as written: `precision: auto` stays auto, so the run resumes right on another machine
     recipe, why = resolve_run_precision(recipe)
     main = PartialState(cpu=not torch.cuda.is_available()).is_main_process
@@ -195,7 +195,7 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
             accelerator.print(f"train data: {stats.summary()}")
         if prompts is not None:
             accelerator.print(f"train prompts: {len(prompts)} (rollouts of {recipe.rollout.num_generations} each)")
-        backend = make_backend(accelerator)
+        backend = make_backend(accelerator, recipe)
     except BaseException:
         if created:
             discard_if_unstarted(run_dir)  # removes it and drops the lock

@@ -11,15 +11,21 @@ The loop and the runner call a `Backend`; nothing else in the house asks which o
 * `save_checkpoint` / `load_checkpoint`: every process calls them (collective: sharded backends save one
   shard per process);
 * `is_eval_process` / `is_generate_process`: which processes run evaluation and which generate rollouts;
-* `gather_full_state(model)`: the full, unsharded weights for export.
+* `gather_full_state(model)`: the full, unsharded weights for export; `export_model(model)`: an unsharded
+  model holding them, on the main process (what `tunelab.export` writes adapters and merged models from).
 
-`DDPBackend` (accelerate's DDP, or no wrapper at all in one process) is the only backend today;
-`distributed.backend: fsdp | deepspeed` is answered with a RecipeError until the scale-out work lands.
+Backends (`distributed.backend`, docs/distributed.md):
+* `ddp` (`DDPBackend`, here): accelerate's DDP, or no wrapper at all in one process;
+* `fsdp` (`train/fsdp.py`): FSDP2 `fully_shard` per decoder layer + root, sharded DCP checkpoints
+  (`train/dcp.py`) that resume on any number of processes;
+* `deepspeed` (`train/deepspeed_backend.py`): ZeRO stage 1-3, the optional extra `tunelab[deepspeed]`.
+They are imported when named, so the DeepSpeed package is needed only by runs that use it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -27,8 +33,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from tunelab.recipe import DistributedConfig, Recipe, RecipeError
+from tunelab.recipe import Recipe, RecipeError
 from tunelab.train import checkpoint as ckpt
+from tunelab.train import dcp
 from tunelab.train.interfaces import TrainMethod
 
 OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
@@ -38,9 +45,15 @@ class Backend(ABC):
     """One distributed backend over an `accelerate.Accelerator` (the launcher and process group)."""
 
     name: ClassVar[str] = ""
+    sharded: ClassVar[bool] = False  # whether parameters are split across processes (methods must support it)
 
-    def __init__(self, accelerator: Any):
+    def __init__(self, accelerator: Any, recipe: Recipe | None = None):
         self.accelerator = accelerator
+        self.recipe = recipe if recipe is not None else Recipe()  # the `distributed` and `train` sections
+
+    @classmethod
+    def check(cls, recipe: Recipe) -> None:
+        """Refuse (RecipeError naming the field) what this backend cannot run, before any work is done."""
 
     # -- the process group (the same for every backend) ----------------------------------------------
     @property
@@ -113,6 +126,11 @@ class Backend(ABC):
         """The full (unsharded) state dict on the main process, for export; None on the others.
         Every process must call it (sharded backends gather collectively)."""
 
+    def export_model(self, model: Any) -> torch.nn.Module | None:
+        """An unsharded model with the trained weights on the main process (None on the others), for
+        `tunelab.export`; every process must call it. Replicated backends give the trained model itself."""
+        return self.accelerator.unwrap_model(model) if self.is_main_process else None
+
 
 class DDPBackend(Backend):
     """Replicated training through accelerate: DDP across processes, the bare model in one process.
@@ -163,6 +181,8 @@ class DDPBackend(Backend):
         return path
 
     def load_checkpoint(self, path, *, model, method, optimizer):
+        if dcp.is_sharded_checkpoint(path):  # written by `fsdp`: DCP loads it into whole tensors as well
+            return dcp.load_sharded(path, model=model, method=method, optimizer=optimizer, rank=self.process_index)
         loaded = ckpt.load_checkpoint(path, self.process_index)
         method.load_trainable_state_dict(model, loaded["trainable"])
         optimizer.load_state_dict(loaded["optimizer"])
@@ -179,17 +199,33 @@ class DDPBackend(Backend):
         return self.accelerator.unwrap_model(model).state_dict()
 
 
-BACKENDS: dict[str, type[Backend]] = {"ddp": DDPBackend}
-UNAVAILABLE = "not available yet: FSDP2/DeepSpeed come with the scale-out work; use `ddp` (the default)"
+# name -> "module:class", imported when a recipe names it (the DeepSpeed package is an optional extra)
+BACKENDS: dict[str, str] = {
+    "ddp": "tunelab.train.backends:DDPBackend",
+    "fsdp": "tunelab.train.fsdp:FSDPBackend",
+    "deepspeed": "tunelab.train.deepspeed_backend:DeepSpeedBackend",
+}
 
 
-def backend_class(config: DistributedConfig) -> type[Backend]:
-    """The Backend class a recipe's `distributed` section names; a RecipeError naming the field otherwise."""
-    cls = BACKENDS.get(config.backend)
-    if cls is None:
-        raise RecipeError(f"recipe field 'distributed.backend': {config.backend!r} is {UNAVAILABLE}")
+def _load(name: str) -> type[Backend]:
+    if name not in BACKENDS:
+        raise RecipeError(f"recipe field 'distributed.backend': unknown backend {name!r}; one of {sorted(BACKENDS)}")
+    module, _, attr = BACKENDS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def is_sharded(name: str) -> bool:
+    """Whether backend `name` splits the model or its optimizer state across processes (methods must support it)."""
+    return _load(name).sharded
+
+
+def backend_class(recipe: Recipe) -> type[Backend]:
+    """The Backend class a recipe's `distributed.backend` names, after its `check` of the recipe; a RecipeError
+    naming the field when it cannot run (an extra not installed, options that do not go together)."""
+    cls = _load(recipe.distributed.backend)
+    cls.check(recipe)
     return cls
 
 
 def build_backend(recipe: Recipe, accelerator: Any) -> Backend:
-    return backend_class(recipe.distributed)(accelerator)
+    return backend_class(recipe)(accelerator, recipe)

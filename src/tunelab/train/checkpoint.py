@@ -13,6 +13,12 @@ by `clean_checkpoints` when the run starts again, under the run directory's lock
 
 Loading checks what it reads: a damaged file raises `CheckpointError` naming it, and `check_resumable` says
 which earlier checkpoint is intact.
+
+Sharded backends write the same directory, `latest` pointer and pruning, with their tensors in a format of their
+own instead of trainable.safetensors + optimizer.pt (state.json's "checkpoint_format" says which):
+  shards/                 "dcp": torch.distributed.checkpoint, one file per process (train/dcp.py, FSDP2)
+  deepspeed/              "deepspeed": DeepSpeed's ZeRO partitions (train/deepspeed_backend.py)
+Every process writes its part into the main process's temporary directory (`save_collective_checkpoint`).
 """
 
 from __future__ import annotations
@@ -21,11 +27,13 @@ import json
 import random
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from tunelab.core.io import (
@@ -38,6 +46,8 @@ from tunelab.core.io import (
 from tunelab.core.rundir import CHECKPOINTS_DIR
 
 STEP_DIR = re.compile(r"step-\d{6,}")  # a checkpoint's final name
+# state.json's "checkpoint_format" of sharded checkpoints -> the file (or directory) that must be in them
+SHARDED_FORMATS = {"dcp": "shards/.metadata", "deepspeed": "deepspeed"}
 
 
 class CheckpointError(ValueError):
@@ -96,10 +106,58 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
         for rank, rng in enumerate(rng_states):
             torch.save(rng, tmp / f"rng-{rank}.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
+    publish_checkpoint(final, keep)
+    return final
+
+
+def publish_checkpoint(final: Path, keep: int) -> None:
+    """Point `latest` at the complete checkpoint `final`, then prune all but the newest `keep` (main process)."""
+    root = final.parent
     atomic_write_text(root / "latest", final.name + "\n")
     for old in _complete(root)[:-keep]:
         atomic_remove(old)
-    return final
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def save_collective_checkpoint(run_dir: Path, step: int, *, write: Callable[[Path], None], state: dict[str, Any],
+                               keep: int) -> Path | None:
+    """Checkpoint `step` written by EVERY process (sharded backends): `write(tmp)` writes this process's part
+    into one temporary directory, which the main process creates (core/io.atomic_dir) and names to the others;
+    each process adds its RNG state; once all are done (a barrier) the main process writes state.json, renames
+    the directory into place and publishes it. A crash before the rename leaves the previous checkpoint as it
+    was. Every process must see the same directory (one machine, or a file system shared by the machines).
+    Returns the checkpoint on the main process, None on the others."""
+    root = checkpoint_dir(run_dir)
+    final = root / f"step-{step:06d}"
+    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    def part(tmp: Path) -> None:
+        write(tmp)
+        torch.save(rng_state(), tmp / f"rng-{_rank()}.pt")
+        _barrier()  # every process's part is on disk
+
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(final) as tmp:
+            if multi:
+                dist.broadcast_object_list([str(tmp)], src=0)
+            part(tmp)
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
+        publish_checkpoint(final, keep)
+    else:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0)
+        part(Path(box[0]))
+    _barrier()  # nobody goes on (or reads `latest`) before the checkpoint is published
+    return final if _rank() == 0 else None
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -152,9 +210,13 @@ def checkpoint_problem(path: Path) -> tuple[Path, str] | None:
         return state, f"unreadable ({e})"
     except json.JSONDecodeError as e:
         return state, f"not valid JSON ({e})"
-    if problem := safetensors_problem(path / "trainable.safetensors"):
+    sharded = SHARDED_FORMATS.get(str(loaded.get("checkpoint_format")))
+    if sharded is not None:  # its own format: the file that says the shards are complete must be there
+        if not (path / sharded).exists():
+            return path / sharded, "missing"
+    elif problem := safetensors_problem(path / "trainable.safetensors"):
         return path / "trainable.safetensors", problem
-    for f in [path / "optimizer.pt", *sorted(path.glob("rng-*.pt"))]:
+    for f in [*([] if sharded else [path / "optimizer.pt"]), *sorted(path.glob("rng-*.pt"))]:
         if problem := _torch_file_problem(f):
             return f, problem
     return None
@@ -181,19 +243,36 @@ def check_resumable(run_dir: Path) -> Path | None:
     return path
 
 
+def _read_sharded_trainable(path: Path, fmt: str) -> dict[str, torch.Tensor]:
+    """The trainable tensors of a sharded checkpoint gathered whole in this one process."""
+    if fmt == "dcp":
+        from tunelab.train.dcp import read_trainable  # the same layer; dcp.py builds on this module
+    else:
+        from tunelab.train.deepspeed_backend import read_trainable
+    return read_trainable(path)
+
+
 def load_checkpoint(path: Path, rank: int = 0) -> dict[str, Any]:
     """Every file of checkpoint `path` (this process's RNG state, rng-<rank>.pt). A file that does not load
-    raises CheckpointError naming it."""
+    raises CheckpointError naming it.
+
+    A sharded checkpoint (see the module docstring) gives its trainable tensors gathered whole and no optimizer
+    state (None): what `tunelab eval` / `export` of a run need. Training resumes from one through the backend's
+    `load_checkpoint`, which re-shards it."""
     path = Path(path)
     if (found := checkpoint_problem(path)) is not None:
         raise _damaged(path, *found)
     rng_file = path / f"rng-{rank}.pt"
+    fmt = json.loads((path / "state.json").read_text(encoding="utf-8")).get("checkpoint_format")
     loaders = {
         "state": (path / "state.json", lambda f: json.loads(f.read_text(encoding="utf-8"))),
         "trainable": (path / "trainable.safetensors", lambda f: load_file(str(f))),
         "optimizer": (path / "optimizer.pt", lambda f: torch.load(f, weights_only=True)),
         "rng": (rng_file, lambda f: torch.load(f, weights_only=True) if f.is_file() else None),
     }
+    if fmt in SHARDED_FORMATS:
+        loaders["trainable"] = (path, lambda f: _read_sharded_trainable(f, fmt))
+        loaders["optimizer"] = (path, lambda f: None)
     out = {}
     for key, (file, load) in loaders.items():
         try:

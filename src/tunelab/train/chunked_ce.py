@@ -403,6 +403,10 @@ def _plain_lm_head(base: nn.Module) -> nn.Linear | None:
         pass
     if head.bias is not None:
         return None
+    if getattr(head.weight, "ds_id", None) is not None:
+        # DeepSpeed ZeRO-3 gathers a weight only inside its own module's forward (it is an empty partition outside
+        # it), and the chunked loss applies it outside: call the module (the naive path) instead
+        return None
     return head
 
 

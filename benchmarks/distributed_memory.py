@@ -1,0 +1,214 @@
+"""Benchmark: per-process peak memory of DDP vs FSDP2 (and DeepSpeed ZeRO-3), full fine-tuning on 2 processes.
+
+Every configuration is a fresh `torchrun --nproc_per_node 2` (peak memory is a per-process high-water mark) that
+goes through tunelab's own pieces, as `tunelab run` does: the model is loaded whole in every process, the
+`full` method prepares it, `train.engine.configure_engine` applies the engine's switches, the configuration's
+Backend (train/backends.py) prepares model and optimizer, then `loop.forward_backward` (chunked cross-entropy
+SFT loss on random tokens) + the backend's clipping + AdamW, for `--steps` optimizer steps. fp32 weights and
+compute (no autocast), batch `--batch` x `--seq` tokens per process.
+
+Models:
+  smollm2     the built-in SmolLM2-135M-Instruct (`ModelConfig()`), 135M parameters, tied embeddings
+  llama-0.3b  a Llama built from a config with random weights: hidden 1024, 22 layers, MLP 2816, vocab 32000,
+              tied embeddings (~0.32B parameters)
+  tiny        a 4-layer random Llama (a quick check of the script itself)
+
+Each process reports its RSS after loading the model, after the backend prepared it (sharded or wrapped), after
+the first optimizer step (AdamW's state exists from then on), and its lifetime peak (`ru_maxrss`); the table
+shows the larger of the two processes and the ratio to DDP's, and the analytic per-process sizes of weights,
+gradients and AdamW moments (4 bytes each: P + P + 2P for DDP; divided by the 2 processes under sharding) so
+the rest can be attributed: the whole model each process loads before sharding (FSDP2 and ZeRO-3 start from a
+full copy), the gathered layer(s), activations, communication buffers, the Python / torch runtime (~0.5 GB).
+
+Run:  python benchmarks/distributed_memory.py [--models smollm2,llama-0.3b] [--backends ddp,fsdp,deepspeed]
+             [--steps 3] [--batch 2] [--seq 256] [--json out.json]
+A configuration whose estimated need exceeds the machine's available memory is skipped and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+
+from _common import HERE, child_env, last_error_line, peak_rss_mb, rss_mb
+
+MODELS = {
+    "tiny": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=4, vocab_size=2048),
+    "llama-0.3b": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=22, num_attention_heads=16,
+                       num_key_value_heads=16, vocab_size=32000),
+}
+BACKENDS = {"ddp": {"backend": "ddp"}, "fsdp": {"backend": "fsdp"},
+            "deepspeed": {"backend": "deepspeed", "deepspeed": {"zero_stage": 3}}}
+LABEL = {"ddp": "DDP", "fsdp": "FSDP2", "deepspeed": "ZeRO-3"}
+NPROC = 2
+
+
+def build_model(name: str):
+    import torch
+
+    if name == "smollm2":
+        from tunelab.model import load_model
+        from tunelab.recipe import ModelConfig
+
+        return load_model(ModelConfig())
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**MODELS[name], max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=1,
+                      eos_token_id=2, pad_token_id=2)
+    return LlamaForCausalLM(cfg)
+
+
+def child(name: str, model_name: str, steps: int, batch: int, seq: int) -> dict:
+    """One process of one configuration; rank 0 returns every rank's figures."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    from tunelab.methods.registry import build_method, count_parameters
+    from tunelab.objectives.base import build_objective
+    from tunelab.recipe import Recipe
+    from tunelab.train.backends import build_backend
+    from tunelab.train.engine import configure_engine
+    from tunelab.train.loop import forward_backward
+    from tunelab.train.optim import build_optimizer
+
+    recipe = Recipe.model_validate({"method": {"name": "full"}, "distributed": BACKENDS[name],
+                                    "train": {"batch_size": batch, "precision": "fp32", "lr": 1e-5,
+                                              "max_grad_norm": 1.0}})
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    backend = build_backend(recipe, acc)
+    marks = {"start": rss_mb()}
+    model = build_model(model_name)
+    marks["loaded"] = rss_mb()
+    method = build_method("full", {})
+    model = method.prepare(model)
+    configure_engine(model, recipe.train, backend.device)
+    params = count_parameters(model)[1]
+    vocab = model.config.vocab_size
+    tc = recipe.train
+    model, optimizer = backend.prepare(
+        model, lambda m: method.build_optimizer(m, tc) or build_optimizer(method.param_groups(m, 0.0), tc))
+    marks["prepared"] = rss_mb()
+    objective = build_objective("sft", {})
+    g = torch.Generator().manual_seed(1 + backend.process_index)
+    clip = [p for grp in optimizer.param_groups for p in grp["params"]]
+    for step in range(steps):
+        ids = torch.randint(3, vocab, (batch, seq), generator=g)
+        micro = [{"input_ids": ids.to(backend.device), "attention_mask": torch.ones_like(ids).to(backend.device),
+                  "labels": ids.to(backend.device)}]
+        forward_backward(model, objective, micro, backend, "fp32")
+        backend.clip_grad_norm(clip, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == 0:
+            marks["after_step_1"] = rss_mb()
+    marks["end"] = rss_mb()
+    mine = {"rank": backend.process_index, "peak_mb": peak_rss_mb(), **{f"{k}_mb": v for k, v in marks.items()}}
+    ranks = gather_object([mine]) if backend.num_processes > 1 else [mine]
+    return {"name": name, "model": model_name, "params": params, "world": backend.num_processes, "ranks": ranks}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def available_mb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+def estimate_mb(params: float, backend: str) -> float:
+    """A rough need of both processes together, to skip what cannot fit: 16 bytes per parameter (weights, gradient,
+    AdamW moments) + a DDP bucket copy, divided by the processes under sharding, + 1.5 GB per process."""
+    per = params * (20 if backend == "ddp" else 4 + 12 / NPROC) / 2**20
+    return NPROC * (per + 1500)
+
+
+PARAMS = {"tiny": 1.1e6, "smollm2": 135e6, "llama-0.3b": 0.32e9}
+
+
+def launch(name: str, model: str, args) -> dict:
+    need = estimate_mb(PARAMS[model], name)
+    if need > available_mb():
+        return {"name": name, "model": model, "error": f"skipped: needs ~{need / 1024:.1f} GB, "
+                                                        f"{available_mb() / 1024:.1f} GB available"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(NPROC), "--master_port",
+           str(free_port()), os.path.join(HERE, "distributed_memory.py"), "--child", name, "--model", model,
+           "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+    env = {**child_env(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    for line in reversed(out.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                break
+    return {"name": name, "model": model, "error": last_error_line(out.stderr) or f"exit code {out.returncode}"}
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| model | backend | params | peak / process | vs DDP | loaded | prepared | after step 1 | "
+            "weights + grads + AdamW / process |", "|---|---|---|---|---|---|---|---|---|"]
+    ddp = {r["model"]: max(x["peak_mb"] for x in r["ranks"]) for r in results if r["name"] == "ddp" and "ranks" in r}
+    for r in results:
+        if "ranks" not in r:
+            rows.append(f"| {r['model']} | {LABEL[r['name']]} | | {r['error']} | | | | | |")
+            continue
+        worst = max(r["ranks"], key=lambda x: x["peak_mb"])
+        p = r["params"]
+        analytic = 16 * p / 2**20 if r["name"] == "ddp" else 16 * p / 2**20 / r["world"]
+        ratio = f"{worst['peak_mb'] / ddp[r['model']]:.2f}x" if r["model"] in ddp else ""
+        rows.append(f"| {r['model']} | {LABEL[r['name']]} | {p / 1e6:.0f}M | {worst['peak_mb']:.0f} MB | {ratio} | "
+                    f"{worst['loaded_mb']:.0f} | {worst['prepared_mb']:.0f} | {worst['after_step_1_mb']:.0f} | "
+                    f"{analytic:.0f} MB |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--child")
+    ap.add_argument("--model", default="llama-0.3b")
+    ap.add_argument("--models", default="smollm2,llama-0.3b")
+    ap.add_argument("--backends", default="ddp,fsdp,deepspeed")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if args.child:
+        result = child(args.child, args.model, args.steps, args.batch, args.seq)
+        if result["ranks"][0]["rank"] == 0 and int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(result), flush=True)
+        return
+    results = []
+    for model in args.models.split(","):
+        for name in args.backends.split(","):
+            r = launch(name, model, args)
+            results.append(r)
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    print(table(results))
+    for model in args.models.split(","):
+        ddp = next((r for r in results if r["model"] == model and r["name"] == "ddp" and "ranks" in r), None)
+        for r in results:
+            if r["model"] == model and r["name"] != "ddp" and "ranks" in r and ddp:
+                a = max(x["peak_mb"] for x in r["ranks"]) / max(x["peak_mb"] for x in ddp["ranks"])
+                print(f"{model}: {LABEL[r['name']]} / DDP per-process peak = {a:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
