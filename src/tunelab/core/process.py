@@ -10,8 +10,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+
+def tunelab_command(*args: str) -> list[str]:
+    """`python -m tunelab.cli ARGS...` with this interpreter: how runs and trials are started."""
+    return [sys.executable, "-m", "tunelab.cli", *args]
 
 
 def start_process(argv: list[str], log_path: str | Path, *, cwd: str | Path | None = None,

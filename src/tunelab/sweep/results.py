@@ -32,10 +32,11 @@ def _trial_record(t, specs: list[str]) -> dict[str, Any]:
             **({"pruned_at_step": t.user_attrs["pruned_at_step"]} if "pruned_at_step" in t.user_attrs else {})}
 
 
+SKIPPED = "skipped"  # user attr of a trial asked for after another worker reached the budget: not counted
+
+
 def study_summary(study, sr: SweepRecipe, storage: str, sweep_dir: Path) -> dict[str, Any]:
     from optuna.trial import TrialState
-
-    from tunelab.sweep.study import SKIPPED
 
     specs = [o.spec for o in sr.parsed_objectives()]
     trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(SKIPPED)]
@@ -59,10 +60,9 @@ def study_summary(study, sr: SweepRecipe, storage: str, sweep_dir: Path) -> dict
             "wall_time_s": (max(ends) - min(starts)).total_seconds() if starts and ends else None}
 
 
-def write_results(study, sr: SweepRecipe, sweep_dir: Path) -> dict[str, Any]:
-    from tunelab.sweep.study import shown_url, storage_url
-
-    summary = study_summary(study, sr, shown_url(storage_url(sr, sweep_dir)), sweep_dir)
+def write_results(study, sr: SweepRecipe, sweep_dir: Path, storage: str) -> dict[str, Any]:
+    """summary.json and report.html; `storage` is the study's URL as it may be shown (no password)."""
+    summary = study_summary(study, sr, storage, sweep_dir)
     atomic_write_json(sweep_dir / "summary.json", summary)
     write_sweep_report(summary, sweep_dir)
     return summary

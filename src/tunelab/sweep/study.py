@@ -20,26 +20,25 @@ the pruner condemns is stopped by signal.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
-import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from tunelab.core.process import pid_alive, start_process, stop_process
+from tunelab.core.process import pid_alive, start_process, stop_process, tunelab_command
 from tunelab.recipe import RecipeError, recipe_to_yaml
 from tunelab.sweep.objectives import SweepObjective, available_metrics, metric_value
+from tunelab.sweep.results import SKIPPED, write_results
 from tunelab.sweep.spec import SweepRecipe, read_yaml_mapping, sweep_to_yaml
+from tunelab.track.follow import JsonlFollower
 from tunelab.train.checkpoint import atomic_write_text
 
 log = logging.getLogger("tunelab")
 
-TRIAL_COMMAND = [sys.executable, "-m", "tunelab.cli", "run"]  # + the trial's recipe: an ordinary run
-SKIPPED = "skipped"  # user attr of a trial asked for after the budget was reached by another worker
+TRIAL_COMMAND = tunelab_command("run")  # + the trial's recipe: an ordinary run
 
 
 def sweep_dir_of(sr: SweepRecipe) -> Path:
@@ -184,8 +183,6 @@ def run_sweep(sr: SweepRecipe, *, resume: bool = False, echo: Callable[[str], No
     `launcher`: the command a trial's recipe path is appended to (default `python -m tunelab.cli run`)."""
     from optuna.trial import TrialState
 
-    from tunelab.sweep.results import write_results
-
     sweep_dir = prepare_sweep_dir(sr, resume=resume)
     study = open_study(sr, sweep_dir, resume=resume)
     if (n := recover_orphans(study)):
@@ -205,7 +202,7 @@ def run_sweep(sr: SweepRecipe, *, resume: bool = False, echo: Callable[[str], No
         shown = ", ".join(f"{o.spec} = {v:.4g}" for o, v in zip(objectives, values or []))
         echo(f"trial {trial.number}: {state.name.lower()}{': ' + shown if shown else ''}"
              + (f" ({trial.user_attrs.get('error')})" if state == TrialState.FAIL else ""))
-    return write_results(study, sr, sweep_dir)
+    return write_results(study, sr, sweep_dir, shown_url(storage_url(sr, sweep_dir)))
 
 
 def _error_tail(log_path: Path, n: int = 3) -> str:
@@ -237,7 +234,7 @@ def run_trial(sr: SweepRecipe, sweep_dir: Path, trial, space, objectives: list[S
     key = "eval_loss" if recipe.train.eval_every and recipe.data.eval is not None else "loss"
     t0 = time.monotonic()
     proc = start_process([*launcher, str(recipe_path)], log_path)
-    follower = MetricsFollower(run_dir / "metrics.jsonl")
+    follower = JsonlFollower(run_dir / "metrics.jsonl")
     try:
         while proc.poll() is None:
             time.sleep(poll_s)
@@ -265,29 +262,3 @@ def run_trial(sr: SweepRecipe, sweep_dir: Path, trial, space, objectives: list[S
                                      f"{', '.join(available_metrics(run_dir)) or 'nothing'})")
         return TrialState.FAIL, None
     return TrialState.COMPLETE, got
-
-
-class MetricsFollower:
-    """The complete lines appended to a metrics.jsonl since the last call (a torn last line waits)."""
-
-    def __init__(self, path: Path):
-        self.path, self.offset = path, 0
-
-    def new_records(self) -> list[dict[str, Any]]:
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return []
-        end = chunk.rfind(b"\n") + 1
-        self.offset += end
-        out = []
-        for line in chunk[:end].splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                out.append(rec)
-        return out
