@@ -143,8 +143,10 @@ def test_validation_errors_name_their_field(client):
     assert [e["field"] for e in r["errors"]] == ["method.r"]  # checked by LoRA's own Config
     r = client.post("/api/validate", json={"yaml": "train: [unclosed"}, headers=POST).json()
     assert not r["ok"] and "not valid YAML" in r["errors"][0]["message"]
-    r = client.post("/api/validate", json={"overrides": ["train.max_steps=5", "method.name=ia3"]}, headers=POST).json()
+    r = client.post("/api/validate", json={"overrides": ["train.max_steps=5", "method.name=ia3", "data.train.n=64"]},
+                    headers=POST).json()
     assert r["ok"] and "max_steps: 5" in r["yaml"] and r["values"]["method"]["name"] == "ia3"
+    assert r["values"]["data"]["train"] == {**r["values"]["data"]["train"], "builtin": "date_format", "n": 64}
 
 
 def test_schema_from_the_recipe_and_the_registries(client):

@@ -122,15 +122,22 @@ def check_name(name: str) -> None:
 
 
 def validate_overrides(overrides: list[str]) -> tuple[Recipe | None, list[dict[str, Any]]]:
-    """The form's values (`a.b=value` as the CLI takes them) on the default recipe, validated."""
+    """The form's values (`a.b=value` as the CLI takes them) on the default recipe, validated. The defaults are
+    written out resolved first, so that `data.train.n=64` changes the default training set's size instead of
+    replacing the whole (default-built) `data.train` section with `{n: 64}`."""
+    import tempfile
+
     from tunelab.validate import load_validated_recipe
 
-    try:
-        recipe = load_validated_recipe(None, overrides)
-        check_name(recipe.name)
-        return recipe, []
-    except (RecipeError, KeyError) as e:
-        return None, field_errors(e)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="tunelab-board-") as f:
+        f.write(recipe_to_yaml(Recipe()))
+        f.flush()
+        try:
+            recipe = load_validated_recipe(f.name, overrides)
+            check_name(recipe.name)
+            return recipe, []
+        except (RecipeError, KeyError) as e:
+            return None, field_errors(e)
 
 
 def validate_yaml_file(path: Path) -> tuple[Recipe | None, list[dict[str, Any]]]:

@@ -200,7 +200,7 @@ function pageLaunch() {
       const name = pick.value, given = (base[kind] || {}).name === name ? base[kind] : {};
       const info = table[name];
       opts.replaceChildren(h("p", {class: "muted"}, info.doc + " ", info.paper ? h("a", {href: info.paper,
-        target: "_blank", text: info.paper}) : ""), info.options.map(o => row(`${kind}.${o.path}`, o,
+        target: "_blank", text: info.paper}) : ""), ...info.options.map(o => row(`${kind}.${o.path}`, o,
         o.path in given ? given[o.path] : o.value, `${o.type} = ${o.default}. ${o.description}`)));
     };
     pick.addEventListener("change", fill); fill();
