@@ -164,7 +164,7 @@ def test_board_in_a_browser(server, tiny_model_dir):
 
         # 5. sweeps (the front of a finished sweep) and the method catalogue
         page.goto(url + "/#/sweeps")
-        expect(page.locator('[data-sweep="sweep-demo"] table.front')).to_contain_text("#")
+        expect(page.locator('[data-sweep="sweep-demo"] table.front')).to_contain_text("sweep-demo/trials/trial-")
         expect(page.locator('[data-sweep="sweep-demo"]')).to_contain_text("5 trials")
         shot(page, "sweeps")
         page.goto(url + "/#/methods")

@@ -198,6 +198,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # two worker processes, each importing torch: ~15-40 s
 def test_two_workers_on_one_storage_never_run_the_same_trial(tmp_path):
     s = sweep(tmp_path, {"train.lr": {"low": 0.01, "high": 0.1}}, trials=8,
               storage=f"sqlite:///{tmp_path / 'shared.db'}")
@@ -223,3 +224,18 @@ def test_two_workers_on_one_storage_never_run_the_same_trial(tmp_path):
         by_worker.setdefault(t.user_attrs["worker"]["pid"], []).append(t.number)
     assert set(by_worker) <= {w.pid for w in workers}
     print(f"trials per worker: {sorted(map(sorted, by_worker.values()))}")
+
+
+def test_journal_storage_and_a_study_name(tmp_path):
+    journal = tmp_path / "shared" / "journal.log"
+    s = sweep(tmp_path, {"train.lr": {"choices": [0.01, 0.02]}}, trials=2, storage=f"journal:{journal}",
+              study_name="my-study")
+    summary = run_sweep(parse_sweep(s), launcher=FAKE, poll_s=0.05, echo=lambda s: None)
+    assert summary["trials"]["complete"] == 2 and summary["study_name"] == "my-study"
+    assert journal.is_file() and not (tmp_path / "sweeps" / "sw" / "study.db").exists()
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="my-study", storage=optuna.storages.JournalStorage(
+        JournalFileBackend(str(journal))))
+    assert len(study.trials) == 2

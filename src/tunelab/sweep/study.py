@@ -116,7 +116,7 @@ def open_study(sr: SweepRecipe, sweep_dir: Path, *, resume: bool):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     objectives = sr.parsed_objectives()
     url = storage_url(sr, sweep_dir)
-    storage = make_storage(url)
+    storage = _retry(lambda: make_storage(url))
     study_name = sr.study_name or sr.name
     exists = study_name in [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
     if exists and not resume:
@@ -126,9 +126,9 @@ def open_study(sr: SweepRecipe, sweep_dir: Path, *, resume: bool):
     if resume:  # joining workers must not repeat each other's suggestions: mix the process into the seed
         seed = seed * 1_000_003 + os.getpid()
     directions = [o.direction for o in objectives]
-    study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
-                                sampler=make_sampler(sr, len(objectives), seed),
-                                pruner=make_pruner(sr, directions[0]), load_if_exists=True)
+    study = _retry(lambda: optuna.create_study(storage=storage, study_name=study_name, directions=directions,
+                                               sampler=make_sampler(sr, len(objectives), seed),
+                                               pruner=make_pruner(sr, directions[0]), load_if_exists=True))
     if [d.name.lower() for d in study.directions] != directions:
         raise RecipeError(f"study {study_name!r} optimises {[d.name.lower() for d in study.directions]}, not "
                           f"{directions}: the objectives of a study cannot change")
@@ -136,6 +136,20 @@ def open_study(sr: SweepRecipe, sweep_dir: Path, *, resume: bool):
         warnings.simplefilter("ignore")
         study.set_metric_names([o.spec for o in objectives])
     return study
+
+
+def _retry(make, attempts: int = 6):
+    """Workers started at the same moment race to create the storage's tables and the study; the loser of such a
+    race gets a database error (a duplicate row, a table that appeared meanwhile) and simply tries again."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for i in range(attempts):
+        try:
+            return make()
+        except SQLAlchemyError:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.2 * 2 ** i)
 
 
 def prepare_sweep_dir(sr: SweepRecipe, *, resume: bool) -> Path:

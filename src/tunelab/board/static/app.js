@@ -115,8 +115,12 @@ function pageRun(id) {
       d.peak_memory_mb && `peak ${fmtNum(d.peak_memory_mb)} MB`].filter(Boolean).join(" · ");
     drawCharts(); drawEvals(d); recipe.textContent = d.recipe_yaml || "(not started yet)";
     listen(`/api/events?run=${encodeURIComponent(id)}&after=${metrics.length}`, {
-      metrics: recs => { metrics = metrics.concat(recs); drawCharts(); },
-      status: s => { const was = status.textContent; setStatus(s); if (was && was !== s && s !== "running") refresh(); },
+      metrics: recs => {
+        metrics = metrics.concat(recs); drawCharts();
+        if (recipe.textContent.startsWith("(not")) api("/api/run/" + id).then(d => {  // it started since
+          if (d.recipe_yaml) recipe.textContent = d.recipe_yaml; });
+      },
+      status: s => { const was = status.textContent; setStatus(s); if (was && was !== s) refresh(); },
     });
   }, alertErr);
   const drawEvals = d => {
