@@ -19,7 +19,7 @@ import json
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
@@ -176,7 +176,7 @@ def create_app(root: str | Path, *, token: str | None = None, max_parallel: int 
         return FileResponse(path)
 
     @app.get("/api/compare", response_class=HTMLResponse)
-    def compare(run: list[str] | None = Query(None)) -> Response:
+    def compare(run: Annotated[list[str] | None, Query()] = None) -> Response:
         from tunelab.track.report import render_report
 
         if not run:
