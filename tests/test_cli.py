@@ -100,6 +100,7 @@ def test_methods_count(tiny_model_dir, tmp_path):
 # every command's arguments and option names: the CLI's contract with scripts and docs (a renamed or dropped option
 # fails here, and a new command must be listed)
 COMMANDS = {
+    "board": (["runs_dir"], ["--host", "--max-parallel", "--port", "--token"]),
     "continual": (["recipe", "overrides"], ["--fields", "--overwrite", "--resume", "--strategies"]),
     "eval": (["target"], ["--base", "--batch-size", "--benign", "--checker", "--diagnostics", "--harmful", "--harness",
                           "--harness-include", "--harness-limit", "--label", "--max-new-tokens", "--n", "--output",
@@ -116,6 +117,8 @@ COMMANDS = {
     "select": (["data", "overrides"], ["--budget", "--config", "--embedding", "--format", "--list", "--model", "--n",
                                        "--no-progress", "--output", "--progress", "--report-dir", "--scorer",
                                        "--selector", "-o"]),
+    "sweep": (["recipe", "overrides"], ["--best", "--name", "--objective", "--output", "--pruner", "--resume",
+                                        "--space", "--storage", "--study", "--trial", "--trials", "-o"]),
     "tasks": ([], []),
     "train": (["recipe", "overrides"], ["--overwrite", "--resume"]),
 }

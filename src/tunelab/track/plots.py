@@ -134,3 +134,40 @@ def diagnostics_plot(per_run: dict[str, list[dict[str, Any]]]) -> str | None:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     return to_base64(fig)
+
+
+def sweep_front(values: list[list[float]], on_front: list[bool], objectives: list[str],
+                names: list[str]) -> str | None:
+    """A sweep's trials: one objective = value per trial (the best marked); several = the first objective against
+    each other one, non-dominated trials (the Pareto front) filled and labelled, the others hollow."""
+    if not values:
+        return None
+    plt = _plt()
+    if len(objectives) == 1:
+        fig, ax = plt.subplots(figsize=(6.5, 3.4))
+        xs = [int(n.lstrip("#")) if n.lstrip("#").isdigit() else i for i, n in enumerate(names)]
+        ax.plot(xs, [v[0] for v in values], "o", color="C0", mfc="none", label="trial")
+        best = [(x, v[0]) for x, v, f in zip(xs, values, on_front) if f]
+        if best:
+            ax.plot(*zip(*best), "*", color="C3", ms=13, label="best")
+        ax.set_xlabel("trial")
+        ax.set_ylabel(objectives[0])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        return to_base64(fig)
+    pairs = len(objectives) - 1
+    fig, axes = plt.subplots(1, pairs, figsize=(5.2 * pairs, 3.8), squeeze=False)
+    for k, ax in enumerate(axes[0], start=1):
+        for v, f, n in zip(values, on_front, names):
+            ax.plot(v[k], v[0], "o", color="C3" if f else "C0", mfc=None if f else "none", ms=7 if f else 6)
+            if f:
+                ax.annotate(n, (v[k], v[0]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        front = sorted((v[k], v[0]) for v, f in zip(values, on_front) if f)
+        if len(front) > 1:
+            ax.plot(*zip(*front), "-", color="C3", lw=0.8, alpha=0.6)
+        ax.set_xlabel(objectives[k])
+        ax.set_ylabel(objectives[0])
+        ax.grid(alpha=0.3)
+    fig.suptitle("Sweep trials (filled: Pareto front)", fontsize=10)
+    fig.tight_layout()
+    return to_base64(fig)

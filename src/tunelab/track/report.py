@@ -261,7 +261,9 @@ def _img(b64: str | None, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{b64}">' if b64 else ""
 
 
-def render_report(run_dirs: list[str | Path], title: str = "tunelab report") -> str:
+def render_report(run_dirs: list[str | Path], title: str = "tunelab report",
+                  extra_sections: list[str] | None = None) -> str:
+    """The page. `extra_sections`: HTML fragments placed before the runs table (a sweep's front)."""
     runs = [load_run(p) for p in run_dirs]
     names = [r.name for r in runs]
     for r in runs:  # two runs of the same name from different parents: tell them apart
@@ -270,7 +272,7 @@ def render_report(run_dirs: list[str | Path], title: str = "tunelab report") -> 
     parts = [f"<h1>{_e(title)}</h1>",
              f'<p class="meta">{len(runs)} run(s): {", ".join(_e(r.path) for r in runs)}. Generated '
              f'{datetime.datetime.now().isoformat(timespec="seconds")}.</p>',
-             "<h2>Runs</h2>", runs_table(runs),
+             *(extra_sections or []), "<h2>Runs</h2>", runs_table(runs),
              '<p class="small">Changes are after &minus; before; green is better, red worse. Click a column to '
              "sort.</p>", "<h2>Task scores</h2>", scores_table(runs)]
     curves = {r.name: {key: [(m["step"], m[key]) for m in r.metrics
@@ -312,12 +314,13 @@ def render_report(run_dirs: list[str | Path], title: str = "tunelab report") -> 
             f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + f"\n<script>{JS}</script>\n</body></html>\n")
 
 
-def write_report(run_dirs: list[str | Path], output: str | Path, title: str = "tunelab report") -> Path:
+def write_report(run_dirs: list[str | Path], output: str | Path, title: str = "tunelab report",
+                 extra_sections: list[str] | None = None) -> Path:
     from tunelab.core.io import atomic_write_text
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output, render_report(run_dirs, title))
+    atomic_write_text(output, render_report(run_dirs, title, extra_sections))
     output.chmod(0o644)  # a page to share, not a secret
     return output
 
