@@ -73,12 +73,13 @@ def _fail(msg: str) -> None:
 def _guard(fn):
     """Turn the errors users cause (bad recipe, bad data, missing model) into a clean message."""
     from tunelab.data.formats import DataError
+    from tunelab.export_gguf import GGUFExportError
     from tunelab.recipe import RecipeError
     from tunelab.train.loop import TrainingDiverged
 
     try:
         return fn()
-    except (RecipeError, DataError, FileNotFoundError, TrainingDiverged, KeyError) as e:
+    except (RecipeError, DataError, FileNotFoundError, TrainingDiverged, KeyError, GGUFExportError) as e:
         _fail(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e))
 
 
@@ -200,12 +201,17 @@ def export(
     adapter: bool = typer.Option(True, "--adapter/--no-adapter", help="Write the method's adapter (PEFT format for "
                                                                      "PEFT methods; see docs/methods.md)."),
     merged: bool = typer.Option(True, "--merged/--no-merged", help="Write the merged HF model."),
+    gguf: bool = typer.Option(False, "--gguf", help="Also write the merged model as GGUF (llama.cpp, Ollama, LM "
+                              "Studio) with an Ollama Modelfile, under <run>/export/gguf/."),
+    quant: Optional[list[str]] = typer.Option(None, "--quant", help="GGUF quantisation, repeatable: f16 (default), "
+                                              "q8_0, q4_0, bf16, f32. Implies --gguf."),
 ):
-    """Export a run's latest checkpoint: the method's adapter and the merged model (HF format)."""
+    """Export a run's latest checkpoint: the method's adapter, the merged model (HF format), GGUF (--gguf)."""
     _setup_logging()
     from tunelab.export import export_run
 
-    _guard(lambda: export_run(run_dir, adapter=adapter, merged=merged))
+    quants = list(quant or []) or (["f16"] if gguf else [])
+    _guard(lambda: export_run(run_dir, adapter=adapter, merged=merged or bool(quants), gguf=quants))
 
 
 @app.command()

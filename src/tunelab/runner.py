@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -269,6 +270,7 @@ def train_workspace(ws: Workspace, *, resume: bool = False, on_step=None) -> tup
 
 TABLE_ROWS = (  # (key in eval_<label>.json, label, shown as a percentage)
     ("exact_match", "exact match", True),
+    ("stop_rate", "stop rate", True),
     ("reward_accuracy", "reward accuracy", True),
     ("preference_accuracy", "preference accuracy", True),
     ("rewards/margins", "reward margin", False),
@@ -308,6 +310,7 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
     training it (no optimizer step, no checkpoint, no "after" evaluation: it would score the same model).
     """
     from tunelab.export import export_all
+    from tunelab.export_stops import stop_rate_warning
 
     t0 = time.perf_counter()
     ws = open_workspace(recipe, run_dir=run_dir, overwrite=overwrite, resume=resume)
@@ -335,7 +338,8 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
             # frozen weights were stored in bf16 for training: merge into the original full-precision base
             restore_frozen_weights(model, load_model(recipe.model).state_dict())
         exports = export_all(ws.method, model, ws.tokenizer, ws.run_dir / "export",
-                             adapter=recipe.export.adapter, merged=recipe.export.merged)
+                             adapter=recipe.export.adapter, merged=recipe.export.merged, gguf=recipe.export.gguf)
+    stop_warning = stop_rate_warning(before, after)
     summary = {
         "run_dir": str(ws.run_dir), "method": recipe.method.name, "objective": recipe.objective.name, **ws.params,
         "steps": result.steps if result else 0, "final_train_loss": result.final_loss if result else None,
@@ -344,6 +348,7 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
         "before": {k: v for k, v in (before or {}).items() if k != "samples"},
         "after": {k: v for k, v in (after or {}).items() if k != "samples"},
         "exports": exports, "wall_time_s": time.perf_counter() - t0,
+        **({"warnings": [stop_warning]} if stop_warning else {}),
     }
     if main:
         write_json(ws.run_dir, "summary.json", summary)
@@ -355,5 +360,7 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
         else:
             print(f"\nnot trained (do_train=False); total {summary['wall_time_s']:.0f} s")
         print(f"run directory: {ws.run_dir}")
+        if stop_warning:
+            print(f"\n{stop_warning}", file=sys.stderr)
     ws.accelerator.end_training()
     return summary
