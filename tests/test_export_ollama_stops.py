@@ -17,8 +17,9 @@ SMOL = ("{% for message in messages %}{% if loop.first and messages[0]['role'] !
 LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' "
           "+ m['content'] | trim + '<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}"
           "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}{% set msgs = messages[1:] %}"
-          "{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}{% for m in msgs %}{% if m['role'] == 'user' "
+LLAMA2 = ("{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
+          "{% set msgs = messages[1:] %}{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
+          "{% for m in msgs %}{% if m['role'] == 'user' "
           "%}{{ '[INST] ' + (('<<SYS>>\n' + sys + '\n<</SYS>>\n\n') if loop.first and sys else '') + m['content'] + "
           "' [/INST]' }}{% else %}{{ ' ' + m['content'] + '</s>' }}{% endif %}{% endfor %}")
 

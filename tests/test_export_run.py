@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 import yaml
+from tiny import tiny_recipe_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from tiny import tiny_recipe_dict
 from tunelab.cli import app
 
 runner = CliRunner()
