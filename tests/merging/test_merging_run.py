@@ -8,8 +8,8 @@ from peft.utils import merge_utils as pm
 from safetensors.torch import load_file
 
 from tunelab.merging import ops
-from tunelab.weights import CheckpointReader
 from tunelab.merging.run import run_merge, tensor_seed
+from tunelab.weights import CheckpointReader
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore:The density .* no pruning:UserWarning")
 

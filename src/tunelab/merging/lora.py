@@ -43,6 +43,7 @@ from tunelab.weights import (
     lora_scaling,
     resolve_model_path,
 )
+
 from .recipe import Recipe
 
 Tensor = torch.Tensor

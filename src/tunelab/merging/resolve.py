@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tunelab.weights import ADAPTER_CONFIG, SAFE_INDEX, SAFE_SINGLE
+
 from .recipe import LORA_METHODS, Recipe
 
 __all__ = ["is_run_dir", "resolve_ref", "resolve_recipe"]

@@ -29,7 +29,6 @@ Without a ``score_fn``, greedy soup / the alphas sweep score with
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import zlib
@@ -39,14 +38,17 @@ from typing import Any
 
 import torch
 
+from tunelab.weights import AdapterReader, CheckpointReader, CheckpointWriter, is_adapter_dir, resolve_model_path
+
 from . import ops
 from .compress import DeltaCompressor
-from tunelab.weights import AdapterReader, CheckpointReader, CheckpointWriter, is_adapter_dir, resolve_model_path
+from .outputs import output_files
 from .plan import Entry, layer_of, plan_models, plan_slices
 from .recipe import COMPRESS_METHODS, LORA_METHODS, Recipe, load_recipe
-from .resolve import resolve_recipe, resolve_ref
+from .resolve import resolve_recipe
 from .score import TaskScorer
 from .soup import greedy_soup, wise_ft_sweep
+from .task_vectors import task_vector_merge
 
 Tensor = torch.Tensor
 ScoreFn = Callable[[Mapping[str, Tensor]], float]
@@ -321,7 +323,7 @@ class _Run:
                 return base_t + ops.dare_ties(deltas, dens, g, w, sign, lam)
         if m in ("task_arithmetic", "ties", "dare_linear", "dare_ties"):
             sparsify = {"ties": "magnitude", "dare_linear": "random", "dare_ties": "random"}.get(m)
-            return base_t + ops.task_vector_merge(
+            return base_t + task_vector_merge(
                 deltas, w, dens, sparsify=sparsify, consensus=sign if m in ("ties", "dare_ties") else None,  # type: ignore[arg-type]
                 normalize=bool(shared("normalize", None)), rescale=bool(shared("rescale", None)), lam=lam, generator=g)
         raise ValueError(f"merge_method {m!r} is not a per-tensor method")
@@ -376,54 +378,6 @@ class _Run:
         for i in self.inputs:
             if i.adapter is not None:
                 i.adapter.close()
-
-
-def output_files(r: Recipe, run: _Run) -> dict[str, str | bytes]:
-    """Files that replace the copied ones: config.json with the stacked layer count (slices), the tokenizer of
-    ``tokenizer_source``."""
-    files: dict[str, str | bytes] = {}
-    if run.out_layers is not None and run.out_layers != run.ref.config.get("num_hidden_layers"):
-        cfg = dict(run.ref.config, num_hidden_layers=run.out_layers)
-        if r.torch_dtype is not None:
-            cfg["dtype"] = r.dtype
-        files["config.json"] = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
-    if r.tokenizer_source is not None:
-        files.update(tokenizer_files(r, run))
-    return files
-
-
-def tokenizer_files(r: Recipe, run: _Run) -> dict[str, str | bytes]:
-    """The tokenizer files of ``tokenizer_source`` (``base``, ``union`` or a model). Every input must have the
-    same vocabulary: mergekit would re-map embedding rows between differing ones, which tunelab does not do."""
-    src = r.tokenizer_source
-    if src == "base":
-        if run.base is None:
-            raise ValueError("tokenizer_source: base needs base_model")
-        where = run.base
-    elif src == "union":
-        where = run.ref_path
-    else:
-        where = resolve_model_path(resolve_ref(src))  # type: ignore[arg-type]
-    vocabs = {p: _vocab(p) for p in [where, *(i.path for i in run.inputs if i.ckpt is not None)]}
-    known = {p: v for p, v in vocabs.items() if v is not None}
-    if len({json.dumps(v, sort_keys=True) for v in known.values()}) > 1:
-        raise ValueError(f"tokenizer_source: {src}: the inputs' vocabularies differ ({', '.join(map(str, known))}); "
-                         "merging models with different vocabularies is not supported")
-    return {f.name: f.read_bytes() for f in sorted(where.iterdir())
-            if f.is_file() and any(fnmatch.fnmatch(f.name, pat) for pat in TOKENIZER_PATTERNS)}
-
-
-TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
-                      "spiece.model", "*.tiktoken", "chat_template*")
-
-
-def _vocab(path: Path) -> dict | None:
-    f = path / "tokenizer.json"
-    if not f.is_file():
-        return None
-    data = json.loads(f.read_text(encoding="utf-8"))
-    return {"vocab": data.get("model", {}).get("vocab"), "added": [(a["id"], a["content"])
-                                                                   for a in data.get("added_tokens", [])]}
 
 
 def _task_scorer(r: Recipe, model_dir: Path) -> TaskScorer:
