@@ -41,8 +41,9 @@ def generate_answers(model, tokenizer, prompts: list[list[dict[str, str]]], *, m
 @torch.no_grad()
 def generate_with_stops(model, tokenizer, prompts: list[list[dict[str, str]]], *, max_new_tokens: int = 24,
                         batch_size: int = 32, device: torch.device | None = None, precision: str = "bf16",
-                        progress: bool = True) -> tuple[list[str], list[bool]]:
-    """Greedy completions of chat prompts and, for each, whether it ended with a stop id (module docstring)."""
+                        progress: bool = True, sampling: dict | None = None) -> tuple[list[str], list[bool]]:
+    """Completions of chat prompts (greedy; `sampling`: `generate` kwargs such as temperature, top_p, top_k) and,
+    for each, whether it ended with a stop id (module docstring)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -65,7 +66,8 @@ def generate_with_stops(model, tokenizer, prompts: list[list[dict[str, str]]], *
             mask[row, width - len(encoded[i]):] = 1
         ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         with ctx:
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+            decoding = {"do_sample": True, **sampling} if sampling else {"do_sample": False}
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **decoding,
                                  max_new_tokens=max_new_tokens, pad_token_id=pad_id,
                                  eos_token_id=stops or None)
         for row, i in enumerate(idx):
