@@ -37,7 +37,7 @@ class _Backend:
             self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             self.model = None
         else:
-            from tunelab.evaluate.cli import _load_target
+            from tunelab.evaluate.targets import _load_target
 
             _, self.model, self.tokenizer = _load_target(target)
             self.model.eval()

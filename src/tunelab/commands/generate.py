@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         def go():
             import torch
 
-            from tunelab.evaluate.cli import _load_target
+            from tunelab.evaluate.targets import _load_target
             from tunelab.evaluate.tasks import generate_with_stops
 
             records, chats = read_prompts(input)
