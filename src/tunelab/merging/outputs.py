@@ -6,44 +6,43 @@ from __future__ import annotations
 import fnmatch
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from tunelab.weights import resolve_model_path
 
 from .recipe import Recipe
 from .resolve import resolve_ref
 
-if TYPE_CHECKING:
-    from .run import _Run
 
-
-def output_files(r: Recipe, run: _Run) -> dict[str, str | bytes]:
-    """Files that replace the copied ones: config.json with the stacked layer count (slices), the tokenizer of
-    ``tokenizer_source``."""
+def output_files(r: Recipe, ref_config: dict[str, Any], out_layers: int | None, base: Path | None, ref_path: Path,
+                 input_paths: list[Path]) -> dict[str, str | bytes]:
+    """Files that replace the copied ones: config.json with the stacked layer count `out_layers` (slices), the
+    tokenizer of ``tokenizer_source`` (`base`: the base model's dir, `ref_path`: the reference checkpoint the
+    other files are copied from, `input_paths`: the input checkpoints, whose vocabularies must agree)."""
     files: dict[str, str | bytes] = {}
-    if run.out_layers is not None and run.out_layers != run.ref.config.get("num_hidden_layers"):
-        cfg = dict(run.ref.config, num_hidden_layers=run.out_layers)
+    if out_layers is not None and out_layers != ref_config.get("num_hidden_layers"):
+        cfg = dict(ref_config, num_hidden_layers=out_layers)
         if r.torch_dtype is not None:
             cfg["dtype"] = r.dtype
         files["config.json"] = json.dumps(cfg, indent=2, sort_keys=True) + "\n"
     if r.tokenizer_source is not None:
-        files.update(tokenizer_files(r, run))
+        files.update(tokenizer_files(r, base, ref_path, input_paths))
     return files
 
 
-def tokenizer_files(r: Recipe, run: _Run) -> dict[str, str | bytes]:
+def tokenizer_files(r: Recipe, base: Path | None, ref_path: Path, input_paths: list[Path]) -> dict[str, str | bytes]:
     """The tokenizer files of ``tokenizer_source`` (``base``, ``union`` or a model). Every input must have the
     same vocabulary: mergekit would re-map embedding rows between differing ones, which tunelab does not do."""
     src = r.tokenizer_source
     if src == "base":
-        if run.base is None:
+        if base is None:
             raise ValueError("tokenizer_source: base needs base_model")
-        where = run.base
+        where = base
     elif src == "union":
-        where = run.ref_path
+        where = ref_path
     else:
         where = resolve_model_path(resolve_ref(src))  # type: ignore[arg-type]
-    vocabs = {p: _vocab(p) for p in [where, *(i.path for i in run.inputs if i.ckpt is not None)]}
+    vocabs = {p: _vocab(p) for p in [where, *input_paths]}
     known = {p: v for p, v in vocabs.items() if v is not None}
     if len({json.dumps(v, sort_keys=True) for v in known.values()}) > 1:
         raise ValueError(f"tokenizer_source: {src}: the inputs' vocabularies differ ({', '.join(map(str, known))}); "

@@ -426,7 +426,8 @@ def run_merge(
         if r.needs_score and score_fn is None:
             score_fn = _task_scorer(r, run.ref_path)
         tensors = run.in_memory(score_fn) or run.stream()
-        extra: dict[str, str | bytes] = {"tunelab_merge.yaml": r.to_yaml(), **output_files(r, run)}
+        extra: dict[str, str | bytes] = {"tunelab_merge.yaml": r.to_yaml(), **output_files(
+            r, run.ref.config, run.out_layers, run.base, run.ref_path, [i.path for i in run.inputs if i.ckpt is not None])}
         with CheckpointWriter(
             out,
             copy_from=run.ref_path,
