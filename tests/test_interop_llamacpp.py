@@ -24,12 +24,12 @@ from tunelab.export_gguf import write_gguf  # noqa: E402
 TEXT = "Rewrite the date 'March 3, 2001' in YYYY-MM-DD format. <|im_end|>\n<|im_start|>assistant\n 2001-03-03"
 
 
-@pytest.mark.parametrize("quant, tol", [("f32", 1e-3), ("f16", 5e-3), ("q8_0", 0.1)])
+@pytest.mark.parametrize("quant, tol", [("f32", 1e-3), ("f16", 5e-3), ("q8_0", 0.1), ("q4_0", 0.5)])
 def test_tiny_logits_and_tokens_in_llama_cpp(tiny_model_dir, tiny_tokenizer, tmp_path, quant, tol):
     from transformers import AutoModelForCausalLM
 
     path = write_gguf(tiny_model_dir, tmp_path / f"tiny-{quant}.gguf", quant=quant)
-    llm = llama_cpp.Llama(str(path), logits_all=True, n_ctx=256, n_threads=1, verbose=False)
+    llm = llamacpp.load(path, n_ctx=256, n_threads=1, logits_all=True)
     ids = tiny_tokenizer(TEXT).input_ids
     assert llamacpp.tokenize(llm, TEXT) == ids  # llama.cpp's tokenizer: pre-tokenizer, merges, specials
     hf = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -38,7 +38,7 @@ def test_tiny_logits_and_tokens_in_llama_cpp(tiny_model_dir, tiny_tokenizer, tmp
     llm.eval(ids)
     got = np.array(llm.scores[: len(ids)])
     assert np.abs(got - want).max() < tol * np.abs(want).max()
-    if quant != "q8_0":
+    if quant in ("f32", "f16"):
         assert (got.argmax(-1) == want.argmax(-1)).all()
 
 

@@ -26,10 +26,24 @@ def require():
     return llama_cpp
 
 
-def load(path: str | os.PathLike[str], n_ctx: int = 2048, n_threads: int | None = None):
-    """A `llama_cpp.Llama` on `path` (quiet; CPU threads: all cores unless `n_threads`)."""
+def _has_amx() -> bool:
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def load(path: str | os.PathLike[str], n_ctx: int = 2048, n_threads: int | None = None, logits_all: bool = False):
+    """A `llama_cpp.Llama` on `path` (quiet; CPU threads: all cores unless `n_threads`).
+
+    On CPUs with AMX (Sapphire Rapids and later) prompts are evaluated one token per batch: the llama-cpp-python
+    0.3.36 CPU build measured here segfaults on multi-token batches through its AMX kernels for Q4_0 / Q4_1 /
+    Q8_0 weights (llama.cpp's own SmolLM2 Q4_1 GGUF as well), and single-token batches do not use them.
+    `$TUNELAB_LLAMACPP_BATCH` overrides the batch size."""
     llama_cpp = require()
-    return llama_cpp.Llama(str(Path(path)), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(), verbose=False)
+    batch = int(os.environ.get("TUNELAB_LLAMACPP_BATCH", "1" if _has_amx() else "512"))
+    return llama_cpp.Llama(str(Path(path)), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(), verbose=False,
+                           logits_all=logits_all, n_batch=batch, n_ubatch=batch)
 
 
 def tokenize(llm, text: str) -> list[int]:
