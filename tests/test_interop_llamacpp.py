@@ -80,3 +80,15 @@ def test_smollm2_generations_agree_with_hf(tmp_path):
     q8 = llamacpp.compare_with_hf(model, tok, llamacpp.load(write_gguf(model_dir, tmp_path / "q8.gguf",
                                                                        quant="q8_0", tokenizer=tok)), chats, 16)
     assert abs(em(q8, "gguf") - em(q8, "hf")) <= 0.02
+
+
+def test_chat_with_a_gguf_runs_in_llama_cpp(tiny_model_dir, tmp_path):
+    from tunelab.commands.chat import _Backend, chat_loop
+
+    path = write_gguf(tiny_model_dir, tmp_path / "tiny-q8_0.gguf", quant="q8_0")
+    backend = _Backend(str(path), max_new_tokens=6, sampling={}, seed=None)
+    assert backend.llm is not None  # llama.cpp, not transformers' dequantisation
+    out: list[str] = []
+    final = chat_loop(backend, ["What is 1 + 1?\n", "And 2 + 2?\n"], out.append)
+    assert [m["role"] for m in final] == ["user", "assistant", "user", "assistant"]
+    assert "".join(out).count("assistant> ") == 2

@@ -155,14 +155,13 @@ class _Run:
         self.entry_params = [(k, p) for k, p in self.entry_params if k in self.by_key]
         self.compressor = DeltaCompressor(r.merge_method, r.param("rank", 16)) if r.merge_method in COMPRESS_METHODS else None  # type: ignore[arg-type]
         self.report: dict[str, Any] = {"merge_method": r.merge_method, "output": "checkpoint"}
-        first = self.by_key[str(resolve_model_path(r.slices[0].sources[0].model))] \
-            if r.slices and str(resolve_model_path(r.slices[0].sources[0].model)) in self.by_key else self.inputs[0]
-        if self.base is not None and not r.slices:
+        # config and tokenizer come from the base model, else from the first (slice's first) input, as in mergekit
+        first_key = str(resolve_model_path(r.slices[0].sources[0].model)) if r.slices else None
+        first = self.by_key.get(first_key, self.inputs[0]) if first_key else self.inputs[0]
+        if self.base is not None:
             self.ref_path = self.base
         elif first.ckpt is not None:
             self.ref_path = first.path
-        elif self.base is not None:
-            self.ref_path = self.base
         else:
             raise ValueError(f"model {first.path} is an adapter: set base_model in the recipe")
         self.ref = self.readers[self.ref_path]
