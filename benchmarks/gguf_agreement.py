@@ -25,6 +25,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--quants", nargs="+", default=["f16", "q8_0"])
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the recipe's eval.max_new_tokens")
+    ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: all cores; 1 on a busy "
+                    "machine, where its spinning threads lose to the other processes)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -50,7 +52,8 @@ def main() -> None:
         if not path.is_file():
             write_gguf(merged, path, quant=quant, tokenizer=tok)
         t0 = time.perf_counter()
-        rows = llamacpp.compare_with_hf(model, tok, llamacpp.load(path), [it.messages for it in items], max_new)
+        llm = llamacpp.load(path, n_threads=args.threads)
+        rows = llamacpp.compare_with_hf(model, tok, llm, [it.messages for it in items], max_new)
 
         def em(key: str) -> float:
             return sum(bool(checker_for(it.task)(tok.decode(r[key], skip_special_tokens=True), it.answer))

@@ -44,9 +44,9 @@ def register(app: typer.Typer) -> None:
     def generate(
         target: str = typer.Argument(..., help="Run directory, checkpoint, adapter, merged/HF model directory or "
                                                "built-in alias."),
-        input: Path = typer.Option(..., "--input", "-i", help="JSONL: objects with `messages` or `prompt`."),
-        output: Path = typer.Option(..., "-o", "--output", help="JSONL written: each input plus `completion` and "
-                                                                "`stopped`."),
+        input: str = typer.Option(..., "--input", "-i", help="JSONL: objects with `messages` or `prompt`."),
+        output: str = typer.Option(..., "-o", "--output", help="JSONL written: each input plus `completion` and "
+                                                               "`stopped`."),
         max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Tokens per completion at most."),
         batch_size: int = typer.Option(16, "--batch-size", help="Prompts per batch."),
         temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples."),
@@ -66,7 +66,8 @@ def register(app: typer.Typer) -> None:
             from tunelab.evaluate.targets import _load_target
             from tunelab.evaluate.tasks import generate_with_stops
 
-            records, chats = read_prompts(input)
+            records, chats = read_prompts(Path(input))
+            out_path = Path(output)
             _, model, tok = _load_target(target)
             device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
             model.to(device)
@@ -75,13 +76,13 @@ def register(app: typer.Typer) -> None:
             texts, stopped = generate_with_stops(
                 model, tok, chats, max_new_tokens=max_new_tokens, batch_size=batch_size, device=device,
                 precision=precision or ("bf16" if device.type == "cuda" else "fp32"), sampling=sampling)
-            output.parent.mkdir(parents=True, exist_ok=True)
-            tmp = output.with_name(output.name + ".tmp")
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out_path.with_name(out_path.name + ".tmp")
             with tmp.open("w", encoding="utf-8") as fh:
                 for rec, text, stop in zip(records, texts, stopped):
                     fh.write(json.dumps({**rec, "completion": text, "stopped": stop}, ensure_ascii=False) + "\n")
-            tmp.replace(output)
-            typer.echo(f"{len(records)} completions written to {output} ({sum(stopped)} stopped within "
+            tmp.replace(out_path)
+            typer.echo(f"{len(records)} completions written to {out_path} ({sum(stopped)} stopped within "
                        f"{max_new_tokens} tokens)")
 
         _guard(go)
