@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunelab-installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-interop lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# GGUF exports checked by llama.cpp itself: installs llama-cpp-python (an sdist that compiles llama.cpp: ~30 min
+# on 2 busy cores) and runs the tests marked `interop` (docs/export.md has the last result)
+test-interop: $(STAMP)
+	$(BIN)/python -m pip install --quiet "llama-cpp-python>=0.3"
+	$(BIN)/python -m pytest -q -m interop
 
 # ruff (lint + import order), the layer contracts (import-linter, pyproject [tool.importlinter]) and mypy on the
 # core packages; CI runs it before the tests

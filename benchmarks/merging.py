@@ -181,7 +181,9 @@ def main() -> None:
             params["alpha"] = 1.0 / n  # shallowest layers averaged (1/T), deepest at full task arithmetic
         if method == "greedy_soup":
             params.update(score_task=args.tasks, score_n=args.score_n, score_seed=1, score_metric="exact_match")
-        recipe = {"merge_method": method, "base_model": base_dir,
+        # the figures in docs/merging.md were measured with peft's TIES/DARE conventions (DARE rescaled by
+        # 1 / density, disjoint mean); recipes default to mergekit's since mergekit configs are accepted
+        recipe = {"merge_method": method, "base_model": base_dir, "convention": "peft",
                   "models": [{"model": str(run)} for run in runs.values()], "parameters": params}
         out = merges_dir / method
         report: dict = {}

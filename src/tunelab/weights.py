@@ -290,7 +290,7 @@ class CheckpointWriter:
     output are buffered before a shard is flushed. On a clean exit the shards are named
     ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` + index, config/tokenizer
     files are copied from ``copy_from`` (``config.json``'s dtype set to ``dtype`` if given),
-    ``extra_files`` (name -> text) are written, and the directory is renamed into place.
+    ``extra_files`` (name -> text or bytes) are written, and the directory is renamed into place.
     On an exception nothing is written.
     """
 
@@ -301,7 +301,7 @@ class CheckpointWriter:
         max_shard_bytes: int = 2 * 1024**3,
         overwrite: bool = False,
         dtype: torch.dtype | None = None,
-        extra_files: dict[str, str] | None = None,
+        extra_files: dict[str, str | bytes] | None = None,
     ):
         self.output_dir = Path(output_dir)
         self.copy_from = Path(copy_from) if copy_from is not None else None
@@ -364,8 +364,11 @@ class CheckpointWriter:
             for k in keys:
                 data[k] = _DTYPE_NAMES[self.dtype]
             cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        for fname, text in self.extra_files.items():
-            (tmp / fname).write_text(text, encoding="utf-8")
+        for fname, content in self.extra_files.items():
+            if isinstance(content, bytes):
+                (tmp / fname).write_bytes(content)
+            else:
+                (tmp / fname).write_text(content, encoding="utf-8")
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self._ctx is not None

@@ -135,7 +135,7 @@ def test_ties_with_peft_adapter_matches_peft(models, tmp_path):
     P, base = models["paths"], models["base"]
     res, out = _merge(tmp_path, {"merge_method": "ties", "base_model": str(P["base"]),
                                  "models": _m(P, "ft1", "ad1", ft1={"weight": 0.6}, ad1={"weight": 1.4}),
-                                 "parameters": {"density": 0.3}})
+                                 "parameters": {"density": 0.3}, "convention": "peft"})
     assert res.exit_code == 0, res.output
     got = _load(out)
     for k in base:

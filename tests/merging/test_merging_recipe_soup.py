@@ -38,7 +38,7 @@ def test_recipe_from_yaml_text_and_file(tmp_path):
 @pytest.mark.parametrize(
     "patch, field",
     [
-        ({"slices": []}, "slices"),
+        ({"slice": []}, "slice"),  # a misspelt key (mergekit's slices are accepted: test_mergekit.py)
         ({"parameters": {"lambda": 1.0, "bogus": 1}}, "parameters.bogus"),
         ({"models": [{"model": "a", "parameters": {"wieght": 1.0}}]}, "models.0.parameters.wieght"),
         ({"models": [{"model": "a", "extra": 1}]}, "models.0.extra"),

@@ -75,6 +75,7 @@ def test_ties_with_adapter_matches_peft(tiny_models, refs, tmp_path):
         "base_model": str(tiny_models["base"]),
         "models": _models(tiny_models, "ft1", "ft2", "adapter", ft1={"weight": w[0]}, ft2={"weight": w[1]}, adapter={"weight": w[2]}),
         "parameters": {"density": 0.4, "lambda": 1.0},
+        "convention": "peft",
     }
     got = _load(run_merge(recipe, tmp_path / "ties"))
     base = refs["base"]
@@ -112,6 +113,7 @@ def test_dare_ties_reproducible_and_matches_ops(tiny_models, refs, tmp_path):
         "base_model": str(tiny_models["base"]),
         "models": _models(tiny_models, "ft1", "ft2"),
         "parameters": {"density": 0.5, "seed": 3},
+        "convention": "peft",
     }
     a = _sd(run_merge(recipe, tmp_path / "a"))
     b = _sd(run_merge(recipe, tmp_path / "b"))

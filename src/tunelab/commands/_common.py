@@ -70,6 +70,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tunelab.core.registry import UnknownName
     from tunelab.core.rundir import RunDirError
     from tunelab.data.formats import DataError
+    from tunelab.export_gguf import GGUFExportError
     from tunelab.methods.registry import ExportUnsupported
     from tunelab.model import ModelError
     from tunelab.recipe import RecipeError
@@ -78,7 +79,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (RecipeError, DataError, ModelError, RunDirError, CheckpointError, ContinualError, StrategyError,
             UnknownName, TrainingDiverged, ExportUnsupported, FileNotFoundError, FileExistsError, NotADirectoryError,
-            IsADirectoryError, PermissionError)
+            IsADirectoryError, PermissionError, GGUFExportError)
 
 
 def _message(e: BaseException) -> str:

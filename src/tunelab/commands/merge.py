@@ -42,6 +42,13 @@ greedy_soup, and wise_ft with `alphas`, choose by a held-out score:
   (default) or loss (minus held-out loss); score_seed: other items.
 
 \b
+mergekit's own configs run unchanged: per-layer gradients
+(density: [1, 0.5, 0.1]), filters (weight: [{filter: mlp,
+value: 0.5}, {value: 1}]), slices with layer_range (passthrough
+frankenmerges), tokenizer_source, normalize / rescale / int8_mask
+(mergekit's conventions; `convention: peft` for peft's TIES/DARE).
+
+\b
 A run dir stands for <run>/export/merged or <run>/export/adapter
 (the adapter first for the LoRA-level methods). Inputs are checked
 (architecture, tensor names, shapes) before anything is merged;
@@ -131,7 +138,9 @@ def register(app: typer.Typer) -> None:
             recipe = shipped
         try:
             r = load_recipe(recipe)
-            typer.echo(f"{r.merge_method}: {len(r.models)} model(s)" + (f", base {r.base_model}" if r.base_model else ""))
+            shape = f"{len(r.slices)} slice(s) of " if r.slices else ""
+            typer.echo(f"{r.merge_method}: {shape}{len(r.model_refs)} model(s)"
+                       + (f", base {r.base_model}" if r.base_model else ""))
             if calibration is not None and r.merge_method != "bitdelta":
                 fail(f"--calibration distils BitDelta's scales; merge_method is {r.merge_method!r}")
             report: dict = {}

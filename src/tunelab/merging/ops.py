@@ -10,6 +10,9 @@ The task-vector methods (:func:`task_arithmetic`, :func:`ties`, :func:`dare_line
 ``base + result``. This is the convention of ``peft.utils.merge_utils``, which they are tested
 against. Density always means the *fraction of entries kept* (peft's and mergekit's meaning);
 DARE's drop probability is ``p = 1 - density``.
+
+mergekit's generalized task arithmetic (its conventions differ from peft's for weighted TIES and for DARE's
+rescaling), which merge recipes use by default, is :mod:`.task_vectors`.
 """
 
 from __future__ import annotations
@@ -128,17 +131,20 @@ def task_arithmetic(
     return _weighted_sum(deltas, _weights(len(deltas), weights)) * lam
 
 
-def magnitude_prune(delta: Tensor, density: float) -> Tensor:
-    """Keep the ``k = int(density * numel)`` largest-magnitude entries, zero the rest (TIES "trim").
+def magnitude_prune(delta: Tensor, density: float, min_keep: int = 0) -> Tensor:
+    """Keep the ``k = max(min_keep, int(density * numel))`` largest-magnitude entries, zero the rest (TIES "trim").
 
-    Same as ``peft.utils.merge_utils.prune(..., method="magnitude")``: ``density >= 1`` returns
-    the tensor unchanged; ties at the threshold are broken by ``torch.topk``.
+    Same as ``peft.utils.merge_utils.prune(..., method="magnitude")`` with ``min_keep=0``; mergekit keeps at least
+    one entry (``min_keep=1``) and zeroes everything at ``density <= 0``. ``density >= 1`` returns the tensor
+    unchanged; ties at the threshold are broken by ``torch.topk``.
     """
     (density,) = _densities(1, density)
     if density >= 1.0:
         return delta.clone()
+    if density <= 0.0 and min_keep:
+        return torch.zeros_like(delta)
     flat = delta.reshape(-1)
-    k = int(density * flat.numel())
+    k = max(min_keep, int(density * flat.numel()))
     mask = torch.zeros_like(flat)
     if k > 0:
         mask[torch.topk(flat.abs(), k=k, largest=True).indices] = 1
@@ -385,3 +391,4 @@ def transfer(base_old: Tensor, finetuned: Tensor, base_new: Tensor, weight: floa
     """
     check_same_shape([base_old, finetuned, base_new])
     return _f(base_new) + weight * (_f(finetuned) - _f(base_old))
+

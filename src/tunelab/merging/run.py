@@ -42,10 +42,13 @@ from tunelab.weights import AdapterReader, CheckpointReader, CheckpointWriter, i
 
 from . import ops
 from .compress import DeltaCompressor
+from .outputs import output_files
+from .plan import Entry, layer_of, plan_models, plan_slices
 from .recipe import COMPRESS_METHODS, LORA_METHODS, Recipe, load_recipe
 from .resolve import resolve_recipe
 from .score import TaskScorer
 from .soup import greedy_soup, wise_ft_sweep
+from .task_vectors import task_vector_merge
 
 Tensor = torch.Tensor
 ScoreFn = Callable[[Mapping[str, Tensor]], float]
@@ -91,10 +94,34 @@ class _Input:
         b = self.run.tensor(self.own_base, name)
         return b + self._adapter_delta(name, b)
 
-    def delta(self, name: str, against: Path) -> Tensor:
-        if self.adapter is not None and self.own_base == against:
+    def delta(self, name: str, against: Path, against_name: str | None = None) -> Tensor:
+        """``self[name] - against[against_name]`` (``against_name`` defaults to ``name``)."""
+        against_name = against_name or name
+        if self.adapter is not None and self.own_base == against and against_name == name:
             return self._adapter_delta(name, self.run.tensor(against, name))
-        return self.full(name) - self.run.tensor(against, name)
+        return self.full(name) - self.run.tensor(against, against_name)
+
+    def names(self) -> list[str]:
+        if self.ckpt is not None:
+            return self.ckpt.names()
+        assert self.own_base is not None
+        return self.run.readers[self.own_base].names()
+
+    def has(self, name: str) -> bool:
+        if self.ckpt is not None:
+            return name in self.ckpt
+        assert self.own_base is not None
+        return name in self.run.readers[self.own_base]
+
+    def dtype(self, name: str) -> torch.dtype:
+        reader = self.ckpt if self.ckpt is not None else self.run.readers[self.own_base]  # type: ignore[index]
+        return reader.dtype(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self.ckpt is not None:
+            return self.ckpt.shape(name)
+        assert self.own_base is not None
+        return self.run.readers[self.own_base].shape(name)
 
 
 class _Run:
@@ -113,18 +140,46 @@ class _Run:
         if self.source_base is not None:
             self.reader(self.source_base)
         self.delta_base = self.source_base if r.merge_method == "transfer" else self.base
-        self.inputs = [_Input(self, e.model, self.delta_base) for e in r.models]
+        # the base model is the reference the others are merged against, not one of them (as in mergekit), except
+        # where it is an ingredient like any other (linear, greedy soup)
+        skip_base = r.merge_method not in ("linear", "greedy_soup", "passthrough") and self.base is not None
+        self.by_key: dict[str, _Input] = {}
+        for ref in r.model_refs:
+            key = str(resolve_model_path(ref))
+            if key not in self.by_key and not (skip_base and key == str(self.base)):
+                self.by_key[key] = _Input(self, ref, self.delta_base)
+        self.inputs = list(self.by_key.values())
+        if not self.inputs:
+            raise ValueError("no model to merge besides base_model")
+        self.entry_params = [(str(resolve_model_path(e.model)), e.parameters) for e in r.models]
+        self.entry_params = [(k, p) for k, p in self.entry_params if k in self.by_key]
         self.compressor = DeltaCompressor(r.merge_method, r.param("rank", 16)) if r.merge_method in COMPRESS_METHODS else None  # type: ignore[arg-type]
         self.report: dict[str, Any] = {"merge_method": r.merge_method, "output": "checkpoint"}
+        # config and tokenizer come from the base model, else from the first (slice's first) input, as in mergekit
+        first_key = str(resolve_model_path(r.slices[0].sources[0].model)) if r.slices else None
+        first = self.by_key.get(first_key, self.inputs[0]) if first_key else self.inputs[0]
         if self.base is not None:
             self.ref_path = self.base
-        elif self.inputs[0].ckpt is not None:
-            self.ref_path = self.inputs[0].path
+        elif first.ckpt is not None:
+            self.ref_path = first.path
         else:
-            raise ValueError(f"model {self.inputs[0].path} is an adapter: set base_model in the recipe")
+            raise ValueError(f"model {first.path} is an adapter: set base_model in the recipe")
         self.ref = self.readers[self.ref_path]
         self.names = self.ref.names()
-        self._validate()
+        self.out_layers: int | None = None
+        if r.slices:
+            self.plan, self.out_layers = plan_slices(r, lambda ref: str(resolve_model_path(ref)), self._names_of,
+                                                     str(self.base) if self.base is not None else None)
+            self._validate_plan()
+        else:
+            self._validate()
+            self.plan = plan_models(r, self.names, self._num_layers(), self.entry_params, self.base is not None)
+        self.by_out = {e.out: e for e in self.plan}
+
+    def _names_of(self, key: str) -> list[str]:
+        if key in self.by_key:
+            return self.by_key[key].names()
+        return self.reader(Path(key)).names()
 
     def reader(self, path: Path) -> CheckpointReader:
         if path not in self.readers:
@@ -181,51 +236,109 @@ class _Run:
             raise ValueError("lines: no layer indices found in tensor names; set parameters.num_layers")
         return max(idx) + 1
 
+    def _num_layers(self) -> int:
+        idx = [i for i in (layer_of(k) for k in self.names) if i is not None]
+        return int(self.ref.config.get("num_hidden_layers") or (max(idx) + 1 if idx else 1))
+
+    def _validate_plan(self) -> None:
+        """Slices: every planned input tensor exists, with the shape of the others merged with it."""
+        for e in self.plan:
+            shapes = []
+            if e.base is not None:
+                assert self.base is not None
+                if e.base not in self.readers[self.base]:
+                    raise ValueError(f"tensor {e.base!r} is missing from {self.base}")
+                shapes.append((self.readers[self.base].shape(e.base), e.base, self.base))
+            for src in e.sources:
+                inp = self.by_key[src.key]
+                if not inp.has(src.name):
+                    raise ValueError(f"tensor {src.name!r} is missing from {inp.path}")
+                shapes.append((inp.shape(src.name), src.name, inp.path))
+            for shape, name, path in shapes[1:]:
+                if shape != shapes[0][0]:
+                    raise ValueError(f"shape mismatch for tensor {name!r}: {shapes[0][0]} in {shapes[0][2]}, "
+                                     f"{shape} in {path}")
+
     # ---- per-tensor merge --------------------------------------------------------------------
     def merge_tensor(self, name: str) -> Tensor:
-        r, m = self.recipe, self.recipe.merge_method
-        w = r.weights()
+        """The output tensor ``name`` (its plan entry merged)."""
+        return self.merge_entry(self.by_out[name])
+
+    def merge_entry(self, e: Entry) -> Tensor:
+        r, m, t = self.recipe, self.recipe.merge_method, e.t
+        inputs = [self.by_key[s.key] for s in e.sources]
+
+        def per_input(name: str, default: Any) -> list[Any]:  # mergekit: per-input settings read the input's name
+            return [r.resolve(name, default, s.params, *([e.scope] if e.scope else []), tensor=s.name, t=t)
+                    for s in e.sources]
+
+        def shared(name: str, default: Any) -> Any:
+            return r.resolve(name, default, *([e.scope] if e.scope else []), tensor=e.out, t=t)
+
+        def full(k: int) -> Tensor:
+            return inputs[k].full(e.sources[k].name)
+
+        w = [float(x) for x in per_input("weight", 1.0)]
+        if m == "passthrough":
+            scale = per_input("scale", None)[0]
+            return full(0) if scale is None else full(0) * float(scale)
         if m == "linear":
-            return ops.linear([i.full(name) for i in self.inputs], w, r.param("normalize", True))
+            return ops.linear([full(k) for k in range(len(inputs))], w, bool(shared("normalize", True)))
         if m == "slerp":
-            if len(self.inputs) == 2:
-                v0, v1 = self.inputs[0].full(name), self.inputs[1].full(name)
+            if e.base is not None and len(inputs) == 1:
+                v0, v1 = self.tensor(self.base, e.base), full(0)
             else:
-                v0, v1 = self.tensor(self.base, name), self.inputs[0].full(name)
-            return ops.slerp(r.param("t", 0.5), v0, v1, r.param("dot_threshold", 0.9995))
-        base_t = self.tensor(self.base, name)
+                v0, v1 = full(0), full(1)
+            return ops.slerp(float(shared("t", 0.5)), v0, v1, r.param("dot_threshold", 0.9995))
+        assert e.base is not None
+        base_t = self.tensor(self.base, e.base)
         if m in COMPRESS_METHODS:
-            return base_t + self.compressor(name, self.inputs[0].delta(name, self.base), self.out_dtype(name))
+            return base_t + self.compressor(e.out, inputs[0].delta(e.sources[0].name, self.base, e.base),
+                                            self.out_dtype(e.out))
         if m == "wise_ft":
-            return ops.wise_ft(base_t, self.inputs[0].full(name), r.param("alpha", 0.5))
+            return ops.wise_ft(base_t, full(0), float(shared("alpha", 0.5)))
         if m == "model_stock":
-            return ops.model_stock(base_t, [i.full(name) for i in self.inputs])
-        deltas = [i.delta(name, self.delta_base) for i in self.inputs]
-        lam = r.param("lambda", 1.0)
-        if m == "task_arithmetic":
-            return base_t + ops.task_arithmetic(deltas, w, lam)
-        if m == "ties":
-            return base_t + ops.ties(deltas, r.densities(), w, r.param("sign_method", "total"), lam)
-        if m in ("dare_linear", "dare_ties"):
-            g = torch.Generator().manual_seed(tensor_seed(r.param("seed", 0), name))
-            if m == "dare_linear":
-                return base_t + ops.dare_linear(deltas, r.densities(), g, w, lam)
-            return base_t + ops.dare_ties(deltas, r.densities(), g, w, r.param("sign_method", "total"), lam)
-        if m == "lines":
-            merged = ops.task_arithmetic(deltas, w, lam)
-            return base_t + ops.lines(merged, name, self._layers, r.param("alpha", 0.0), r.param("beta", None))
+            return ops.model_stock(base_t, [full(k) for k in range(len(inputs))])
+        against = self.delta_base if m == "transfer" else self.base
+        deltas = [inp.delta(s.name, against, e.base if m != "transfer" else s.name)
+                  for inp, s in zip(inputs, e.sources)]
+        lam = float(shared("lambda", 1.0))
         if m == "transfer":
             return base_t + w[0] * deltas[0]
+        if m == "lines":
+            merged = ops.task_arithmetic(deltas, w, lam)
+            return base_t + ops.lines(merged, e.out, self._layers, float(shared("alpha", 0.0)), shared("beta", None))
+        dens = [float(x) for x in per_input("density", 1.0)]
+        sign = r.param("sign_method", "total")
+        g = torch.Generator().manual_seed(tensor_seed(r.param("seed", 0), e.out))
+        if r.convention == "peft":
+            if m == "task_arithmetic":
+                return base_t + ops.task_arithmetic(deltas, w, lam)
+            if m == "ties":
+                return base_t + ops.ties(deltas, dens, w, sign, lam)
+            if m == "dare_linear":
+                return base_t + ops.dare_linear(deltas, dens, g, w, lam)
+            if m == "dare_ties":
+                return base_t + ops.dare_ties(deltas, dens, g, w, sign, lam)
+        if m in ("task_arithmetic", "ties", "dare_linear", "dare_ties"):
+            sparsify = {"ties": "magnitude", "dare_linear": "random", "dare_ties": "random"}.get(m)
+            return base_t + task_vector_merge(
+                deltas, w, dens, sparsify=sparsify, consensus=sign if m in ("ties", "dare_ties") else None,  # type: ignore[arg-type]
+                normalize=bool(shared("normalize", None)), rescale=bool(shared("rescale", None)), lam=lam, generator=g)
         raise ValueError(f"merge_method {m!r} is not a per-tensor method")
 
     def stream(self) -> Iterator[tuple[str, Tensor]]:
         if self.recipe.merge_method == "lines":
             self._layers = self.num_layers()
-        for name in self.names:
-            if not self.ref.dtype(name).is_floating_point:
-                yield name, self.ref.get(name)
+        for e in self.plan:
+            first = self.readers[self.base] if e.base is not None and self.base is not None else None
+            dtype = first.dtype(e.base) if first is not None else self.by_key[e.sources[0].key].dtype(e.sources[0].name)
+            if not dtype.is_floating_point:
+                src = (self.base, e.base) if first is not None else (self.by_key[e.sources[0].key].path,
+                                                                     e.sources[0].name)
+                yield e.out, self.reader(src[0]).get(src[1])
                 continue
-            yield name, self.merge_tensor(name).to(self.out_dtype(name))
+            yield e.out, self.merge_tensor(e.out).to(self.recipe.torch_dtype or dtype)
 
     def full_state_dict(self, inp: _Input | None) -> dict[str, Tensor]:
         """Whole model in memory (``inp=None``: the base), float tensors in their stored dtype."""
@@ -312,7 +425,8 @@ def run_merge(
         if r.needs_score and score_fn is None:
             score_fn = _task_scorer(r, run.ref_path)
         tensors = run.in_memory(score_fn) or run.stream()
-        extra = {"tunelab_merge.yaml": r.to_yaml()}
+        extra: dict[str, str | bytes] = {"tunelab_merge.yaml": r.to_yaml(), **output_files(
+            r, run.ref.config, run.out_layers, run.base, run.ref_path, [i.path for i in run.inputs if i.ckpt is not None])}
         with CheckpointWriter(
             out,
             copy_from=run.ref_path,

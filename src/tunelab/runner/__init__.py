@@ -19,12 +19,14 @@ suite, the table; this module: the order of the whole run.)
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from tunelab.core.rundir import write_json
 from tunelab.export import export_all
+from tunelab.export_stops import stop_rate_warning
 from tunelab.model import load_model
 from tunelab.recipe import Recipe
 from tunelab.runner.evaluation import evaluate, evaluate_suite, format_table
@@ -82,7 +84,8 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
                 # full-precision base
                 restore_frozen_weights(full, load_model(recipe.model).state_dict())
             exports = export_all(ws.method, full, ws.tokenizer, ws.run_dir / "export",
-                                 adapter=recipe.export.adapter, merged=recipe.export.merged)
+                                 adapter=recipe.export.adapter, merged=recipe.export.merged, gguf=recipe.export.gguf)
+    stop_warning = stop_rate_warning(before, after)
     summary = {
         "run_dir": str(ws.run_dir), "method": recipe.method.name, "objective": recipe.objective.name,
         "precision": recipe.train.precision, **ws.params,
@@ -92,6 +95,7 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
         "before": {k: v for k, v in (before or {}).items() if k != "samples"},
         "after": {k: v for k, v in (after or {}).items() if k != "samples"},
         "exports": exports, "wall_time_s": time.perf_counter() - t0,
+        **({"warnings": [stop_warning]} if stop_warning else {}),
     }
     if main:
         write_json(ws.run_dir, "summary.json", summary)
@@ -103,5 +107,7 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
         else:
             print(f"\nnot trained (do_train=False); total {summary['wall_time_s']:.0f} s")
         print(f"run directory: {ws.run_dir}")
+        if stop_warning:
+            print(f"\n{stop_warning}", file=sys.stderr)
     ws.accelerator.end_training()
     return summary

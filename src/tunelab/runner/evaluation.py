@@ -49,6 +49,7 @@ def evaluate_suite(ws: Workspace, model, label: str) -> dict[str, float | None]:
 
 TABLE_ROWS = (  # (key in eval_<label>.json, label, shown as a percentage)
     ("exact_match", "exact match", True),
+    ("stop_rate", "stop rate", True),
     ("reward_accuracy", "reward accuracy", True),
     ("preference_accuracy", "preference accuracy", True),
     ("rewards/margins", "reward margin", False),

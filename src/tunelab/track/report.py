@@ -27,7 +27,7 @@ from typing import Any
 from tunelab.evaluate.forgetting import SUMMARY_KEYS, r_matrix_metrics, validate_r_matrix
 from tunelab.track import plots
 
-PERCENT_METRICS = {"exact_match", "score", "acc", "acc_norm", "refusal_rate", "over_refusal_rate"}
+PERCENT_METRICS = {"exact_match", "stop_rate", "score", "acc", "acc_norm", "refusal_rate", "over_refusal_rate"}
 
 
 @dataclass
@@ -102,7 +102,7 @@ def score_rows(run: RunData) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     data = (run.recipe.get("data") or {}).get("eval") or {}
     held_out = f"run eval: {data.get('builtin') or data.get('path') or 'held-out'}"
-    for metric, higher in (("exact_match", True), ("eval_loss", False)):
+    for metric, higher in (("exact_match", True), ("stop_rate", True), ("eval_loss", False)):
         b = (run.evals.get("eval_before") or run.summary.get("before") or {}).get(metric)
         a = (run.evals.get("eval_after") or run.summary.get("after") or {}).get(metric)
         if _num(b) is not None or _num(a) is not None:
