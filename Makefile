@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunelab-installed
 
-.PHONY: setup run test test-interop lint bench clean
+.PHONY: setup run test test-slow test-interop lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,13 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/tunelab run
 
+# the default suite (pyproject's addopts leave out `interop`); `make test-slow` runs the end-to-end tests marked slow
+# (multi-process torchrun/FSDP2/DeepSpeed, kill loops, browser, real sweeps) on their own
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow and not interop"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m "slow and not interop"
 
 # GGUF exports checked by llama.cpp itself: installs llama-cpp-python (an sdist that compiles llama.cpp: ~30 min
 # on 2 busy cores) and runs the tests marked `interop` (docs/export.md has the last result)

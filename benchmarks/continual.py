@@ -160,7 +160,8 @@ def main() -> None:
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         print(f"{r['method']:<6} {r['strategy']:<14} {fmt(r['ACC'], True):>6} {fmt(r['BWT'], True, True):>8} "
-              f"{fmt(r['forgetting'], True, True):>10} {fmt(r['FWT'], True, True):>8} {fmt(r['d_bpb'], signed=True):>7} "
+              f"{fmt(r['forgetting'], True, True):>10} {fmt(r['FWT'], True, True):>8} "
+              f"{fmt(r['d_bpb'], signed=True):>7} "
               f"{fmt(r['d_arc'], True, True):>9} {fmt(r['train_time_s']):>8} {r['trainable_pct']:>11.3f}")
         if r["joint_ACC"] is not None:
             print(f"{r['method']:<6} {'joint (upper)':<14} {fmt(r['joint_ACC'], True):>6} {'':>8} {'':>10} {'':>8} "

@@ -57,7 +57,8 @@ def attention(variant: str, reps: int = 20) -> dict:
 
 
 def adamw(variant: str, reps: int = 3) -> dict:
-    params = [torch.nn.Parameter(torch.randn(576, 1536)) for _ in range(90)] + [torch.nn.Parameter(torch.randn(49152, 576))]
+    params = ([torch.nn.Parameter(torch.randn(576, 1536)) for _ in range(90)]
+              + [torch.nn.Parameter(torch.randn(49152, 576))])
     for p in params:
         p.grad = torch.randn_like(p)
     before = rss_mb()

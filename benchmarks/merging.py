@@ -102,7 +102,8 @@ class Scorer:
         if (Path(path) / "adapter_config.json").is_file():
             from peft import PeftModel
 
-            return PeftModel.from_pretrained(load_model(ModelConfig(name_or_path=self.base_dir)), str(path)).merge_and_unload()
+            return PeftModel.from_pretrained(
+                load_model(ModelConfig(name_or_path=self.base_dir)), str(path)).merge_and_unload()
         return load_model(ModelConfig(name_or_path=str(path)))
 
     def __call__(self, path: Path, tasks=None) -> dict[str, float]:
@@ -127,7 +128,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="LoRA steps per task (default 60, quick 2).")
     ap.add_argument("--batch-size", type=int, default=None, help="Default 16, quick 4.")
     ap.add_argument("--n-eval", type=int, default=None, help="Held-out items per task (default 100, quick 4).")
-    ap.add_argument("--score-n", type=int, default=None, help="Greedy soup scoring items per task (default 30, quick 2).")
+    ap.add_argument("--score-n", type=int, default=None,
+                    help="Greedy soup scoring items per task (default 30, quick 2).")
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--methods", default=None, help="Comma-separated subset of: " + ", ".join([*MERGES, *COMPRESS]))
     ap.add_argument("--workdir", default="runs/merging-benchmark", help="Runs, merges and results.json go here.")

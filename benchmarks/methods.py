@@ -179,7 +179,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="examples per step (overrides the budget)")
     ap.add_argument("--eval-n", type=int, default=None, help="held-out items (overrides the budget)")
     ap.add_argument("--cpu-limit", type=int, default=900,
-                    help="CPU seconds per method, all threads together (RLIMIT_CPU), before it is reported failed; wall-clock limit 3x that")
+                    help="CPU seconds per method, all threads together (RLIMIT_CPU), before it is reported failed; "
+                         "wall-clock limit 3x that")
     ap.add_argument("--json", default=None, help="also write the rows and the conditions to this JSON file")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown too")
     ap.add_argument("--no-untrained", action="store_true", help="skip the untrained reference row")
@@ -204,7 +205,8 @@ def main() -> None:
     if not args.no_untrained:
         names = [UNTRAINED] + names
     print(f"{len(names)} rows; budget {budget['steps']} steps x {budget['batch_size']} examples, "
-          f"{budget['eval_n']} held-out items; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset (all cores)')}", flush=True)
+          f"{budget['eval_n']} held-out items; "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset (all cores)')}", flush=True)
     rows = []
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-methods-") as out_dir:
@@ -228,8 +230,9 @@ def main() -> None:
         print()
         print(markdown_table(rows))
     if args.json:
-        meta = {"budget": budget, "total_s": total, "cpu_total_s": cpu_total, "date": time.strftime("%Y-%m-%d"), "machine": platform.processor()
-                or platform.machine(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        meta = {"budget": budget, "total_s": total, "cpu_total_s": cpu_total, "date": time.strftime("%Y-%m-%d"),
+                "machine": platform.processor() or platform.machine(),
+                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
                 "affinity": sorted(os.sched_getaffinity(0)), "command": " ".join(sys.argv)}
         with open(args.json, "w") as f:
             json.dump({"conditions": meta, "rows": rows}, f, indent=2)

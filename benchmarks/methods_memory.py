@@ -8,8 +8,9 @@ Memory, on CPU: `ru_maxrss` of the child (its lifetime peak resident set) and th
 after the model is loaded (`base`); `extra = peak - base` is what training added on top of the weights.
 On CUDA: torch.cuda.max_memory_allocated. `optimizer state` sums the optimizer's state tensors exactly
 (the RSS peak also holds allocator slack and transient buffers, e.g. galore-torch's per-matrix SVD and
-projection temporaries, so on a small model it can hide a smaller state). The `inference` row runs forward passes only (no_grad): MeZO
-should sit at inference level plus a small margin (one perturbation tensor z, the largest parameter).
+projection temporaries, so on a small model it can hide a smaller state). The `inference` row runs forward
+passes only (no_grad): MeZO should sit at inference level plus a small margin (one perturbation tensor z, the
+largest parameter).
 
   --quick   a small random Llama (hidden 384, 4 layers, vocab 8192, ~9.4M parameters), batch 2 x 64 (small
             activations, so parameter, gradient and optimizer-state memory dominate the differences)

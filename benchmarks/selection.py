@@ -37,7 +37,8 @@ except ImportError:  # running from a checkout without an install
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-DATASETS = {"alpaca-cherry": SHARED / "alpaca-cherry-5pct" / "cherry_alpaca_5_percent.json", "lima": SHARED / "lima" / "lima.json"}
+DATASETS = {"alpaca-cherry": SHARED / "alpaca-cherry-5pct" / "cherry_alpaca_5_percent.json",
+            "lima": SHARED / "lima" / "lima.json"}
 MINILM = {"name": "embedding", "encoder": "minilm"}
 
 
@@ -169,7 +170,8 @@ def main() -> None:
         shutil.rmtree(run_dir / "export", ignore_errors=True)  # ~0.5 GB per row
         report = json.loads((run_dir / "select" / "report.json").read_text()) if select is not None else {}
         n_train = report.get("selected", sum(1 for _ in open(files["pool"])))
-        results[name] = {"n_train": n_train, "n_scored": report.get("scored"), "eval_loss": summary["after"].get("eval_loss"), "if_rouge_l": score,
+        results[name] = {"n_train": n_train, "n_scored": report.get("scored"),
+                         "eval_loss": summary["after"].get("eval_loss"), "if_rouge_l": score,
                          "wall_s": time.perf_counter() - t0, "scoring": report.get("scoring", {})}
         table.append((name, str(n_train), f"{results[name]['eval_loss']:.4f}", f"{score:.4f}",
                       f"{results[name]['wall_s']:.0f}"))

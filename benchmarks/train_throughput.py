@@ -81,7 +81,8 @@ def worker_baseline(kind: str, steps: int, warmup: int, device: torch.device) ->
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS,
                                                  task_type="CAUSAL_LM"))
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)  # as tunelab (decay 0)
+    # as tunelab (decay 0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
     rows = text_rows(tok, BATCH * (steps + warmup))
     # the rows in the order tunelab's sampler visits them (seed 0), so the last losses are comparable
     from tunelab.data.batching import StepSampler

@@ -97,7 +97,8 @@ def compare_with_hf(model, tokenizer, llm, chats: Sequence[list[dict[str, str]]]
     for chat in chats:
         ids = encode_prompt(tokenizer, chat)
         with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            out = model.generate(input_ids=torch.tensor([ids]),
+                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops,
                                  pad_token_id=tokenizer.pad_token_id)[0, len(ids):].tolist()
         hf_stopped = bool(out) and out[-1] in stops

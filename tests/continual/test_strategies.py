@@ -77,7 +77,8 @@ def test_ewc_penalty_fisher_and_online_update_by_hand():
     assert ewc.loss_terms(model, {})["penalty"].item() == pytest.approx(0.5 * 2.0 * 8.5)
     # empirical Fisher: per-example loss (a0 x)^2 has gradient 2 a0 x^2 -> x=1: 2, x=2: 8 (a0 = 1);
     # mean of squares = (4 + 64) / 2 = 34; a1 has no gradient
-    f = diagonal_fisher(model, SquareObjective(), [{"input_ids": torch.tensor([1.0])}, {"input_ids": torch.tensor([2.0])}],
+    f = diagonal_fisher(model, SquareObjective(),
+                        [{"input_ids": torch.tensor([1.0])}, {"input_ids": torch.tensor([2.0])}],
                         {"a": model.a})
     assert f["a"].tolist() == pytest.approx([34.0, 0.0])
     assert model.a.grad is None  # no gradient left behind

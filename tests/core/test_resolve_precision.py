@@ -73,8 +73,16 @@ def test_auto_on_an_avx2_cpu_runs_fp32_end_to_end(tiny_model_dir, tmp_path, monk
         return real(device, precision)
 
     monkeypatch.setattr(P, "autocast_context", spy)
-    for mod in ("tunelab.train.loop", "tunelab.evaluate.tasks"):
-        monkeypatch.setattr(f"{mod}.autocast_context", spy)
+    monkeypatch.setattr("tunelab.train.loop.autocast_context", spy)
+    import tunelab.evaluate.tasks as tasks
+
+    real_generate = tasks.generate
+
+    def generate_spy(model, tokenizer, prompts, cfg, **kw):  # evaluation's generations: the engine's precision
+        seen.append(cfg.precision)
+        return real_generate(model, tokenizer, prompts, cfg, **kw)
+
+    monkeypatch.setattr(tasks, "generate", generate_spy)
     import tunelab.train.engine as engine
 
     applied = {}

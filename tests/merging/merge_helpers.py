@@ -35,4 +35,5 @@ def _save_tokenizer(path: Path) -> None:
 
 def _perturbed(base_sd: dict, seed: int, scale: float = 0.02) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base_sd.items()}
+    return {k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+            for k, v in base_sd.items()}

@@ -78,7 +78,8 @@ def models(tiny_model_dir, tmp_path_factory):
     (run / "export").mkdir(parents=True)
     (run / "recipe.yaml").write_text(yaml.safe_dump({"name": "date", "model": {"name_or_path": str(tiny_model_dir)}}))
     shutil.copytree(p["ad1"], run / "export" / "adapter")
-    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), p["ad1"]).merge_and_unload()
+    merged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), p["ad1"]).merge_and_unload()
     merged.save_pretrained(run / "export" / "merged")
     p["run"] = run
     from tiny import build_tiny_model
@@ -338,10 +339,12 @@ def test_errors_name_the_problem_and_write_nothing(models, tmp_path):
     assert _merge(tmp_path, ok)[0].exit_code == 0
     res, out = _merge(tmp_path, {**ok, "models": _m(P, "ft2")})
     assert res.exit_code == 2 and "exists" in res.output
-    assert torch.equal(load_file(str(out / "model.safetensors"))["model.norm.weight"], models["ft1"]["model.norm.weight"])
+    assert torch.equal(load_file(str(out / "model.safetensors"))["model.norm.weight"],
+                       models["ft1"]["model.norm.weight"])
     res, out = _merge(tmp_path, {**ok, "models": _m(P, "ft2")}, "--overwrite")
     assert res.exit_code == 0, res.output
-    assert torch.equal(load_file(str(out / "model.safetensors"))["model.norm.weight"], models["ft2"]["model.norm.weight"])
+    assert torch.equal(load_file(str(out / "model.safetensors"))["model.norm.weight"],
+                       models["ft2"]["model.norm.weight"])
     (tmp_path / "unexported").mkdir()
     (tmp_path / "unexported" / "recipe.yaml").write_text("name: unexported\n")
     res, _ = _merge(tmp_path, {"merge_method": "linear", "models": [{"model": str(tmp_path / "unexported")}]})
@@ -405,7 +408,8 @@ def test_shipped_merge_recipes_validate():
 
     from tunelab.merging import load_recipe
 
-    shipped = sorted(p.name for p in resources.files("tunelab").joinpath("recipes").iterdir() if p.name.startswith("merge_"))
+    shipped = sorted(p.name for p in resources.files("tunelab").joinpath("recipes").iterdir()
+                     if p.name.startswith("merge_"))
     assert shipped == ["merge_bitdelta.yaml", "merge_lora_cat.yaml", "merge_soup.yaml", "merge_ties.yaml"]
     methods = {n: load_recipe(str(resources.files("tunelab") / "recipes" / n)).merge_method for n in shipped}
     assert methods == {"merge_bitdelta.yaml": "bitdelta", "merge_lora_cat.yaml": "lora_cat",

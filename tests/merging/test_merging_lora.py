@@ -106,7 +106,8 @@ def test_adapter_reader_matches_peft_delta(tiny_models):
             assert reader.delta_shape(name) == tuple(ref.shape)
             assert reader.modules[name].scaling == module.scaling[adapter_name]
             torch.testing.assert_close(reader.delta(name), ref, rtol=0, atol=0)
-    assert AdapterReader(tiny_models["rslora"]).modules["model.layers.0.self_attn.q_proj.weight"].scaling == pytest.approx(6 / 2**0.5)
+    assert (AdapterReader(tiny_models["rslora"]).modules["model.layers.0.self_attn.q_proj.weight"].scaling
+            == pytest.approx(6 / 2**0.5))
 
 
 @pytest.mark.parametrize("method", ["cat", "svd"])
@@ -114,7 +115,8 @@ def test_merge_lora_adapter_dirs(tiny_models, tmp_path, method):
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    out = L.merge_lora_adapters([tiny_models["adapter"], tiny_models["rslora"]], tmp_path / "m", method, [0.5, 2.0], rank=6)
+    out = L.merge_lora_adapters([tiny_models["adapter"], tiny_models["rslora"]], tmp_path / "m", method, [0.5, 2.0],
+                                rank=6)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 6 and cfg["lora_alpha"] == 6 and cfg["use_rslora"] is False
     merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_models["base"]), out).merge_and_unload()

@@ -63,7 +63,8 @@ def test_method_specific_checks():
     with pytest.raises(ValidationError, match="at least two"):
         Recipe.model_validate({"merge_method": "model_stock", "base_model": "b", "models": [{"model": "a"}]})
     with pytest.raises(ValidationError, match="less than or equal to 1"):
-        Recipe.model_validate({"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "parameters": {"density": 2}})
+        Recipe.model_validate(
+            {"merge_method": "ties", "base_model": "b", "models": [{"model": "a"}], "parameters": {"density": 2}})
     with pytest.raises(ValidationError, match="merge_method"):
         Recipe.model_validate({"merge_method": "frankenmerge", "models": [{"model": "a"}]})
 
@@ -92,7 +93,8 @@ def test_greedy_soup_hand():
 
 def test_wise_ft_sweep_hand():
     base, ft = {"w": torch.tensor([0.0, 0.0])}, {"w": torch.tensor([1.0, 2.0])}
-    res = wise_ft_sweep(base, ft, [0.0, 0.25, 0.5, 1.0], lambda sd: -float((sd["w"] - torch.tensor([0.5, 1.0])).abs().sum()))
+    res = wise_ft_sweep(base, ft, [0.0, 0.25, 0.5, 1.0],
+                        lambda sd: -float((sd["w"] - torch.tensor([0.5, 1.0])).abs().sum()))
     assert res.alpha == 0.5
     assert res.state_dict["w"].tolist() == [0.5, 1.0]
     assert res.scores == pytest.approx({0.0: -1.5, 0.25: -0.75, 0.5: 0.0, 1.0: -1.5})

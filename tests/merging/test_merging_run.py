@@ -32,7 +32,8 @@ def refs(tiny_models):
             module = pmodel.base_model.model.get_submodule(name[: -len(".weight")])
             adapter_delta[name] = module.get_delta_weight("default").detach()
     merged_by_peft = pmodel.merge_and_unload().state_dict()
-    return {"base": base, "ft1": _sd(tiny_models["ft1"]), "ft2": _sd(tiny_models["ft2"]), "delta": adapter_delta, "peft_merged": merged_by_peft}
+    return {"base": base, "ft1": _sd(tiny_models["ft1"]), "ft2": _sd(tiny_models["ft2"]), "delta": adapter_delta,
+            "peft_merged": merged_by_peft}
 
 
 def _load(path):
@@ -52,7 +53,8 @@ def test_linear_with_adapter_end_to_end(tiny_models, refs, tmp_path):
     recipe = {
         "merge_method": "linear",
         "base_model": str(tiny_models["base"]),
-        "models": _models(tiny_models, "ft1", "ft2", "adapter", ft1={"weight": 1.0}, ft2={"weight": 2.0}, adapter={"weight": 1.0}),
+        "models": _models(tiny_models, "ft1", "ft2", "adapter",
+                          ft1={"weight": 1.0}, ft2={"weight": 2.0}, adapter={"weight": 1.0}),
     }
     out = run_merge(recipe, tmp_path / "linear")
     got = _load(out)
@@ -73,7 +75,8 @@ def test_ties_with_adapter_matches_peft(tiny_models, refs, tmp_path):
     recipe = {
         "merge_method": "ties",
         "base_model": str(tiny_models["base"]),
-        "models": _models(tiny_models, "ft1", "ft2", "adapter", ft1={"weight": w[0]}, ft2={"weight": w[1]}, adapter={"weight": w[2]}),
+        "models": _models(tiny_models, "ft1", "ft2", "adapter",
+                          ft1={"weight": w[0]}, ft2={"weight": w[1]}, adapter={"weight": w[2]}),
         "parameters": {"density": 0.4, "lambda": 1.0},
         "convention": "peft",
     }
@@ -97,7 +100,8 @@ def test_streaming_methods(tiny_models, refs, tmp_path):
         "lines": ({"models": _models(tm, "ft1"), "parameters": {"alpha": 0.2}},
                   lambda k: b[k] + ops.lines_scale(k, 2, 0.2) * (f1[k] - b[k])),
         # the adapter was trained on "base": carry its delta over to "ft2" as the new base
-        "transfer": ({"base_model": str(tm["ft2"]), "models": _models(tm, "adapter"), "parameters": {"source_base": base}},
+        "transfer": ({"base_model": str(tm["ft2"]), "models": _models(tm, "adapter"),
+                      "parameters": {"source_base": base}},
                      lambda k: f2[k] + d[k]),
     }
     for method, (extra, expect) in cases.items():
@@ -137,12 +141,15 @@ def test_greedy_soup_and_wise_ft_sweep_with_score_fn(tiny_models, refs, tmp_path
     def score(sd):
         return -sum(float((sd[k].float() - target[k]).pow(2).sum()) for k in target)
 
-    recipe = {"merge_method": "greedy_soup", "base_model": str(tiny_models["base"]), "models": _models(tiny_models, "ft1", "ft2", "base")}
+    recipe = {"merge_method": "greedy_soup", "base_model": str(tiny_models["base"]),
+              "models": _models(tiny_models, "ft1", "ft2", "base")}
     got = _load(run_merge(recipe, tmp_path / "soup", score_fn=score))
     for k in target:
         torch.testing.assert_close(got[k], (f1[k] + f2[k]) / 2, rtol=0, atol=1e-6)  # base rejected
-    sweep = {"merge_method": "wise_ft", "base_model": str(tiny_models["base"]), "models": _models(tiny_models, "ft1"), "parameters": {"alphas": [0.0, 0.5, 1.0]}}
-    got = _load(run_merge(sweep, tmp_path / "sweep", score_fn=lambda sd: -abs(float(sd["model.norm.weight"].mean()) - float(refs["ft1"]["model.norm.weight"].mean())) ))
+    sweep = {"merge_method": "wise_ft", "base_model": str(tiny_models["base"]), "models": _models(tiny_models, "ft1"),
+             "parameters": {"alphas": [0.0, 0.5, 1.0]}}
+    got = _load(run_merge(sweep, tmp_path / "sweep", score_fn=lambda sd: -abs(
+        float(sd["model.norm.weight"].mean()) - float(refs["ft1"]["model.norm.weight"].mean()))))
     torch.testing.assert_close(got["model.norm.weight"], refs["ft1"]["model.norm.weight"])
     with pytest.raises(ValueError, match="score_fn"):
         run_merge(recipe, tmp_path / "no_score")
@@ -166,11 +173,13 @@ def test_sharded_output_dtype_and_reader(tiny_models, refs, tmp_path):
 
 @pytest.mark.parametrize(
     "bad, match",
-    [("other_shape", r"shape mismatch for tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight'"), ("other_arch", "architecture mismatch")],
+    [("other_shape", r"shape mismatch for tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight'"),
+     ("other_arch", "architecture mismatch")],
 )
 def test_mismatch_writes_nothing(tiny_models, tmp_path, bad, match):
     out = tmp_path / "out"
-    recipe = {"merge_method": "ties", "base_model": str(tiny_models["base"]), "models": _models(tiny_models, "ft1", bad), "parameters": {"density": 0.5}}
+    recipe = {"merge_method": "ties", "base_model": str(tiny_models["base"]),
+              "models": _models(tiny_models, "ft1", bad), "parameters": {"density": 0.5}}
     with pytest.raises(ValueError, match=match):
         run_merge(recipe, out)
     assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -242,7 +242,8 @@ def test_runner_picks_the_reference(objective, method, expect, tiny_model_dir, t
 def test_distill_teacher_from_the_recipe(tiny_model_dir, tmp_path, capsys):
     from tunelab.runner import open_workspace, train_workspace
 
-    d = tiny_recipe_dict(tiny_model_dir, tmp_path / "runs", objective={"name": "distill", "teacher": str(tiny_model_dir)},
+    d = tiny_recipe_dict(tiny_model_dir, tmp_path / "runs",
+                         objective={"name": "distill", "teacher": str(tiny_model_dir)},
                          data={"train": {"builtin": "date_format", "n": 8}, "eval": None},
                          train={"max_steps": 2, "batch_size": 4})
     ws = open_workspace(Recipe.model_validate(d))

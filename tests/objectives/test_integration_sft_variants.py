@@ -291,7 +291,8 @@ def test_weights_column_and_prompt_loss_weight_through_the_runner(tiny_model_dir
     ws = open_workspace(Recipe.model_validate(d))
     e = ws.train_data[0]
     assert e["loss_weights"].count(0.1) > 0  # the user turn's tokens carry loss, with the prompt weight
-    assert sum(lab != IGNORE_INDEX for lab in e["labels"]) > sum(lab != IGNORE_INDEX for lab in ws.eval_data[0]["labels"])
+    assert (sum(lab != IGNORE_INDEX for lab in e["labels"])
+            > sum(lab != IGNORE_INDEX for lab in ws.eval_data[0]["labels"]))
     assert "loss_weights" in e and "loss_weights" in ws.eval_data[0]  # the column itself is kept in eval data
     model, _, _ = train_workspace(ws)
     out = evaluate(ws, model, "after")

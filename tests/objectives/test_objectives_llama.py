@@ -74,7 +74,8 @@ def make_batch(seed=0):
 def separate_logps(m, batch):
     """Reference computation: chosen and rejected in two separate forwards, each with its own padding."""
     with torch.no_grad():
-        c, nc = model_sequence_logps(m, batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"])
+        c, nc = model_sequence_logps(m, batch["chosen_input_ids"], batch["chosen_attention_mask"],
+                                     batch["chosen_labels"])
         r, nr = model_sequence_logps(
             m, batch["rejected_input_ids"], batch["rejected_attention_mask"], batch["rejected_labels"]
         )

@@ -259,6 +259,7 @@ def test_lazy_greedy_picks_equal_plain_greedy_with_fewer_evaluations():
     chosen, evaluations = lazy_greedy(emb, q, k, alpha, chunk=7)  # chunked initial gains
     sel: list[int] = []
     for _ in range(k):
-        sel.append(max((j for j in range(60) if j not in sel), key=lambda j: qdit_objective(emb, q, sel + [j], alpha, k)))
+        sel.append(max((j for j in range(60) if j not in sel),
+                       key=lambda j: qdit_objective(emb, q, sel + [j], alpha, k)))
     assert chosen.tolist() == sel
     assert evaluations < 60 * k / 2

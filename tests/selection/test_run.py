@@ -72,7 +72,8 @@ def test_bad_records_are_all_reported_with_line_numbers(tmp_path):
     with pytest.raises(SelectionError) as e:
         select_records(load_records(str(data)), length_cfg(budget=1), ScoringContext())
     msg = str(e.value)
-    assert "2 record(s)" in msg and f"{data}:2: missing field 'output'" in msg and f"{data}:4: missing field 'instruction'" in msg
+    assert ("2 record(s)" in msg and f"{data}:2: missing field 'output'" in msg
+            and f"{data}:4: missing field 'instruction'" in msg)
 
 
 def test_records_a_scorer_cannot_use_are_reported_with_line_numbers(tmp_path):

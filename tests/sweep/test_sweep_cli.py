@@ -12,7 +12,8 @@ import yaml
 from tiny import tiny_recipe_dict
 from typer.testing import CliRunner
 
-from tunelab.cli import app, builtin_recipe_path
+from tunelab.cli import app
+from tunelab.commands._common import builtin_recipe_path
 from tunelab.sweep.spec import load_sweep, parse_sweep
 from tunelab.sweep.study import run_sweep
 

@@ -52,7 +52,8 @@ def register(app: typer.Typer) -> None:
             r = load_validated_recipe(resolve_recipe(count))
             prepared, _ = assemble(r)  # calibrated on the training data where the method needs it
             trainable, total = prepared.params["trainable_params"], prepared.params["total_params"]
-            typer.echo(f"{r.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
+            typer.echo(f"{r.method.name}: {trainable:,} trainable of {total:,} parameters "
+                       f"({100 * trainable / total:.4f}%)")
 
         guard(go)
 

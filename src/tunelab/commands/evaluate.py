@@ -18,9 +18,9 @@ def register(app: typer.Typer) -> None:
         task: str = typer.Option(None, "--task", help="Without --tasks: the built-in task to score (default: the run's "
                                                       "eval data, else the quickstart task)."),
         n: int = typer.Option(100, "--n", help="Number of held-out items (with --tasks: items per task)."),
-        tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Evaluation suite, comma-separated or repeated: "
-                                                  "built-in task names, gen:FILE, mc:FILE, ppl:FILE, safety[:FILE], or a "
-                                                  "FILE (kind guessed). See docs/evaluation.md."),
+        tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Evaluation suite, comma-separated or "
+                                                  "repeated: built-in task names, gen:FILE, mc:FILE, ppl:FILE, "
+                                                  "safety[:FILE], or a FILE (kind guessed). See docs/evaluation.md."),
         harness: Optional[list[str]] = typer.Option(None, "--harness", help="lm-evaluation-harness tasks, run on the "
                                                     "model in memory (needs lm-eval)."),
         harness_include: Optional[str] = typer.Option(None, "--harness-include", help="Directory of lm-eval task YAML "
@@ -34,11 +34,12 @@ def register(app: typer.Typer) -> None:
         batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (default: the recipe's "
                                                  "eval.batch_size)."),
         precision: Optional[str] = typer.Option(None, "--precision", help="Autocast dtype: auto, bf16, fp16 or "
-                                                "fp32 (default: the recipe's train.precision, itself auto unless the recipe "
-                                                "sets it: bf16 where this machine computes it natively, else fp32; fp16 on "
-                                                "GPUs without bf16)."),
+                                                "fp32 (default: the recipe's train.precision, itself auto unless the "
+                                                "recipe sets it: bf16 where this machine computes it natively, else "
+                                                "fp32; fp16 on GPUs without bf16)."),
         max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Generation budget of exact match "
-                                                     "and generation tasks (default: the recipe's eval.max_new_tokens)."),
+                                                     "and generation tasks (default: the recipe's "
+                                                     "eval.max_new_tokens)."),
         checker: str = typer.Option("exact", "--checker", help="Default checker of gen: files: exact, numeric, regex "
                                                                "or contains."),
         harmful: Optional[str] = typer.Option(None, "--harmful", help="Harmful prompts for the safety task (default: a "

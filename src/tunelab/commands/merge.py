@@ -84,7 +84,8 @@ def _print_report(report: dict, out: Path) -> None:
         for i, (m, sc) in enumerate(zip(g["models"], g["individual_scores"])):
             echo(f"  ingredient {i}: score {sc:.4f}  {m}")
         for h in g["history"]:
-            echo(f"  try adding {h['candidate']}: soup score {h['score']:.4f} -> {'kept' if h['accepted'] else 'rejected'}")
+            echo(f"  try adding {h['candidate']}: soup score {h['score']:.4f} -> "
+                 f"{'kept' if h['accepted'] else 'rejected'}")
         echo(f"greedy soup of ingredients {g['selected']}: score {g['soup_score']:.4f}")
     w = report.get("wise_ft_sweep")
     if w:

@@ -12,7 +12,8 @@ from tunelab.commands._common import OVERRIDES_HELP, guard, resolve_recipe
 def register(app: typer.Typer) -> None:
     @app.command("recipe")
     def recipe_cmd(
-        show: Optional[str] = typer.Argument(None, help="A recipe to validate and print resolved (default: list the fields)."),
+        show: Optional[str] = typer.Argument(
+            None, help="A recipe to validate and print resolved (default: list the fields)."),
         overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
     ):
         """List every recipe field with its default and meaning, or print a recipe resolved."""

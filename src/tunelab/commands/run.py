@@ -16,8 +16,10 @@ def register(app: typer.Typer) -> None:
                                                           "Default: the quickstart (`tunelab run train.lr=1e-4` "
                                                           "overrides it)."),
         overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in its directory from the last checkpoint."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory of the same name."),
+        resume: bool = typer.Option(False, "--resume",
+                                    help="Continue the run in its directory from the last checkpoint."),
+        overwrite: bool = typer.Option(False, "--overwrite",
+                                       help="Replace an existing run directory of the same name."),
     ):
         """Evaluate, train, evaluate again, export; print the before/after table."""
         setup_logging()
@@ -35,8 +37,10 @@ def register(app: typer.Typer) -> None:
     def train(
         recipe: str = typer.Argument(..., help="Recipe YAML, built-in recipe name, or run directory (to resume)."),
         overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP, show_default=False),
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in its directory from the last checkpoint."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing run directory of the same name."),
+        resume: bool = typer.Option(False, "--resume",
+                                    help="Continue the run in its directory from the last checkpoint."),
+        overwrite: bool = typer.Option(False, "--overwrite",
+                                       help="Replace an existing run directory of the same name."),
     ):
         """Train and export, without the before/after evaluation."""
         setup_logging()

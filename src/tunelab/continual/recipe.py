@@ -116,7 +116,8 @@ class ContinualRecipe(_Strict):
     name: str = Field("continual", description="Run name; the run directory is `<output_dir>/<name>`.")
     output_dir: str = Field("runs", description="Parent directory of run directories.")
     base: Recipe = Field(default_factory=Recipe, description="The recipe every stage trains with (docs/recipe.md); "
-                                                             "its `data.train`/`data.eval` are replaced by each stage's.")
+                                                             "its `data.train`/`data.eval` are replaced by each "
+                                                             "stage's.")
     stages: list[StageSpec] = Field(..., min_length=1, description="The task stream, trained in this order.")
     strategy: list[StrategyConfig] = Field(default_factory=list, description="Anti-forgetting strategies (a mapping "
                                            "or a list of them, combined in order); none = naive sequential.")

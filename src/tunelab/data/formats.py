@@ -170,7 +170,8 @@ def _to_example(rec: Record, fmt: str, system_prompt: str | None = None):
         return ChatExample(msgs, rec.origin)
     if fmt == "prompt_completion":
         prompt, completion = _field(rec, "prompt"), _field(rec, "completion")
-        return ChatExample(sys_msgs + [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+        return ChatExample(sys_msgs + [{"role": "user", "content": prompt},
+                                       {"role": "assistant", "content": completion}],
                            rec.origin)
     if fmt == "messages":
         name = "messages" if "messages" in rec.data else "conversations"

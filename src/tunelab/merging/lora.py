@@ -49,7 +49,8 @@ from .recipe import Recipe
 Tensor = torch.Tensor
 LoraMethod = Literal["linear", "cat", "svd"]
 
-__all__ = ["lora_scaling", "lora_delta", "lora_linear", "lora_cat", "lora_svd", "merge_lora_adapters", "run_lora_recipe"]
+__all__ = ["lora_scaling", "lora_delta", "lora_linear", "lora_cat", "lora_svd", "merge_lora_adapters",
+           "run_lora_recipe"]
 
 
 def lora_delta(A: Tensor, B: Tensor, scaling: float = 1.0) -> Tensor:
@@ -77,7 +78,8 @@ def _check(As: Sequence[Tensor], Bs: Sequence[Tensor]) -> None:
 
 
 def lora_linear(
-    As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float] | None = None, scalings: Sequence[float] | None = None
+    As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float] | None = None,
+    scalings: Sequence[float] | None = None
 ) -> tuple[Tensor, Tensor]:
     """Weighted linear combination of the factors (peft ``combination_type="linear"``); see module doc."""
     _check(As, Bs)
@@ -90,7 +92,8 @@ def lora_linear(
 
 
 def lora_cat(
-    As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float] | None = None, scalings: Sequence[float] | None = None
+    As: Sequence[Tensor], Bs: Sequence[Tensor], weights: Sequence[float] | None = None,
+    scalings: Sequence[float] | None = None
 ) -> tuple[Tensor, Tensor]:
     """Concatenation along the rank (peft ``combination_type="cat"``); exact, rank ``sum r_i``."""
     _check(As, Bs)

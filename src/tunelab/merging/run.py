@@ -153,7 +153,10 @@ class _Run:
             raise ValueError("no model to merge besides base_model")
         self.entry_params = [(str(resolve_model_path(e.model)), e.parameters) for e in r.models]
         self.entry_params = [(k, p) for k, p in self.entry_params if k in self.by_key]
-        self.compressor = DeltaCompressor(r.merge_method, r.param("rank", 16)) if r.merge_method in COMPRESS_METHODS else None  # type: ignore[arg-type]
+        self.compressor = (
+            DeltaCompressor(r.merge_method, r.param("rank", 16))  # type: ignore[arg-type]
+            if r.merge_method in COMPRESS_METHODS else None
+        )
         self.report: dict[str, Any] = {"merge_method": r.merge_method, "output": "checkpoint"}
         # config and tokenizer come from the base model, else from the first (slice's first) input, as in mergekit
         first_key = str(resolve_model_path(r.slices[0].sources[0].model)) if r.slices else None
@@ -212,7 +215,8 @@ class _Run:
                 if n not in got:
                     raise ValueError(f"tensor {n!r} is missing from {path}")
                 if rd.shape(n) != ref.shape(n):
-                    raise ValueError(f"shape mismatch for tensor {n!r}: {ref.shape(n)} in {self.ref_path}, {rd.shape(n)} in {path}")
+                    raise ValueError(f"shape mismatch for tensor {n!r}: {ref.shape(n)} in {self.ref_path}, "
+                                     f"{rd.shape(n)} in {path}")
         for inp in self.inputs:
             if inp.adapter is None:
                 continue
@@ -221,7 +225,8 @@ class _Run:
                     raise ValueError(f"adapter {inp.path} targets tensor {n!r}, which is not in {self.ref_path}")
                 if inp.adapter.delta_shape(n) != ref.shape(n):
                     raise ValueError(
-                        f"shape mismatch for tensor {n!r}: adapter {inp.path} gives {inp.adapter.delta_shape(n)}, base has {ref.shape(n)}"
+                        f"shape mismatch for tensor {n!r}: adapter {inp.path} gives {inp.adapter.delta_shape(n)}, "
+                        f"base has {ref.shape(n)}"
                     )
 
     def out_dtype(self, name: str) -> torch.dtype:
@@ -364,9 +369,11 @@ class _Run:
                 "history": [{"candidate": c, "score": sc, "accepted": a} for c, sc, a in res.history],
             }
         elif r.merge_method == "wise_ft" and r.parameters.alphas:
-            sweep = wise_ft_sweep(self.full_state_dict(None), self.full_state_dict(self.inputs[0]), r.parameters.alphas, score_fn)  # type: ignore[arg-type]
+            sweep = wise_ft_sweep(self.full_state_dict(None), self.full_state_dict(self.inputs[0]),
+                                  r.parameters.alphas, score_fn)  # type: ignore[arg-type]
             sd = sweep.state_dict
-            self.report["wise_ft_sweep"] = {"alpha": sweep.alpha, "scores": {str(a): v for a, v in sweep.scores.items()}}
+            self.report["wise_ft_sweep"] = {"alpha": sweep.alpha,
+                                            "scores": {str(a): v for a, v in sweep.scores.items()}}
         else:
             return None
         return ((n, t.to(self.out_dtype(n)) if t.is_floating_point() else t) for n, t in sd.items())
@@ -426,7 +433,8 @@ def run_merge(
             score_fn = _task_scorer(r, run.ref_path)
         tensors = run.in_memory(score_fn) or run.stream()
         extra: dict[str, str | bytes] = {"tunelab_merge.yaml": r.to_yaml(), **output_files(
-            r, run.ref.config, run.out_layers, run.base, run.ref_path, [i.path for i in run.inputs if i.ckpt is not None])}
+            r, run.ref.config, run.out_layers, run.base, run.ref_path,
+            [i.path for i in run.inputs if i.ckpt is not None])}
         with CheckpointWriter(
             out,
             copy_from=run.ref_path,

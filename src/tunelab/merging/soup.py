@@ -21,7 +21,8 @@ StateDict = dict[str, Tensor]
 ScoreFn = Callable[[Mapping[str, Tensor]], float]
 Candidate = Mapping[str, Tensor] | Callable[[], Mapping[str, Tensor]]
 
-__all__ = ["check_state_dicts", "map_state_dicts", "uniform_soup", "greedy_soup", "wise_ft_sweep", "GreedySoupResult", "SweepResult"]
+__all__ = ["check_state_dicts", "map_state_dicts", "uniform_soup", "greedy_soup", "wise_ft_sweep", "GreedySoupResult",
+           "SweepResult"]
 
 
 def check_state_dicts(state_dicts: Sequence[Mapping[str, Tensor]]) -> None:
@@ -33,7 +34,8 @@ def check_state_dicts(state_dicts: Sequence[Mapping[str, Tensor]]) -> None:
                 raise ValueError(f"tensor {name!r} is missing from state dict {i}")
             if tuple(sd[name].shape) != tuple(ref[name].shape):
                 raise ValueError(
-                    f"shape mismatch for tensor {name!r}: {tuple(ref[name].shape)} vs {tuple(sd[name].shape)} (state dict {i})"
+                    f"shape mismatch for tensor {name!r}: {tuple(ref[name].shape)} vs {tuple(sd[name].shape)} "
+                    f"(state dict {i})"
                 )
         for name in sd:
             if name not in ref:

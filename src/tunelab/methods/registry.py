@@ -127,7 +127,8 @@ class Method:
 
     # -- hooks of the training loop ----------------------------------------------------------------
     def on_train_start(self, model: torch.nn.Module, total_steps: int) -> None:
-        """Called once before the first step (after a resume's state is loaded): schedules that need the run's length."""
+        """Called once before the first step (after a resume's state is loaded): schedules that need the run's
+        length."""
 
     def after_backward(self, model: torch.nn.Module, step: int) -> None:
         """Called with the step's gradients in place, before clipping and the optimizer step (AdaLoRA)."""

@@ -52,6 +52,7 @@ class GRPO(RLObjective):
     """Group Relative Policy Optimization (module docstring has the formulas)."""
 
     Config = GRPOOptions
+    config: GRPOOptions  # the validated options, typed
 
     def advantages(self, batch, gather, group_size):
         rewards = gather.cat(batch["rewards"])
@@ -65,7 +66,8 @@ class GRPO(RLObjective):
         logps, entropy = completion_logps(model, batch, float(batch["temperature"]), with_entropy=True)
         old = batch.get("old_per_token_logps")
         res = clipped_policy_loss(logps, logps.detach() if old is None else old, batch["advantages"], mask,
-                                  epsilon_low=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+                                  epsilon_low=cfg.epsilon, beta=cfg.beta,
+                                  epsilon_high=cfg.epsilon if cfg.epsilon_high is None else cfg.epsilon_high,
                                   ref_logps=batch.get("ref_per_token_logps"),
                                   importance_sampling_level=cfg.importance_sampling_level, delta=cfg.delta)
         s, t = float(batch["step_sequences"]), float(batch["step_tokens"])
@@ -104,4 +106,5 @@ class GSPO(GRPO):
     rho_i = exp(mean_t (log pi - log pi_old)), clipped with the paper's ranges and averaged per sequence."""
 
     Config = GSPOOptions
+    config: GSPOOptions  # the validated options, typed
 

@@ -48,6 +48,7 @@ class OnlineDPO(RLObjective):
     """DPO on pairs of the policy's own samples (module docstring)."""
 
     Config = OnlineDPOOptions
+    config: OnlineDPOOptions  # the validated options, typed
 
     def needs_reference(self) -> bool:
         return True

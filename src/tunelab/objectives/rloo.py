@@ -73,6 +73,7 @@ class RLOO(_KLInReward):
     """REINFORCE Leave-One-Out (module docstring)."""
 
     Config = RLOOOptions
+    config: RLOOOptions  # the validated options, typed
 
     def advantages(self, batch, gather, group_size):
         rewards = batch["rewards"]
@@ -115,6 +116,7 @@ class ReinforcePP(_KLInReward):
     """REINFORCE++ (module docstring): token-level, batch-normalised advantages."""
 
     Config = ReinforcePPOptions
+    config: ReinforcePPOptions  # the validated options, typed
 
     @property
     def min_group_size(self) -> int:  # type: ignore[override]

@@ -149,7 +149,8 @@ class TrainConfig(_Strict):
     seed: int = Field(0, description="Seed of weights init (adapters), data order and dropout.")
     log_every: int = Field(1, ge=1, description="Steps between metric lines in metrics.jsonl.")
     eval_every: int | None = Field(None, ge=1, description="Steps between held-out loss evaluations.")
-    save_every: int | None = Field(None, ge=1, description="Steps between checkpoints (one is always saved at the end).")
+    save_every: int | None = Field(
+        None, ge=1, description="Steps between checkpoints (one is always saved at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="How many checkpoints to keep on disk.")
 
 
@@ -158,7 +159,8 @@ class FSDPConfig(_Strict):
 
     reshard_after_forward: bool = Field(
         True, description="Free each decoder layer's gathered weights after its forward and gather them again in "
-        "backward (ZeRO-3: least memory). false keeps them until backward (ZeRO-2-like: one all-gather less per layer).")
+        "backward (ZeRO-3: least memory). false keeps them until backward (ZeRO-2-like: one all-gather less per "
+        "layer).")
     cpu_offload: bool = Field(
         False, description="Keep the sharded parameters, gradients and optimizer state in CPU memory and run the "
         "optimizer there (FSDP2 CPUOffloadPolicy); only the layer being computed lives on the GPU.")
@@ -427,7 +429,8 @@ def describe_fields(model: type[BaseModel] = Recipe, prefix: str = "") -> list[t
             continue
         section = next((a for a in getattr(ann, "__args__", None) or () if isinstance(a, type)
                         and issubclass(a, BaseModel)), None) if ann is not None else None
-        if section is not None and type(None) in ann.__args__:  # an optional section (data.eval, rollout)
+        # an optional section (data.eval, rollout)
+        if section is not None and type(None) in getattr(ann, "__args__", ()):
             rows.append((path, "see below" if info.default is None else "", info.description or ""))
             rows += describe_fields(section, path + ".")
             continue

@@ -101,7 +101,8 @@ def save_checkpoint(run_dir: Path, step: int, *, trainable: dict[str, torch.Tens
     final = root / f"step-{step:06d}"
     with atomic_dir(final) as tmp:
         # safetensors refuses shared storage (tied weights): save each tensor contiguous and owned.
-        save_file({k: v.detach().contiguous().clone() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        save_file({k: v.detach().contiguous().clone() for k, v in trainable.items()},
+                  str(tmp / "trainable.safetensors"))
         torch.save(optimizer_state, tmp / "optimizer.pt")
         for rank, rng in enumerate(rng_states):
             torch.save(rng, tmp / f"rng-{rank}.pt")

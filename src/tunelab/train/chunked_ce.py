@@ -306,7 +306,8 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                     w = weight.to(cd)  # [V, d]
                     if ctx.need_grad_weight:
                         gw = torch.empty(weight.shape, dtype=acc, device=weight.device)  # [V, d]
-                    ws = _Workspace(min(ctx.chunk_size, n_valid), weight.shape[0], d, cd, acc, hidden.device, gw is not None)
+                    ws = _Workspace(min(ctx.chunk_size, n_valid), weight.shape[0], d, cd, acc, hidden.device,
+                                    gw is not None)
                     for i, start in enumerate(range(0, n_valid, ctx.chunk_size)):
                         end = min(start + ctx.chunk_size, n_valid)
                         h_c, y_c = h[start:end], y[start:end]

@@ -51,7 +51,8 @@ def save_sharded(run_dir: Path, step: int, *, model: torch.nn.Module, method: Tr
                  state: dict[str, Any], keep: int) -> Path | None:
     """Collective: every process calls it with its shards. Returns the checkpoint directory on the main process."""
     # {"model": {name: DTensor shard | tensor}, "optimizer": {"state": {name: {...}}, "param_groups": [...]}}
-    sd = {"model": method.trainable_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    sd: dict[str, Any] = {"model": method.trainable_state_dict(model),
+                          "optimizer": get_optimizer_state_dict(model, optimizer)}
     world = dist.get_world_size() if dist.is_initialized() else 1
     return ckpt.save_collective_checkpoint(
         run_dir, step, write=lambda tmp: dcp.save(sd, checkpoint_id=tmp / SHARDS),
@@ -66,7 +67,8 @@ def load_sharded(path: Path, *, model: torch.nn.Module, method: TrainMethod, opt
     state = json.loads((path / "state.json").read_text())
     # the targets: this process's pieces of every trainable tensor (views of the parameters) and of the optimizer
     # state (`get_optimizer_state_dict` creates the state first, with a zero-lr step, when there is none yet)
-    sd = {"model": method.trainable_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    sd: dict[str, Any] = {"model": method.trainable_state_dict(model),
+                          "optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.load(sd, checkpoint_id=path / SHARDS)
     method.load_trainable_state_dict(model, sd["model"])
     set_optimizer_state_dict(model, optimizer, sd["optimizer"])

@@ -140,13 +140,13 @@ class EngineOptimizer(torch.optim.Optimizer):
         self._optimizer_step_pre_hooks: dict = {}
         self._optimizer_step_post_hooks: dict = {}
 
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure=None):
         self.engine.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         pass
 
-    def state_dict(self):  # type: ignore[override]
+    def state_dict(self):
         raise RuntimeError("DeepSpeed's optimizer state is saved by the engine (DeepSpeedBackend.save_checkpoint)")
 
 

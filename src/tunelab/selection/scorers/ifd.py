@@ -32,7 +32,8 @@ from tunelab.selection.scorers._common import LMScorerOptions, mean_losses, resp
 class IFDOptions(LMScorerOptions):
     drop_ge_1: bool = Field(True, description="Samples with IFD >= 1 are no candidates (both papers' rule).")
     unconditional: Literal["empty_turn", "raw"] = Field(
-        "empty_turn", description="Context of the A-alone pass: the template with an empty user turn, or one BOS token.")
+        "empty_turn",
+        description="Context of the A-alone pass: the template with an empty user turn, or one BOS token.")
 
 
 def ifd_from_losses(cond: np.ndarray, uncond: np.ndarray, variant: str) -> float:
