@@ -18,7 +18,10 @@ the first optimizer step (AdamW's state exists from then on), and its lifetime p
 shows the larger of the two processes and the ratio to DDP's, and the analytic per-process sizes of weights,
 gradients and AdamW moments (4 bytes each: P + P + 2P for DDP; divided by the 2 processes under sharding) so
 the rest can be attributed: the whole model each process loads before sharding (FSDP2 and ZeRO-3 start from a
-full copy), the gathered layer(s), activations, communication buffers, the Python / torch runtime (~0.5 GB).
+full copy), the gathered layer(s), activations, communication buffers, the Python / torch runtime (~0.3 GB).
+`held` is the resident set after the last step once glibc has given freed memory back (`malloc_trim`): what
+training keeps between steps (weights, AdamW state, buffers); the peak minus `held` is what one step needs on top
+(activations, gradients, gathered layers) plus freed memory glibc kept for reuse.
 
 Run:  python benchmarks/distributed_memory.py [--models smollm2,llama-0.3b] [--backends ddp,fsdp,deepspeed]
              [--steps 3] [--batch 2] [--seq 256] [--json out.json]
@@ -98,6 +101,7 @@ def child(name: str, model_name: str, steps: int, batch: int, seq: int) -> dict:
     objective = build_objective("sft", {})
     g = torch.Generator().manual_seed(1 + backend.process_index)
     clip = [p for grp in optimizer.param_groups for p in grp["params"]]
+    per_step: list[float] = []
     for step in range(steps):
         ids = torch.randint(3, vocab, (batch, seq), generator=g)
         micro = [{"input_ids": ids.to(backend.device), "attention_mask": torch.ones_like(ids).to(backend.device),
@@ -108,10 +112,33 @@ def child(name: str, model_name: str, steps: int, batch: int, seq: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
         if step == 0:
             marks["after_step_1"] = rss_mb()
+        per_step.append(rss_mb())
     marks["end"] = rss_mb()
-    mine = {"rank": backend.process_index, "peak_mb": peak_rss_mb(), **{f"{k}_mb": v for k, v in marks.items()}}
+    # what training holds between steps: freed memory glibc kept (it is reused, so it is in the peak) given back
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    marks["held"] = rss_mb()
+    mine = {"rank": backend.process_index, "peak_mb": peak_rss_mb(), **{f"{k}_mb": v for k, v in marks.items()},
+            "steps_mb": per_step, "optimizer": type(optimizer).__name__,
+            "optimizer_state_mb": _state_mb(optimizer)}
     ranks = gather_object([mine]) if backend.num_processes > 1 else [mine]
     return {"name": name, "model": model_name, "params": params, "world": backend.num_processes, "ranks": ranks}
+
+
+def _state_mb(optimizer) -> float:
+    """This process's optimizer state (its local shards), MB."""
+    import torch
+
+    total = 0
+    for st in getattr(optimizer, "state", {}).values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                local = v.to_local() if hasattr(v, "to_local") else v
+                total += local.numel() * local.element_size()
+    return total / 2**20
 
 
 def free_port() -> int:
@@ -158,12 +185,12 @@ def launch(name: str, model: str, args) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| model | backend | params | peak / process | vs DDP | loaded | prepared | after step 1 | "
-            "weights + grads + AdamW / process |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | backend | params | peak / process | vs DDP | loaded | prepared | after step 1 | held | "
+            "AdamW state | weights + grads + AdamW (analytic) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     ddp = {r["model"]: max(x["peak_mb"] for x in r["ranks"]) for r in results if r["name"] == "ddp" and "ranks" in r}
     for r in results:
         if "ranks" not in r:
-            rows.append(f"| {r['model']} | {LABEL[r['name']]} | | {r['error']} | | | | | |")
+            rows.append(f"| {r['model']} | {LABEL[r['name']]} | | {r['error']} | | | | | | | |")
             continue
         worst = max(r["ranks"], key=lambda x: x["peak_mb"])
         p = r["params"]
@@ -171,7 +198,7 @@ def table(results: list[dict]) -> str:
         ratio = f"{worst['peak_mb'] / ddp[r['model']]:.2f}x" if r["model"] in ddp else ""
         rows.append(f"| {r['model']} | {LABEL[r['name']]} | {p / 1e6:.0f}M | {worst['peak_mb']:.0f} MB | {ratio} | "
                     f"{worst['loaded_mb']:.0f} | {worst['prepared_mb']:.0f} | {worst['after_step_1_mb']:.0f} | "
-                    f"{analytic:.0f} MB |")
+                    f"{worst['held_mb']:.0f} | {worst['optimizer_state_mb']:.0f} | {analytic:.0f} MB |")
     return "\n".join(rows)
 
 

@@ -182,3 +182,18 @@ def test_unwrap_model_sees_through_an_engine_that_forwards_attributes():
     engine = Engine(model)
     assert hasattr(engine, "get_input_embeddings")  # forwarded
     assert unwrap_model(engine) is model
+
+
+def test_docs_list_exactly_the_methods_that_declare_sharding():
+    import re
+    from pathlib import Path
+
+    from tunelab.methods.registry import list_methods
+
+    doc = (Path(__file__).parents[2] / "docs" / "distributed.md").read_text()
+    listed = re.search(r"Shard \(FSDP2 and ZeRO-3\): (.*?)\.\n\n", doc, re.S).group(1)
+    declared = sorted(n for n, c in list_methods().items() if c.capabilities.supports_sharding)
+    assert [m.strip() for m in listed.replace("\n", " ").split(",")] == declared
+    undeclared = sorted(set(list_methods()) - set(declared))
+    for name in undeclared:  # each one that does not shard is named with its reason
+        assert re.search(rf"\b{name}\b", doc.split("Do not shard")[1].split("Objectives:")[0]), name

@@ -85,14 +85,29 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def deepspeed_config(recipe: Recipe, world_size: int) -> dict[str, Any]:
+def _hidden_size(model: torch.nn.Module) -> int | None:
+    from tunelab.core.unwrap import unwrap_peft
+
+    cfg = getattr(unwrap_peft(model), "config", None)
+    return getattr(cfg, "hidden_size", None)
+
+
+def deepspeed_config(recipe: Recipe, world_size: int, hidden_size: int | None = None) -> dict[str, Any]:
     """The engine's config: what `train.*` and `distributed.deepspeed.*` say, the pass-through merged over it.
 
     A pass-through value of a key tunelab owns (batch sizes, accumulation, clipping) must be "auto" or equal
     tunelab's; `optimizer` / `scheduler` sections are refused (`train.optimizer`, `train.scheduler` own them).
+    With the model's `hidden_size` h, ZeRO's buckets are sized from it as transformers' Trainer does for "auto"
+    (reduce bucket h^2, stage-3 prefetch 0.9 h^2, parameters under 10 h kept whole) instead of DeepSpeed's
+    defaults (5e8 / 5e7 elements, sized for large GPUs); the pass-through can set them.
     """
     tc, dc = recipe.train, recipe.distributed.deepspeed
     zero: dict[str, Any] = {"stage": dc.zero_stage}
+    if hidden_size:
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
+        if dc.zero_stage == 3:
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     offload = (("offload_optimizer", dc.offload_optimizer_device), ("offload_param", dc.offload_param_device))
     for kind, device in offload:
         if device != "none":
@@ -196,7 +211,7 @@ class DeepSpeedBackend(Backend):
         if self.stage == 3:
             self._skeleton = meta_skeleton(model)  # before the parameters are partitioned
         client = make_optimizer(model)
-        config = deepspeed_config(self.recipe, self.num_processes)
+        config = deepspeed_config(self.recipe, self.num_processes, hidden_size=_hidden_size(model))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config,
                                                dist_init_required=False)
         self.engine = engine
