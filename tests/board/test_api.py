@@ -232,3 +232,24 @@ def test_event_feed(tmp_path):
     state["n"] = 1
     chunks = feed.poll()
     assert chunks[0].startswith("event: runs") and '"step": 4' in chunks[1]
+
+
+def test_running_from_the_run_lock_and_stopping_a_cli_run(client, root):
+    """A run started elsewhere (here: a process holding the run directory's lock, as `tunelab run` does) shows as
+    running while its process lives, and Stop signals that process."""
+    import subprocess
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom tunelab.core.rundir import lock_run_dir\n"
+                               f"lock_run_dir({str(root / 'beta')!r})\nprint('locked', flush=True)\ntime.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  sys.path)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert client.get("/api/run/beta").json()["status"] == "running"
+        assert client.get("/api/run/beta").json()["holder"]["pid"] == holder.pid
+        assert client.post("/api/stop/beta", headers=POST).json() == {"ok": True, "status": "stopping"}
+        assert holder.wait(timeout=30) != 0
+        wait_for(lambda: client.get("/api/run/beta").json()["status"] == "incomplete")  # the dead pid holds nothing
+    finally:
+        holder.kill()
+        holder.wait()

@@ -2,7 +2,7 @@
 
 Safety (docs/board.md, tests/board/test_api.py):
   * every path a request names resolves inside the runs directory (`runs.inside`); launched runs write there only
-    (the board sets `output_dir` and refuses run names that are not one plain path component);
+    (the board sets `output_dir`; the recipe itself refuses a `name` that is not one plain path component);
   * a recipe is validated (`tunelab.validate.load_validated_recipe`) before any process starts;
   * with a token (required to bind anywhere but loopback), every request carries it: `Authorization: Bearer`, or
     the cookie set by opening `/?token=...` once;

@@ -19,7 +19,6 @@ from pydantic import BaseModel
 from tunelab.recipe import MethodConfig, ObjectiveConfig, Recipe, RecipeError, describe_fields, recipe_to_yaml
 
 FIELD_ERROR = re.compile(r"recipe field '([^']+)': (.*)")
-_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$")
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -114,13 +113,6 @@ def field_errors(err: Exception) -> list[dict[str, Any]]:
     return out or [{"field": None, "message": type(err).__name__}]
 
 
-def check_name(name: str) -> None:
-    """A run name the board launches must be one plain path component (its directory stays under the root)."""
-    if not _NAME_OK.match(name) or name in (".", ".."):
-        raise RecipeError(f"recipe field 'name': {name!r} is not a plain run name (letters, digits, . _ + -; "
-                          "no path separators, not starting with a dot)")
-
-
 def validate_overrides(overrides: list[str]) -> tuple[Recipe | None, list[dict[str, Any]]]:
     """The form's values (`a.b=value` as the CLI takes them) on the default recipe, validated. The defaults are
     written out resolved first, so that `data.train.n=64` changes the default training set's size instead of
@@ -134,7 +126,6 @@ def validate_overrides(overrides: list[str]) -> tuple[Recipe | None, list[dict[s
         f.flush()
         try:
             recipe = load_validated_recipe(f.name, overrides)
-            check_name(recipe.name)
             return recipe, []
         except (RecipeError, KeyError) as e:
             return None, field_errors(e)
@@ -145,7 +136,6 @@ def validate_yaml_file(path: Path) -> tuple[Recipe | None, list[dict[str, Any]]]
 
     try:
         recipe = load_validated_recipe(path)
-        check_name(recipe.name)
         return recipe, []
     except (RecipeError, KeyError) as e:
         return None, field_errors(e)

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.core.process import pid_alive
+from tunelab.core.rundir import LOCK_NAME
 from tunelab.track.report import load_run, main_row
 
 MAX_DEPTH = 4
 SKIP_DIRS = {"checkpoints", "export", "recipes", "logs", "wandb", "mlruns", "tensorboard", "__pycache__"}
-LOCK_FILE = ".tunelab.lock"  # a run's lock (pid, host) while a process writes its directory
 READABLE = {".json", ".jsonl", ".yaml", ".yml", ".html", ".png", ".log", ".txt", ".md", ".csv"}
 
 
@@ -71,9 +71,11 @@ def find_dirs(root: Path) -> tuple[list[Path], list[Path]]:
 
 
 def lock_holder(run_dir: Path) -> dict[str, Any] | None:
-    """The live process holding the run's lock on this machine, if any."""
+    """The live process holding the run's lock on this machine, if any: `core.rundir.lock_run_dir` writes its pid
+    and host into `.tunelab.lock` and removes the file on release; a file left by a killed process names a pid that
+    no longer runs. Read only: the board never takes (or probes) the lock, so it can never make a run wait."""
     try:
-        info = json.loads((run_dir / LOCK_FILE).read_text())
+        info = json.loads((run_dir / LOCK_NAME).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(info, dict) or info.get("host") not in (None, socket.gethostname()):

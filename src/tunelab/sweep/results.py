@@ -131,7 +131,7 @@ def write_best_recipe(sweep_dir: Path, output: Path | None = None, number: int |
     recipe = yaml.safe_load((Path(best["run_dir"]) / "recipe.yaml").read_text())
     sweep = yaml.safe_load((sweep_dir / "sweep.yaml").read_text())
     recipe["name"] = f"{summary['name']}-best"
-    recipe["output_dir"] = (sweep.get("base") or {}).get("output_dir", sweep.get("output_dir", "runs"))
+    recipe["output_dir"] = (sweep.get("base") or {}).get("output_dir", "runs")  # the base's (Recipe's default)
     output = output or sweep_dir / "best_recipe.yaml"
     values = ", ".join(f"{k} = {v:.4g}" for k, v in best["values"].items())
     atomic_write_text(output, f"# tunelab sweep {summary['name']}: trial {best['number']} ({values})\n"

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from tunelab.core.rundir import check_component
 from tunelab.recipe import Recipe, RecipeError, _Strict, apply_overrides, format_validation_error
 from tunelab.sweep.objectives import SweepObjective, check_against_recipe, parse_objective
 from tunelab.sweep.space import SearchSpace, parse_space
@@ -74,6 +75,11 @@ class SweepRecipe(_Strict):
                                 "in the sweep directory.")
     study_name: str | None = Field(None, description="Study name in the storage (default: `name`).")
     trial_timeout_s: float | None = Field(None, gt=0, description="Stop a trial that runs longer (it fails).")
+
+    @field_validator("name")
+    @classmethod
+    def _one_component(cls, v: str) -> str:
+        return check_component(v, "sweep name")  # `<output_dir>/<name>` must never leave output_dir
 
     @field_validator("objectives", mode="before")
     @classmethod

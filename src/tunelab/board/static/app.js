@@ -17,6 +17,7 @@ function h(tag, attrs, ...children) {
   for (const c of children.flat()) if (c !== null && c !== undefined) el.append(c.nodeType ? c : String(c));
   return el;
 }
+const exact = v => Number.isInteger(v) ? String(v) : String(+v.toPrecision(4));  // 0.975, 1619.46 -> 1619
 const fmt = (v, pct) => v === null || v === undefined ? "-" : pct ? (100 * v).toFixed(1) + "%" : fmtNum(v);
 const api = (path, opts) => fetch(path, opts).then(async r => {
   const body = (r.headers.get("content-type") || "").includes("json") ? await r.json() : await r.text();
@@ -291,8 +292,8 @@ function pageSweeps() {
     s.best.length ? h("table", {class: "front"}, h("tr", {}, ["trial", ...s.objectives, "parameters"].map(
       t => h("th", {text: t}))), s.best.map(t => h("tr", {}, h("td", {}, t.run_dir ? runLink(s.id + "/trials/" +
       t.run_dir.split("/").pop()) : "#" + t.number), s.objectives.map(o => h("td", {class: "num",
-      text: fmt(t.values[o])})), h("td", {text: Object.entries(t.params).map(([k, v]) =>
-      `${k}=${typeof v === "number" ? fmtNum(v) : v}`).join(", ")})))) : h("p", {class: "muted",
+      text: exact(t.values[o])})), h("td", {text: Object.entries(t.params).map(([k, v]) =>
+      `${k}=${typeof v === "number" ? exact(v) : v}`).join(", ")})))) : h("p", {class: "muted",
       text: "no finished trial yet"}))) : [h("p", {class: "muted", text: "No sweep directories (tunelab sweep) here."})]));
   api("/api/runs").then(draw);
   listen("/api/events", {runs: draw});

@@ -27,10 +27,13 @@ function drawChart(canvas, series, opts) {
     ctx.beginPath(); ctx.moveTo(pad.l, yy); ctx.lineTo(w - pad.r, yy); ctx.stroke();
     ctx.fillText(fmtNum(yv), 4, yy + 4);
   }
+  const integral = all.every(p => Number.isInteger(p[0]));  // steps: label whole numbers
   for (let i = 0; i <= 4; i++) {
     const xv = x0 + (x1 - x0) * i / 4;
-    ctx.fillText(fmtNum(xv), X(xv) - 8, h - 8);
+    ctx.textAlign = i === 0 ? "left" : i === 4 ? "right" : "center";
+    ctx.fillText(integral ? String(Math.round(xv)) : fmtNum(xv), X(xv), h - 8);
   }
+  ctx.textAlign = "left";
   series.forEach((s, k) => {
     const pts = s.points.filter(p => isFinite(p[0]) && isFinite(p[1]));
     if (!pts.length) return;
