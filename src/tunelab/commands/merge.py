@@ -136,7 +136,7 @@ def register(app: typer.Typer) -> None:
             r = load_recipe(recipe)
             typer.echo(f"{r.merge_method}: {len(r.models)} model(s)" + (f", base {r.base_model}" if r.base_model else ""))
             if calibration is not None and r.merge_method != "bitdelta":
-                _fail(f"--calibration distils BitDelta's scales; merge_method is {r.merge_method!r}")
+                fail(f"--calibration distils BitDelta's scales; merge_method is {r.merge_method!r}")
             report: dict = {}
             out = run_merge(r, output, overwrite=overwrite, report=report)
             if calibration is not None:
