@@ -232,7 +232,7 @@ def distill_bitdelta_scales(
     if relative_lr is None:
         opt = torch.optim.AdamW(list(alpha.values()), lr=lr)  # torch's defaults, as the reference's
     else:
-        opt = torch.optim.AdamW([{"params": [a], "lr": relative_lr * max(abs(float(a)), 1e-12)}
+        opt = torch.optim.AdamW([{"params": [a], "lr": relative_lr * max(abs(a.item()), 1e-12)}
                                  for a in alpha.values()], lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     losses = []
