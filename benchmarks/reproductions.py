@@ -10,7 +10,8 @@ Claims so far (the issue's table asks for >= 12; these are the cheap ones, shari
   bitdelta  Liu et al. 2024 (https://arxiv.org/abs/2402.10193): a 1-bit delta (sign x one scale per matrix) keeps
             most of a fine-tune's gain; measured as the retained share of the exact-match gain over the base,
             (EM_bitdelta - EM_base) / (EM_ft - EM_base), claim: >= 0.9 after scale distillation (the paper reports
-            little or no degradation); the first stage alone (mean |delta| scales) is reported beside it.
+            little or no degradation); the first stage alone (mean |delta| scales) is reported beside it. The scales
+            are distilled at a rate relative to each (`relative_lr` 0.02), not the reference's absolute 1e-4.
   dare      Yu et al. 2024 (https://arxiv.org/abs/2311.03099): DARE drops 90% of a fine-tune's delta entries
             (rescaling the rest by 1/0.1) with little loss; claim: retained gain >= 0.9.
 The shared fine-tune: full fine-tuning of SmolLM2-135M-Instruct on the built-in `date_format` task (the methods
@@ -109,7 +110,9 @@ def claim_bitdelta(seed: int, workdir: Path, b: dict) -> dict:
     run_merge(recipe, out, overwrite=True, report=report)
     m = {"em_base": exact_match(base, b), "em_ft": exact_match(run / "export" / "merged", b),
          "em_first_stage": exact_match(out, b), "ratio": report["compression"]["ratio"]}
-    d = calibrate_bitdelta(recipe, out, calibration_file(workdir), steps=b["calibration_steps"])
+    # each scale's lr relative to itself: the reference's absolute 1e-4 overshoots these small scales (see
+    # docs/merging.md), which the first --quick run measured: MSE 0.0009 -> 0.0024, exact match 62% -> 25%
+    d = calibrate_bitdelta(recipe, out, calibration_file(workdir), steps=b["calibration_steps"], relative_lr=0.02)
     m.update(em_distilled=exact_match(out, b), distill_loss_first=d["loss_first"], distill_loss_last=d["loss_last"])
     m["retained_first_stage"] = retained(m["em_first_stage"], m["em_base"], m["em_ft"])
     m["retained"] = retained(m["em_distilled"], m["em_base"], m["em_ft"])

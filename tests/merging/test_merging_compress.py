@@ -159,3 +159,29 @@ def test_bitdelta_scale_distillation_equals_the_reference_training():
     for n, p in student.named_parameters():  # the student holds base + distilled scale * sign
         if n in signs:
             torch.testing.assert_close(p.detach(), dict(base.named_parameters())[n].detach() + ours[n] * signs[n])
+
+
+def test_bitdelta_relative_lr_moves_each_scale_by_its_own_fraction():
+    """relative_lr: matrix i's rate is relative_lr * alpha_i(0), so Adam's first step (about one rate, whatever
+    the gradient's size) moves every scale by ~relative_lr of itself: small and large deltas alike."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    base = LlamaForCausalLM(cfg).eval()
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    signs, scales = {}, {}
+    with torch.no_grad():
+        for k, (n, p) in enumerate((n, p) for n, p in tuned.named_parameters() if C.bitdelta_compressible(n, p)):
+            d = (1e-5 if k % 2 else 1e-2) * torch.randn(p.shape, generator=g)  # scales 3 orders apart
+            p.add_(d)
+            signs[n], scales[n] = torch.where(d >= 0, 1.0, -1.0), float(d.abs().mean())
+    ids = torch.randint(0, 96, (2, 12), generator=g)
+    batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+    got, _ = C.distill_bitdelta_scales(copy.deepcopy(base), tuned, signs, scales, batches, steps=1, relative_lr=0.05)
+    for n in signs:
+        assert abs(got[n] - scales[n]) / scales[n] == pytest.approx(0.05, rel=0.05), n

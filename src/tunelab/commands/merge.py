@@ -121,6 +121,9 @@ def register(app: typer.Typer) -> None:
         calibration_steps: int = typer.Option(100, "--calibration-steps", min=1,
                                               help="Distillation steps of 4 rows x 128 tokens (BitDelta: 100)."),
         calibration_lr: float = typer.Option(1e-4, "--calibration-lr", help="AdamW lr of the scales (BitDelta: 1e-4)."),
+        calibration_relative_lr: float | None = typer.Option(
+            None, "--calibration-relative-lr", help="Instead: each scale's lr = this x its initial value (e.g. 0.02; "
+                                                    "for short fine-tunes, whose scales are far below 1e-4)."),
     ):
         from tunelab.commands._common import fail, setup_logging
 
@@ -150,7 +153,8 @@ def register(app: typer.Typer) -> None:
                 from tunelab.merging.bitdelta import calibrate_bitdelta
 
                 report["distillation"] = calibrate_bitdelta(r, out, calibration, steps=calibration_steps,
-                                                            lr=calibration_lr)
+                                                            lr=calibration_lr,
+                                                            relative_lr=calibration_relative_lr)
         except ValidationError as e:
             fail("\n".join(_validation_lines(e)))
         except (ValueError, FileExistsError, FileNotFoundError, KeyError) as e:

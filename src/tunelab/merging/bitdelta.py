@@ -55,7 +55,8 @@ def _model(config_dir: Path, state: dict[str, torch.Tensor]) -> torch.nn.Module:
 
 def calibrate_bitdelta(recipe: Recipe | dict[str, Any] | str | os.PathLike[str], output_dir: str | os.PathLike[str],
                        calibration: str | os.PathLike[str], *, steps: int = 100, lr: float = 1e-4,
-                       batch_size: int = 4, max_length: int = 128) -> dict[str, Any]:
+                       relative_lr: float | None = None, batch_size: int = 4,
+                       max_length: int = 128) -> dict[str, Any]:
     """Distil the scales of the BitDelta merge in `output_dir` (written by `run_merge` from `recipe`); rewrite
     it. Returns the report's `distillation` entry (losses, scales before and after)."""
     from transformers import AutoTokenizer
@@ -82,7 +83,8 @@ def calibrate_bitdelta(recipe: Recipe | dict[str, Any] | str | os.PathLike[str],
     student = _model(out, {**tuned, **{n: base[n] for n in signs}})
     batches = calibration_batches(AutoTokenizer.from_pretrained(out), calibration, n_rows=steps * batch_size,
                                   max_length=max_length, batch_size=batch_size)
-    distilled, losses = distill_bitdelta_scales(student, teacher, signs, scales, batches, steps=steps, lr=lr)
+    distilled, losses = distill_bitdelta_scales(student, teacher, signs, scales, batches, steps=steps, lr=lr,
+                                                relative_lr=relative_lr)
     weights = dict(student.named_parameters())
     reader = CheckpointReader(out)
     try:
@@ -92,7 +94,7 @@ def calibrate_bitdelta(recipe: Recipe | dict[str, Any] | str | os.PathLike[str],
         reader.close()
     report_path = out / "tunelab_merge_report.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    entry = {"steps": steps, "lr": lr, "batch_size": batch_size, "max_length": max_length,
+    entry = {"steps": steps, "lr": lr, "relative_lr": relative_lr, "batch_size": batch_size, "max_length": max_length,
              "rows": sum(len(b["input_ids"]) for b in batches), "calibration": str(calibration),
              "loss_first": losses[0], "loss_last": losses[-1], "matrices": len(signs),
              "mean_scale_before": sum(scales.values()) / max(len(scales), 1),
