@@ -77,8 +77,8 @@ def _print_report(report: dict, out: Path) -> None:
     d = report.get("distillation")
     if d:
         echo(f"BitDelta scale distillation: {d['steps']} steps on {d['rows']} rows of {d['max_length']} tokens, "
-             f"logits MSE {d['loss_first']:.4g} -> {d['loss_last']:.4g}; mean scale {d['mean_scale_before']:.4g} -> "
-             f"{d['mean_scale_after']:.4g}")
+             f"logits MSE {d['loss_first']:.4g} -> {d['loss_last']:.4g}; "
+             f"mean scale {d['mean_scale_before']:.4g} -> {d['mean_scale_after']:.4g}")
     g = report.get("greedy_soup")
     if g:
         for i, (m, sc) in enumerate(zip(g["models"], g["individual_scores"])):
