@@ -155,6 +155,7 @@ def test_schema_from_the_recipe_and_the_registries(client):
     assert fields["train.lr"]["widget"] == "number" and fields["train.scheduler"]["widget"] == "select"
     assert "cosine" in fields["train.scheduler"]["choices"] and fields["eval.before"]["widget"] == "checkbox"
     assert fields["train.max_steps"]["nullable"] and fields["train"]["section"]
+    assert fields["export.gguf"]["widget"] == "yaml"  # list[Literal[...]]: a list, not one of the literals
     lora = {o["path"]: o for o in s["methods"]["lora"]["options"]}
     assert lora["r"]["widget"] == "number" and lora["r"]["value"] == 16 and "arxiv" in s["methods"]["lora"]["paper"]
     assert "dpo" in s["objectives"] and "quickstart" in s["recipes"]

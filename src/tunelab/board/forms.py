@@ -10,6 +10,7 @@ function. Errors come back per dotted field (`recipe field 'train.lr': ...`), so
 from __future__ import annotations
 
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,15 @@ from tunelab.recipe import MethodConfig, ObjectiveConfig, Recipe, RecipeError, d
 FIELD_ERROR = re.compile(r"recipe field '([^']+)': (.*)")
 
 
+def _union_args(annotation: Any) -> tuple[Any, ...]:
+    """The members of `X | Y` / `Optional[X]`; (annotation,) for anything else (`list[X]` is one type, not X)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    args = typing.get_args(annotation) or (annotation,)
-    return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+    return [a for a in _union_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)]
 
 
 def field_info(path: str):
@@ -41,10 +48,9 @@ def field_info(path: str):
 
 def widget(annotation: Any) -> dict[str, Any]:
     """How a value of this type is typed in: checkbox, number, select (a Literal), text, or yaml (anything else)."""
-    args = typing.get_args(annotation)
+    args = _union_args(annotation)
     nullable = type(None) in args
-    inner = [a for a in args if a is not type(None)] if args and typing.get_origin(annotation) is not typing.Literal \
-        else [annotation]
+    inner = [a for a in args if a is not type(None)]
     if len(inner) == 1:
         a = inner[0]
         if typing.get_origin(a) is typing.Literal:
