@@ -6,7 +6,9 @@
     python benchmarks/generation.py --ablate     # batch 32, 128 tokens: the engine's levers one at a time
 
 Prompts: GSM8K test questions (../shared/data/gsm8k) as chat turns, 2 batches per configuration, left padding,
-the same stop ids on every side; sampled = temperature 1, top-p 0.95, top-k off. Sides:
+the same stop ids on every side; sampled = temperature 1, top-p 0.95, top-k off. The model is frozen
+(requires_grad False), as evaluation sees a LoRA run's base: transformers' generate then pays the prefill's
+[B, d, vocab] weight expansion of docs/engine.md's known issue (with weights that require grad it does not). Sides:
   hf        transformers' generate on the model in the device's fast dtype (bf16 where the CPU computes it
             natively, else fp32) and on the engine's own length-sorted batches (tunelab.generate.plan_batches):
             the strongest baseline, and the one whose greedy token ids must equal the engine's (the parent
@@ -93,7 +95,7 @@ def load(n_prompts: int, fp32: bool):
     native_bf16 = cpu_info()["avx512_bf16"] or cpu_info()["amx_bf16"]
     dtype = "float32" if fp32 or not native_bf16 else "bfloat16"
     cfg = ModelConfig(name_or_path="smollm2-135m-instruct", dtype=dtype)
-    tok, model = load_tokenizer(cfg), load_model(cfg).eval()
+    tok, model = load_tokenizer(cfg), load_model(cfg).eval().requires_grad_(False)
     with open(GSM8K) as f:
         questions = [json.loads(line)["question"] for line in f][:n_prompts]
     prompts = [[{"role": "user", "content": q}] for q in questions]

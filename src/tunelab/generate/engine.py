@@ -15,7 +15,7 @@ transformers' generate, or dropped from the batch (`drop_finished`: less work, b
 fewer rows, which changes their rounding and so is not bit-identical to transformers).
 
 Greedy outputs equal transformers' `generate` on the same batches token for token (same forward inputs and
-shapes; tests/generate/test_engine.py). PEFT prompt-learning adapters (prompt / prefix / P-tuning) insert
+shapes; tests/generate/test_generate_engine.py). PEFT prompt-learning adapters (prompt / prefix / P-tuning) insert
 virtual tokens inside PEFT's own generate: those models go through it (fallback.py).
 """
 
