@@ -166,14 +166,15 @@ def tunelab_side(model, tok, prompts, batch, new, sample, stops, precision, samp
 def child(args) -> dict:
     import torch
 
-    from tunelab.generate import GenerateConfig, default_stop_ids, generate
+    from tunelab.data.turns import stop_token_ids
+    from tunelab.generate import GenerateConfig, generate
 
     side = args.child
     samples = ROLLOUT_SAMPLES if args.mode == "rollout" else 1
     n_prompts = args.batch * args.batches // samples
     fp32 = side in FP32_SIDES
     tok, model, prompts, precision = load(n_prompts, fp32=fp32)
-    stops = default_stop_ids(tok, model)
+    stops = tuple(stop_token_ids(tok, model.generation_config))
     sample = args.mode in ("sampled", "rollout")
     hf_kw = dict(sorted_batches=side not in DATASET_ORDER, samples=samples, autocast=side == "hf-fp32-autocast")
     # warm-up: oneDNN builds its kernels for new shapes on first use
