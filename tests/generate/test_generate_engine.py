@@ -162,8 +162,8 @@ def test_num_return_sequences_prefills_each_prompt_once(model, tiny_tokenizer):
 
 
 def test_prefill_logits_come_from_a_contiguous_last_position(model, tiny_tokenizer):
-    """The known generation-memory issue: a strided [B, 1, d] input to the bf16 lm_head on CPU is computed
-    against the weight expanded to [B, vocab, d] (1.6 GB for SmolLM2 at batch 32). The engine's is contiguous."""
+    """The known generation-memory issue: a strided [B, 1, d] input to a frozen bf16 lm_head on CPU is computed
+    against the weight expanded to [B, d, vocab] (1.8 GB for SmolLM2 at batch 32). The engine's is contiguous."""
     seen = []
     hook = model.lm_head.register_forward_hook(lambda m, a, o: seen.append((a[0].shape, a[0].is_contiguous())))
     try:

@@ -5,7 +5,6 @@ from tunelab.generate.batching import encode_prompts, plan_batches
 from tunelab.generate.config import GenerateConfig
 from tunelab.generate.engine import generate
 from tunelab.generate.outputs import Completion, GenerationOutput, GenerationStats
-from tunelab.generate.stops import default_stop_ids
 
-__all__ = ["Completion", "GenerateConfig", "GenerationOutput", "GenerationStats", "default_stop_ids",
-           "encode_prompts", "generate", "plan_batches"]
+__all__ = ["Completion", "GenerateConfig", "GenerationOutput", "GenerationStats", "encode_prompts", "generate",
+           "plan_batches"]

@@ -5,7 +5,7 @@ cache of every layer (2 x layers copies of [B, H_kv, T, D]) and leaves the old b
 growing sizes fragment the heap. `PreallocatedLayer` writes the new positions into a buffer of the batch's
 final length (prompt width + max_new_tokens) and hands attention a VIEW of the filled prefix: the same values
 in the same shape as DynamicLayer's tensors, so attention computes exactly what it computes with
-transformers' default cache (tests/generate/test_engine.py checks greedy outputs token for token).
+transformers' default cache (tests/generate/test_generate_engine.py checks greedy outputs token for token).
 
 Only plain full-attention layers are replaced; sliding-window, linear-attention or other special layers keep
 transformers' own classes (hybrid models stay correct, at their usual speed).

@@ -19,8 +19,8 @@ class GenerateConfig:
     Greedy (`do_sample=False`): the arg-max token at every step (temperature, top-p and top-k are ignored).
     Sampled: logits / temperature, then top-k, then top-p (nucleus), then one draw (tunelab.generate.sampling).
 
-    `stop_token_ids=None` stops at the tokenizer's EOS, the model's generation-config EOS and the end-of-turn
-    tokens the tokenizer knows (`<|im_end|>`, `<|eot_id|>`, ...); a completion also stops after a token that
+    `stop_token_ids=None` stops at the model's generation-config EOS ids, the tokenizer's EOS and the chat
+    template's end-of-turn token (tunelab.data.turns.stop_token_ids); a completion also stops after a token that
     completes one of `stop_strings` (its text is cut before the stop string). `seed` makes sampling
     reproducible: each sequence draws from its own generator seeded by (seed, its index), so a completion does
     not depend on the batch it ran in; `seed=None` takes a seed from torch's global generator.

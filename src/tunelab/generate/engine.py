@@ -15,7 +15,7 @@ transformers' generate, or dropped from the batch (`drop_finished`: less work, b
 fewer rows, which changes their rounding and so is not bit-identical to transformers).
 
 Greedy outputs equal transformers' `generate` on the same batches token for token (same forward inputs and
-shapes; tests/generate/test_engine.py). PEFT prompt-learning adapters (prompt / prefix / P-tuning) insert
+shapes; tests/generate/test_generate_engine.py). PEFT prompt-learning adapters (prompt / prefix / P-tuning) insert
 virtual tokens inside PEFT's own generate: those models go through it (fallback.py).
 """
 
@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tunelab.core.precision import resolve_precision
+from tunelab.data.turns import stop_token_ids
 from tunelab.generate.batching import Prompt, encode_prompts, left_pad, plan_batches
 from tunelab.generate.cache import make_cache
 from tunelab.generate.config import GenerateConfig
@@ -36,7 +37,7 @@ from tunelab.generate.fallback import generate_with_peft
 from tunelab.generate.forward import DTYPES, ModelStep, generation_mode, is_prompt_learning
 from tunelab.generate.outputs import Completion, GenerationOutput, GenerationStats
 from tunelab.generate.sampling import next_tokens, sequence_uniforms, token_logprobs
-from tunelab.generate.stops import StopStrings, default_stop_ids
+from tunelab.generate.stops import StopStrings
 
 
 def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[Prompt], config: GenerateConfig | None = None,
@@ -46,7 +47,8 @@ def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[Prompt], confi
     if cfg.precision == "auto":  # the dtype this device computes natively (bf16, else fp32; fp16 on old GPUs)
         cfg = replace(cfg, precision=resolve_precision("auto", next(model.parameters()).device))
     encoded = encode_prompts(tokenizer, prompts)
-    stop_ids = cfg.stop_token_ids if cfg.stop_token_ids is not None else default_stop_ids(tokenizer, model)
+    stop_ids = (cfg.stop_token_ids if cfg.stop_token_ids is not None
+                else tuple(stop_token_ids(tokenizer, getattr(model, "generation_config", None))))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop_ids[0] if stop_ids else 0)
     seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, (1,)).item())
     stats = GenerationStats(prompt_tokens=sum(len(e) for e in encoded))

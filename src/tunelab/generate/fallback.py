@@ -30,7 +30,7 @@ def generate_with_peft(model, tokenizer, encoded: list[list[int]], cfg: Generate
                   eos_token_id=list(stop_ids), pad_token_id=pad_id, return_dict_in_generate=True,
                   output_logits=cfg.return_logprobs)
     if cfg.do_sample:
-        kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k or None)
+        kwargs.update(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)  # 0 = off, as here
     if cfg.stop_strings:
         kwargs.update(stop_strings=list(cfg.stop_strings), tokenizer=tokenizer)
     batches = plan_batches([len(e) for e in encoded], max(1, cfg.batch_size // n))

@@ -69,9 +69,10 @@ class ModelStep:
     numerics are the same, with two differences that do not change them:
 
     * the prefill's logits come from the last position only, selected with an index tensor: a contiguous
-      [B, 1, d] copy. `logits_to_keep=1` slices a strided view, and a strided 3-D input to a bf16 linear
-      layer on CPU is computed as a batched matmul against the weight EXPANDED to [B, vocab, d]: for
-      SmolLM2 at batch 32 a 1.6 GB transient (the "known generation-memory issue") and a slow copy;
+      [B, 1, d] copy. `logits_to_keep=1` slices a strided view, which `aten::matmul` does not fold into a
+      matrix when the weight is frozen: it runs a batched matmul against the weight expanded to
+      [B, d, vocab], which the CPU's bf16 kernel materialises (1.8 GB for SmolLM2 at batch 32: the "known
+      generation-memory issue", docs/engine.md);
     * the KV cache is the caller's (tunelab.generate.cache).
     """
 

@@ -1,33 +1,6 @@
-"""When a completion ends: stop token ids (EOS, end of turn) and stop strings."""
+"""Stop strings: detected as tokens arrive, cut from the final text. (Stop token ids: tunelab.data.turns.)"""
 
 from __future__ import annotations
-
-# Special tokens that end an assistant turn in the chat templates of common model families (ChatML / SmolLM /
-# Qwen, Llama 3, Gemma, Phi-3); only those the tokenizer has as single tokens are used.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
-
-
-def _as_list(ids) -> list[int]:
-    if ids is None:
-        return []
-    if isinstance(ids, int):
-        return [ids]
-    return [int(i) for i in ids]
-
-
-def default_stop_ids(tokenizer, model=None) -> tuple[int, ...]:
-    """The tokenizer's EOS, the model's generation-config EOS (one id or several) and the end-of-turn tokens
-    the tokenizer knows, in that order, without repeats."""
-    ids = _as_list(getattr(tokenizer, "eos_token_id", None))
-    gen_cfg = getattr(model, "generation_config", None)
-    ids += _as_list(getattr(gen_cfg, "eos_token_id", None))
-    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
-    unk = getattr(tokenizer, "unk_token_id", None)
-    for tok in END_OF_TURN_TOKENS:
-        i = vocab.get(tok)
-        if i is not None and i != unk:
-            ids.append(int(i))
-    return tuple(dict.fromkeys(ids))
 
 
 class StopStrings:
