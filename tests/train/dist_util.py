@@ -104,10 +104,11 @@ class Runs:
     def dir(self, name: str) -> Path:
         return self.root / "runs" / name
 
-    def get(self, name: str, kind: str, nproc: int, *overrides: str) -> Path:
-        """Run `name`: recipe `kind` on `nproc` processes (1: no torchrun; grad_accum 2 / nproc), once."""
+    def get(self, name: str, kind: str, nproc: int, *overrides: str, command: str = "train") -> Path:
+        """Run `name`: `tunelab <command>` of recipe `kind` on `nproc` processes (1: no torchrun; grad_accum
+        2 / nproc), once."""
         if name not in self.done:
-            args = cli("train", self.recipe(kind), f"name={name}", f"train.grad_accum={2 // nproc}", *overrides)
+            args = cli(command, self.recipe(kind), f"name={name}", f"train.grad_accum={2 // nproc}", *overrides)
             run(one_process(*args) if nproc == 1 else torchrun(nproc, *args))
             self.done[name] = self.dir(name)
         return self.done[name]

@@ -279,10 +279,12 @@ class DeepSpeedBackend(Backend):
         return full
 
     def export_model(self, model):
+        if self.engine is None:  # never prepared (a run that did not train): the model is whole already
+            return model if self.is_main_process else None
         full = self.gather_full_state(model)
         if not self.is_main_process:
             return None
         if self.stage != 3:
             return self.engine.module
-        assert self._skeleton is not None, "export_model before prepare"
+        assert self._skeleton is not None  # made in prepare at stage 3
         return materialize(self._skeleton, full)

@@ -159,8 +159,9 @@ class FSDPBackend(Backend):
         return full if self.is_main_process else None
 
     def export_model(self, model):
+        if self._skeleton is None:  # never prepared (a run that did not train): the model is whole already
+            return model if self.is_main_process else None
         full = self.gather_full_state(model)
         if not self.is_main_process:
             return None
-        assert self._skeleton is not None, "export_model before prepare"
         return materialize(self._skeleton, full)
