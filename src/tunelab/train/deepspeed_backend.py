@@ -13,7 +13,8 @@ passes anything else through.
 
 How the loop's contract maps onto the engine:
 * the model the loop runs is the ENGINE (its forward marks ZeRO-3's external parameters; calling the bare
-  module under accumulation gave wrong gradients), evaluation and export use the bare module;
+  module under accumulation gave wrong gradients), evaluation and export use the bare module; the engine's
+  forward keeps the loop's bf16 autocast only when its config enables `torch_autocast`, which tunelab does;
 * `backward` is `engine.backward(loss, scale_wrt_gas=False)` (the loop already scales every micro-batch by the
   global unit count) with the accumulation boundary set explicitly: only the last micro-batch of a step
   (outside `no_sync`) reduces gradients;
@@ -122,6 +123,11 @@ def deepspeed_config(recipe: Recipe, world_size: int, hidden_size: int | None = 
         "zero_force_ds_cpu_optimizer": False,  # ... also when the optimizer state is offloaded
         "steps_per_print": 2**31 - 1,  # the loop logs; DeepSpeed's own progress lines stay off
     }
+    if tc.precision == "bf16":
+        # the engine's forward switches an outer torch.autocast OFF unless its config enables torch_autocast (then
+        # the model would run in its storage dtypes, not the loop's autocast); no module is "lower-precision safe",
+        # so gradients are still reduced in fp32, as under DDP and FSDP2
+        ours["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     user = user_config(recipe)
     for key in ("optimizer", "scheduler"):
         if key in user:
