@@ -156,10 +156,18 @@ class EngineOptimizer(torch.optim.Optimizer):
     def __init__(self, engine: Any, client: torch.optim.Optimizer):  # noqa: D107 - no Optimizer.__init__: shares
         self.engine, self.client = engine, client
         self.defaults = client.defaults
-        self.param_groups = client.param_groups
-        self.state = client.state
         self._optimizer_step_pre_hooks: dict = {}
         self._optimizer_step_post_hooks: dict = {}
+
+    # Read through, never copied: loading a checkpoint replaces the client's `param_groups` list (torch's
+    # Optimizer.load_state_dict), and a copy would leave the schedule setting the lr of groups no one steps.
+    @property  # type: ignore[override]
+    def param_groups(self):
+        return self.client.param_groups
+
+    @property  # type: ignore[override]
+    def state(self):
+        return self.client.state
 
     def step(self, closure=None):
         self.engine.step()
