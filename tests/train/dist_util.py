@@ -60,8 +60,10 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def max_rel_diff(a: list[float], b: list[float]) -> float:
+    """Largest |a - b| / |a| over the curve; |a| floored at 1e-2, so losses near 0 (distillation from the model
+    itself starts at exactly 0) are compared absolutely (rel 1e-5 -> 1e-7 absolute)."""
     assert len(a) == len(b), (a, b)
-    return max(abs(x - y) / abs(x) for x, y in zip(a, b))
+    return max(abs(x - y) / max(abs(x), 1e-2) for x, y in zip(a, b))
 
 
 def export_tensors(run_dir: Path, kind: str) -> dict[str, torch.Tensor]:
