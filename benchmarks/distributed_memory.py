@@ -116,6 +116,7 @@ def child(name: str, model_name: str, steps: int, batch: int, seq: int, ac: bool
         backend.clip_grad_norm(clip, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        backend.end_step()
         if step == 0:
             marks["after_step_1"] = rss_mb()
         per_step.append(rss_mb())

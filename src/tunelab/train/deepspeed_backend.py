@@ -39,6 +39,7 @@ import torch
 
 from tunelab.recipe import Recipe, RecipeError
 from tunelab.train import checkpoint as ckpt
+from tunelab.train.allocator import release_freed_memory
 from tunelab.train.backends import Backend
 from tunelab.train.skeleton import materialize, meta_skeleton
 
@@ -242,6 +243,10 @@ class DeepSpeedBackend(Backend):
             yield
         finally:
             self._boundary = True
+
+    def end_step(self):
+        if self.device.type == "cpu":  # as FSDP2 (train/fsdp.py): free heap pages back between steps
+            release_freed_memory()
 
     def clip_grad_norm(self, params, max_norm):
         return None  # the engine clips inside its step (`gradient_clipping`) and reports no norm before it

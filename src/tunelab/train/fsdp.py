@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tunelab.core.unwrap import unwrap_peft
 from tunelab.recipe import FSDPConfig, Recipe, RecipeError
 from tunelab.train import dcp
+from tunelab.train.allocator import release_freed_memory
 from tunelab.train.backends import Backend
 from tunelab.train.engine import decoder_layers
 from tunelab.train.skeleton import materialize, meta_skeleton
@@ -127,6 +128,10 @@ class FSDPBackend(Backend):
 
     def backward(self, loss):
         loss.backward()
+
+    def end_step(self):
+        if self.device.type == "cpu":  # keep the resident set at what the shards need between steps (allocator.py)
+            release_freed_memory()
 
     def no_sync(self, model):
         return contextlib.nullcontext()  # reduce-scatter every micro-batch (module docstring)
