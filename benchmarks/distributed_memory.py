@@ -23,8 +23,11 @@ full copy), the gathered layer(s), activations, communication buffers, the Pytho
 training keeps between steps (weights, AdamW state, buffers); the peak minus `held` is what one step needs on top
 (activations, gradients, gathered layers) plus freed memory glibc kept for reuse.
 
+Each runs without and with activation checkpointing (`--checkpointing no,yes`): activations are per process and
+not sharded, so recomputing them in backward shows what sharding does to the rest.
+
 Run:  python benchmarks/distributed_memory.py [--models smollm2,llama-0.3b] [--backends ddp,fsdp,deepspeed]
-             [--steps 3] [--batch 2] [--seq 256] [--json out.json]
+             [--checkpointing no,yes] [--steps 3] [--batch 2] [--seq 256] [--json out.json]
 A configuration whose estimated need exceeds the machine's available memory is skipped and says so.
 """
 
@@ -67,8 +70,9 @@ def build_model(name: str):
     return LlamaForCausalLM(cfg)
 
 
-def child(name: str, model_name: str, steps: int, batch: int, seq: int) -> dict:
-    """One process of one configuration; rank 0 returns every rank's figures."""
+def child(name: str, model_name: str, steps: int, batch: int, seq: int, ac: bool) -> dict:
+    """One process of one configuration; rank 0 returns every rank's figures. `ac`: activation checkpointing
+    (FSDP2's per-layer `distributed.fsdp.activation_checkpointing`, else `train.gradient_checkpointing`)."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -81,9 +85,11 @@ def child(name: str, model_name: str, steps: int, batch: int, seq: int) -> dict:
     from tunelab.train.loop import forward_backward
     from tunelab.train.optim import build_optimizer
 
-    recipe = Recipe.model_validate({"method": {"name": "full"}, "distributed": BACKENDS[name],
+    dist_cfg = {**BACKENDS[name], **({"fsdp": {"activation_checkpointing": True}} if ac and name == "fsdp" else {})}
+    recipe = Recipe.model_validate({"method": {"name": "full"}, "distributed": dist_cfg,
                                     "train": {"batch_size": batch, "precision": "fp32", "lr": 1e-5,
-                                              "max_grad_norm": 1.0}})
+                                              "max_grad_norm": 1.0,
+                                              "gradient_checkpointing": ac and name != "fsdp"}})
     acc = Accelerator(cpu=not torch.cuda.is_available())
     backend = build_backend(recipe, acc)
     marks = {"start": rss_mb()}
@@ -110,6 +116,7 @@ def child(name: str, model_name: str, steps: int, batch: int, seq: int) -> dict:
         backend.clip_grad_norm(clip, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        backend.end_step()
         if step == 0:
             marks["after_step_1"] = rss_mb()
         per_step.append(rss_mb())
@@ -125,7 +132,8 @@ def child(name: str, model_name: str, steps: int, batch: int, seq: int) -> dict:
             "steps_mb": per_step, "optimizer": type(optimizer).__name__,
             "optimizer_state_mb": _state_mb(optimizer)}
     ranks = gather_object([mine]) if backend.num_processes > 1 else [mine]
-    return {"name": name, "model": model_name, "params": params, "world": backend.num_processes, "ranks": ranks}
+    return {"name": name, "model": model_name, "ac": ac, "params": params, "world": backend.num_processes,
+            "ranks": ranks}
 
 
 def _state_mb(optimizer) -> float:
@@ -165,14 +173,14 @@ def estimate_mb(params: float, backend: str) -> float:
 PARAMS = {"tiny": 1.1e6, "smollm2": 135e6, "llama-0.3b": 0.32e9}
 
 
-def launch(name: str, model: str, args) -> dict:
+def launch(name: str, model: str, ac: bool, args) -> dict:
     need = estimate_mb(PARAMS[model], name)
     if need > available_mb():
-        return {"name": name, "model": model, "error": f"skipped: needs ~{need / 1024:.1f} GB, "
-                                                        f"{available_mb() / 1024:.1f} GB available"}
+        return {"name": name, "model": model, "ac": ac, "error": f"skipped: needs ~{need / 1024:.1f} GB, "
+                                                                  f"{available_mb() / 1024:.1f} GB available"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(NPROC), "--master_port",
            str(free_port()), os.path.join(HERE, "distributed_memory.py"), "--child", name, "--model", model,
-           "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+           "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)] + (["--ac"] if ac else [])
     env = {**child_env(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     for line in reversed(out.stdout.strip().splitlines()):
@@ -181,24 +189,29 @@ def launch(name: str, model: str, args) -> dict:
                 return json.loads(line)
             except json.JSONDecodeError:
                 break
-    return {"name": name, "model": model, "error": last_error_line(out.stderr) or f"exit code {out.returncode}"}
+    return {"name": name, "model": model, "ac": ac,
+            "error": last_error_line(out.stderr) or f"exit code {out.returncode}"}
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| model | backend | params | peak / process | vs DDP | loaded | prepared | after step 1 | held | "
-            "AdamW state | weights + grads + AdamW (analytic) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    ddp = {r["model"]: max(x["peak_mb"] for x in r["ranks"]) for r in results if r["name"] == "ddp" and "ranks" in r}
+    rows = ["| model | act. ckpt | backend | params | peak / process | vs DDP | loaded | prepared | after step 1 | "
+            "held | AdamW state | weights + grads + AdamW (analytic) |", "|---" * 12 + "|"]
+    ddp = {(r["model"], r["ac"]): max(x["peak_mb"] for x in r["ranks"]) for r in results
+           if r["name"] == "ddp" and "ranks" in r}
     for r in results:
+        ac = "yes" if r["ac"] else "no"
         if "ranks" not in r:
-            rows.append(f"| {r['model']} | {LABEL[r['name']]} | | {r['error']} | | | | | | | |")
+            rows.append(f"| {r['model']} | {ac} | {LABEL[r['name']]} | | {r['error']} | | | | | | | |")
             continue
         worst = max(r["ranks"], key=lambda x: x["peak_mb"])
         p = r["params"]
         analytic = 16 * p / 2**20 if r["name"] == "ddp" else 16 * p / 2**20 / r["world"]
-        ratio = f"{worst['peak_mb'] / ddp[r['model']]:.2f}x" if r["model"] in ddp else ""
-        rows.append(f"| {r['model']} | {LABEL[r['name']]} | {p / 1e6:.0f}M | {worst['peak_mb']:.0f} MB | {ratio} | "
-                    f"{worst['loaded_mb']:.0f} | {worst['prepared_mb']:.0f} | {worst['after_step_1_mb']:.0f} | "
-                    f"{worst['held_mb']:.0f} | {worst['optimizer_state_mb']:.0f} | {analytic:.0f} MB |")
+        key = (r["model"], r["ac"])
+        ratio = f"{worst['peak_mb'] / ddp[key]:.2f}x" if key in ddp else ""
+        rows.append(f"| {r['model']} | {ac} | {LABEL[r['name']]} | {p / 1e6:.0f}M | {worst['peak_mb']:.0f} MB | "
+                    f"{ratio} | {worst['loaded_mb']:.0f} | {worst['prepared_mb']:.0f} | "
+                    f"{worst['after_step_1_mb']:.0f} | {worst['held_mb']:.0f} | {worst['optimizer_state_mb']:.0f} | "
+                    f"{analytic:.0f} MB |")
     return "\n".join(rows)
 
 
@@ -212,26 +225,32 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--timeout", type=float, default=3600)
+    ap.add_argument("--ac", action="store_true", help="(child) activation checkpointing")
+    ap.add_argument("--checkpointing", default="no,yes",
+                    help="activation checkpointing variants to run: no, yes or no,yes")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.child:
-        result = child(args.child, args.model, args.steps, args.batch, args.seq)
+        result = child(args.child, args.model, args.steps, args.batch, args.seq, args.ac)
         if result["ranks"][0]["rank"] == 0 and int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(result), flush=True)
         return
     results = []
+    variants = [v == "yes" for v in args.checkpointing.split(",")]
     for model in args.models.split(","):
-        for name in args.backends.split(","):
-            r = launch(name, model, args)
-            results.append(r)
-            print(json.dumps(r), file=sys.stderr, flush=True)
+        for ac in variants:
+            for name in args.backends.split(","):
+                r = launch(name, model, ac, args)
+                results.append(r)
+                print(json.dumps(r), file=sys.stderr, flush=True)
     print(table(results))
-    for model in args.models.split(","):
-        ddp = next((r for r in results if r["model"] == model and r["name"] == "ddp" and "ranks" in r), None)
-        for r in results:
-            if r["model"] == model and r["name"] != "ddp" and "ranks" in r and ddp:
-                a = max(x["peak_mb"] for x in r["ranks"]) / max(x["peak_mb"] for x in ddp["ranks"])
-                print(f"{model}: {LABEL[r['name']]} / DDP per-process peak = {a:.2f}")
+    for r in results:
+        ddp = next((d for d in results if (d["model"], d["ac"], d["name"]) == (r["model"], r["ac"], "ddp")
+                    and "ranks" in d), None)
+        if r["name"] != "ddp" and "ranks" in r and ddp:
+            a = max(x["peak_mb"] for x in r["ranks"]) / max(x["peak_mb"] for x in ddp["ranks"])
+            what = f"{r['model']}{' +act. ckpt' if r['ac'] else ''}"
+            print(f"{what}: {LABEL[r['name']]} / DDP per-process peak = {a:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

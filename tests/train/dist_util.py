@@ -60,8 +60,10 @@ def losses(run_dir: Path) -> list[float]:
 
 
 def max_rel_diff(a: list[float], b: list[float]) -> float:
+    """Largest |a - b| / |a| over the curve; |a| floored at 1e-2, so losses near 0 (distillation from the model
+    itself starts at exactly 0) are compared absolutely (rel 1e-5 -> 1e-7 absolute)."""
     assert len(a) == len(b), (a, b)
-    return max(abs(x - y) / abs(x) for x, y in zip(a, b))
+    return max(abs(x - y) / max(abs(x), 1e-2) for x, y in zip(a, b))
 
 
 def export_tensors(run_dir: Path, kind: str) -> dict[str, torch.Tensor]:
@@ -104,10 +106,11 @@ class Runs:
     def dir(self, name: str) -> Path:
         return self.root / "runs" / name
 
-    def get(self, name: str, kind: str, nproc: int, *overrides: str) -> Path:
-        """Run `name`: recipe `kind` on `nproc` processes (1: no torchrun; grad_accum 2 / nproc), once."""
+    def get(self, name: str, kind: str, nproc: int, *overrides: str, command: str = "train") -> Path:
+        """Run `name`: `tunelab <command>` of recipe `kind` on `nproc` processes (1: no torchrun; grad_accum
+        2 / nproc), once."""
         if name not in self.done:
-            args = cli("train", self.recipe(kind), f"name={name}", f"train.grad_accum={2 // nproc}", *overrides)
+            args = cli(command, self.recipe(kind), f"name={name}", f"train.grad_accum={2 // nproc}", *overrides)
             run(one_process(*args) if nproc == 1 else torchrun(nproc, *args))
             self.done[name] = self.dir(name)
         return self.done[name]

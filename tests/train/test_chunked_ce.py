@@ -317,3 +317,28 @@ def test_causal_lm_loss_bf16_autocast_close_to_naive():
     assert int(got[1]) == int(ref[1])
     for name in ref[2]:
         assert _rel_norm(got[2][name], ref[2][name]) < 2e-2, name  # bf16-level (see the tensor-level test)
+
+
+def test_causal_lm_loss_takes_the_chunked_path_through_a_process_wrapper(monkeypatch):
+    """Under DDP (and DeepSpeed's engine) the model is a wrapper with `.module`: the chunked path must still find
+    the lm_head (it fell back to full logits before, so 2 processes computed other bf16 gradients than 1)."""
+    from peft import LoraConfig, get_peft_model
+
+    class Wrapper(torch.nn.Module):  # DDP's shape: the model under `.module`, forward delegated
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    calls = []
+    orig = chunked_ce.chunked_cross_entropy
+    monkeypatch.setattr(chunked_ce, "chunked_cross_entropy", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                      init_lora_weights=False))
+    batch = _batch()
+    ref = _run(naive_causal_lm_loss, model, batch)
+    got = _run(lambda m, *b, **k: causal_lm_loss(Wrapper(m), *b, **k), model, batch, chunk_size=16)
+    assert calls == [1]
+    _assert_same(got, ref)

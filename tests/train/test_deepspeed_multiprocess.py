@@ -5,7 +5,7 @@ Same recipes as test_fsdp_multiprocess.py (dist_util: 10 steps, global batch 4).
 1e-5 (fp32; measured ~1e-7: ZeRO reduces gradients in buckets, a different summation order than one process);
 merged weights of full fine-tuning within 2e-3 after 10 AdamW steps at lr 1e-3 (a gradient element that is ~0
 in one run can be rounding noise of either sign in the other, and AdamW turns either into a step of up to lr:
-the bound is 2 lr, two such steps of opposite sign); LoRA adapters within 2e-3 in bf16.
+the bound is 2 lr, two such steps of opposite sign; measured 7e-6); LoRA adapters in bf16: see that test.
 """
 
 from __future__ import annotations
@@ -52,12 +52,16 @@ def test_zero_on_two_processes_equals_one_process(runs, stage):
 
 
 def test_zero3_lora_exports_an_adapter_equal_to_the_unsharded_one(runs, tiny_model_dir):
-    one = runs.get("one-lora", "lora", 1)
+    """bf16 autocast, frozen weights in bf16. ZeRO-3 holds lm_head's weight only inside its own forward, so the loss
+    goes through the module (full logits) instead of the chunked cross-entropy, whose gradients agree with it only
+    to bf16 rounding: the 1-process reference takes the same path (`objective.chunk_size=0`). Bound: 5e-3, half
+    an AdamW step at lr 1e-2 (measured 1.6e-3)."""
+    one = runs.get("one-lora-naive", "lora", 1, "objective.chunk_size=0")
     two = runs.get("zero3-lora", "lora", 2, "distributed.backend=deepspeed", "distributed.deepspeed.zero_stage=3")
-    assert max_rel_diff(losses(one), losses(two)) <= 2e-3  # bf16 autocast
+    loss_diff = max_rel_diff(losses(one), losses(two))
     diff = max_abs_diff(export_tensors(one, "adapter"), export_tensors(two, "adapter"))
-    print(f"\nZeRO-3 LoRA bf16: adapter max abs diff {diff:.2e}")
-    assert diff <= 2e-3
+    print(f"\nZeRO-3 LoRA bf16: loss max rel diff {loss_diff:.2e}, adapter max abs diff {diff:.2e}")
+    assert loss_diff <= 2e-3 and diff <= 5e-3
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

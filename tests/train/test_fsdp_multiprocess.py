@@ -47,9 +47,21 @@ def _logits(model, ids):
 
 @pytest.mark.parametrize("kind,precision", [("lora", "bf16"), ("full", "fp32")])
 def test_fsdp_on_two_processes_equals_one_process(runs, kind, precision, tiny_model_dir):
-    one = runs.get(f"one-{kind}", kind, 1)  # distributed.backend=ddp, one process: no wrapper at all
-    two = runs.get(f"fsdp-{kind}", kind, 2, "distributed.backend=fsdp")
+    """`tunelab run` for LoRA: evaluation (held-out loss, greedy generation for exact match) runs under sharding
+    on every process in lockstep and gives the unsharded run's numbers."""
+    extra = ("eval.after=true",) if kind == "lora" else ()
+    command = "run" if kind == "lora" else "train"
+    one = runs.get(f"one-{kind}", kind, 1, *extra, command=command)  # ddp, one process: no wrapper at all
+    two = runs.get(f"fsdp-{kind}", kind, 2, "distributed.backend=fsdp", *extra, command=command)
     tol = TOL[precision]
+    if kind == "lora":
+        import json
+
+        after = [json.loads((r / "eval_after.json").read_text()) for r in (one, two)]
+        print(f"\nfsdp lora: eval_loss {after[0]['eval_loss']:.6f} vs {after[1]['eval_loss']:.6f}, exact match "
+              f"{after[0]['exact_match']} vs {after[1]['exact_match']}")
+        assert after[1]["eval_loss"] == pytest.approx(after[0]["eval_loss"], rel=tol["loss"])
+        assert after[1]["exact_match"] == after[0]["exact_match"]
     assert len(losses(two)) == STEPS
     print(f"\nfsdp {kind} {precision}: 2 processes vs 1, {STEPS} steps: loss max rel diff "
           f"{max_rel_diff(losses(one), losses(two)):.2e}")

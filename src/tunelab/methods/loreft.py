@@ -149,8 +149,8 @@ class LoReFT(Method):
     trains = "low-rank interventions R, W, b on the first and last prompt positions of every layer"
     mergeable = False
     adapter_format = "tunelab"
-    # the training rows' prompt boundaries (the first/last-position defaults are not yet checked under sharding)
-    capabilities = Capabilities(calibrates_from_examples=True)
+    # the training rows' prompt boundaries; sharding (first/last prompt positions): tests/train/test_sharded_methods.py
+    capabilities = Capabilities(calibrates_from_examples=True, supports_sharding=True)
     Config = LoReFTOptions
 
     def __init__(self, config=None):

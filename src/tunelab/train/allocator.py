@@ -26,6 +26,20 @@ TRIM_THRESHOLD = 2**31 - 1       # the largest value mallopt's int takes: never 
 _done = False
 
 
+def release_freed_memory() -> bool:
+    """Give the memory glibc holds free back to the kernel now (`malloc_trim(0)`: the heap top and, since glibc
+    2.8, free pages inside it); returns whether anything was released. Sharded training calls it after each step
+    (train/fsdp.py): a step's activations and gathered layers are freed between long-lived shards, gradients and
+    AdamW state, and the holes they leave made the resident set grow by ~0.4 GB a step on a 0.3B model."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):  # musl or another libc
+        return False
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's malloc thresholds once per process; returns True when they were set."""
     global _done

@@ -126,6 +126,9 @@ class Backend(ABC):
         """The full (unsharded) state dict on the main process, for export; None on the others.
         Every process must call it (sharded backends gather collectively)."""
 
+    def end_step(self) -> None:
+        """Called by the loop after each optimizer step (weights updated, gradients cleared)."""
+
     def export_model(self, model: Any) -> torch.nn.Module | None:
         """An unsharded model with the trained weights on the main process (None on the others), for
         `tunelab.export`; every process must call it. Replicated backends give the trained model itself."""

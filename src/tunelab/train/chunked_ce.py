@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tunelab.core.unwrap import unwrap_peft
+from tunelab.core.unwrap import unwrap_model, unwrap_peft
 
 __all__ = ["chunked_cross_entropy", "causal_lm_loss", "naive_causal_lm_loss"]
 
@@ -477,7 +477,7 @@ def causal_lm_loss(
     Falls back to :func:`naive_causal_lm_loss` when the lm_head is not a plain bias-free
     ``nn.Linear`` (e.g. LoRA on ``lm_head``) or the model post-processes its logits.
     """
-    base = unwrap_peft(model)
+    base = unwrap_peft(unwrap_model(model))  # the HF model under DDP / DeepSpeed's engine and PEFT
     head = _plain_lm_head(base)
     head_name = next((n for n, m in base.named_children() if m is head), None) if head is not None else None
     if head is None or head_name is None or _has_logit_postprocessing(base):

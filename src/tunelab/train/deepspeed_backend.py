@@ -13,7 +13,8 @@ passes anything else through.
 
 How the loop's contract maps onto the engine:
 * the model the loop runs is the ENGINE (its forward marks ZeRO-3's external parameters; calling the bare
-  module under accumulation gave wrong gradients), evaluation and export use the bare module;
+  module under accumulation gave wrong gradients), evaluation and export use the bare module; the engine's
+  forward keeps the loop's bf16 autocast only when its config enables `torch_autocast`, which tunelab does;
 * `backward` is `engine.backward(loss, scale_wrt_gas=False)` (the loop already scales every micro-batch by the
   global unit count) with the accumulation boundary set explicitly: only the last micro-batch of a step
   (outside `no_sync`) reduces gradients;
@@ -38,6 +39,7 @@ import torch
 
 from tunelab.recipe import Recipe, RecipeError
 from tunelab.train import checkpoint as ckpt
+from tunelab.train.allocator import release_freed_memory
 from tunelab.train.backends import Backend
 from tunelab.train.skeleton import materialize, meta_skeleton
 
@@ -122,6 +124,11 @@ def deepspeed_config(recipe: Recipe, world_size: int, hidden_size: int | None = 
         "zero_force_ds_cpu_optimizer": False,  # ... also when the optimizer state is offloaded
         "steps_per_print": 2**31 - 1,  # the loop logs; DeepSpeed's own progress lines stay off
     }
+    if tc.precision == "bf16":
+        # the engine's forward switches an outer torch.autocast OFF unless its config enables torch_autocast (then
+        # the model would run in its storage dtypes, not the loop's autocast); no module is "lower-precision safe",
+        # so gradients are still reduced in fp32, as under DDP and FSDP2
+        ours["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     user = user_config(recipe)
     for key in ("optimizer", "scheduler"):
         if key in user:
@@ -150,10 +157,18 @@ class EngineOptimizer(torch.optim.Optimizer):
     def __init__(self, engine: Any, client: torch.optim.Optimizer):  # noqa: D107 - no Optimizer.__init__: shares
         self.engine, self.client = engine, client
         self.defaults = client.defaults
-        self.param_groups = client.param_groups
-        self.state = client.state
         self._optimizer_step_pre_hooks: dict = {}
         self._optimizer_step_post_hooks: dict = {}
+
+    # Read through, never copied: loading a checkpoint replaces the client's `param_groups` list (torch's
+    # Optimizer.load_state_dict), and a copy would leave the schedule setting the lr of groups no one steps.
+    @property  # type: ignore[override]
+    def param_groups(self):
+        return self.client.param_groups
+
+    @property  # type: ignore[override]
+    def state(self):
+        return self.client.state
 
     def step(self, closure=None):
         self.engine.step()
@@ -229,6 +244,10 @@ class DeepSpeedBackend(Backend):
         finally:
             self._boundary = True
 
+    def end_step(self):
+        if self.device.type == "cpu":  # as FSDP2 (train/fsdp.py): free heap pages back between steps
+            release_freed_memory()
+
     def clip_grad_norm(self, params, max_norm):
         return None  # the engine clips inside its step (`gradient_clipping`) and reports no norm before it
 
@@ -279,10 +298,12 @@ class DeepSpeedBackend(Backend):
         return full
 
     def export_model(self, model):
+        if self.engine is None:  # never prepared (a run that did not train): the model is whole already
+            return model if self.is_main_process else None
         full = self.gather_full_state(model)
         if not self.is_main_process:
             return None
         if self.stage != 3:
             return self.engine.module
-        assert self._skeleton is not None, "export_model before prepare"
+        assert self._skeleton is not None  # made in prepare at stage 3
         return materialize(self._skeleton, full)

@@ -36,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tunelab.core.unwrap import unwrap_peft
 from tunelab.recipe import FSDPConfig, Recipe, RecipeError
 from tunelab.train import dcp
+from tunelab.train.allocator import release_freed_memory
 from tunelab.train.backends import Backend
 from tunelab.train.engine import decoder_layers
 from tunelab.train.skeleton import materialize, meta_skeleton
@@ -128,6 +129,10 @@ class FSDPBackend(Backend):
     def backward(self, loss):
         loss.backward()
 
+    def end_step(self):
+        if self.device.type == "cpu":  # keep the resident set at what the shards need between steps (allocator.py)
+            release_freed_memory()
+
     def no_sync(self, model):
         return contextlib.nullcontext()  # reduce-scatter every micro-batch (module docstring)
 
@@ -159,8 +164,9 @@ class FSDPBackend(Backend):
         return full if self.is_main_process else None
 
     def export_model(self, model):
+        if self._skeleton is None:  # never prepared (a run that did not train): the model is whole already
+            return model if self.is_main_process else None
         full = self.gather_full_state(model)
         if not self.is_main_process:
             return None
-        assert self._skeleton is not None, "export_model before prepare"
         return materialize(self._skeleton, full)

@@ -222,6 +222,7 @@ def train(recipe: Recipe, model, method: TrainMethod, objective: TrainObjective,
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             method.on_step_end(unwrapped, step + 1, optimizer)
+            backend.end_step()
             done = step + 1
 
             dt = time.perf_counter() - t0
