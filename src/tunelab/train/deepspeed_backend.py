@@ -162,11 +162,11 @@ class EngineOptimizer(torch.optim.Optimizer):
 
     # Read through, never copied: loading a checkpoint replaces the client's `param_groups` list (torch's
     # Optimizer.load_state_dict), and a copy would leave the schedule setting the lr of groups no one steps.
-    @property  # type: ignore[override]
+    @property
     def param_groups(self):
         return self.client.param_groups
 
-    @property  # type: ignore[override]
+    @property
     def state(self):
         return self.client.state
 
