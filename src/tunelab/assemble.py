@@ -17,7 +17,8 @@ preparing models themselves:
      the training data in file order, padded (not packed); `calibrates_from_examples` (surgical) gets the encoded
      examples and the objective. The same data on every process and on every restore, so a restored CorDA or
      LoRA-GA run rebuilds the residual base W - s B0 A0 that its checkpoint's A, B were trained on;
-  4. `method.prepare(model)`;
+  4. `method.prepare(model)`; a model with a scalar head (the objective's `head`: a reward model) keeps it
+     trainable whatever the method (`tunelab.model.train_head`);
   5. `train.engine.configure_engine` (frozen storage dtype, attention, checkpointing) for training; restoring for
      evaluation or export skips it, so weights stay as loaded (a merged export folds into full precision);
   6. the trainable / total parameter counts.
@@ -33,7 +34,7 @@ import torch
 
 from tunelab.data.pipeline import encode_spec
 from tunelab.methods.registry import Method, build_method, count_parameters
-from tunelab.model import load_model, load_tokenizer
+from tunelab.model import load_model, load_tokenizer, train_head
 from tunelab.objectives.base import Objective, build_objective
 from tunelab.recipe import DatasetSpec, Recipe, load_recipe
 
@@ -117,6 +118,8 @@ def prepare_model(recipe: Recipe, model: torch.nn.Module, method: Method, object
     torch.manual_seed(recipe.train.seed)
     calibrate(method, model, recipe, train_data, objective, pad_id, world_size)
     prepared = method.prepare(model)
+    if objective.head != "causal_lm":
+        train_head(prepared)
     applied: dict[str, object] = {}
     if engine:
         where = device if device is not None else next(prepared.parameters()).device
@@ -151,8 +154,8 @@ def assemble(recipe: Recipe, *, run_dir: str | Path | None = None, tokenizer=Non
     if needs_training_data(method, recipe):
         train_data, _ = encode_spec(tokenizer, training_spec(recipe, run_dir), recipe.data)
     # on the CPU, as the runner calibrates and prepares (the loop moves the model to the device afterwards)
-    prepared = prepare_model(recipe, load_model(recipe.model), method, objective, train_data=train_data,
-                             pad_id=tokenizer.pad_token_id, engine=engine)
+    prepared = prepare_model(recipe, load_model(recipe.model, head=objective.head), method, objective,
+                             train_data=train_data, pad_id=tokenizer.pad_token_id, engine=engine)
     return prepared, tokenizer
 
 

@@ -20,6 +20,7 @@ from tunelab.export_gguf import write_gguf
 from tunelab.export_ollama import TemplateNotTranslatable, write_modelfile
 from tunelab.export_stops import fix_generation_config, stop_rate_warning
 from tunelab.methods.registry import ExportUnsupported, Method
+from tunelab.model import model_head
 from tunelab.train.precision import upcast_linears
 
 
@@ -33,7 +34,8 @@ def export_adapter(method: Method, model, tokenizer, directory: Path) -> Path:
 
 
 def export_merged(method: Method, model, tokenizer, directory: Path) -> Path:
-    """A plain HF checkpoint with the method folded in; loads with AutoModelForCausalLM.from_pretrained.
+    """A plain HF checkpoint with the method folded in; loads with AutoModelForCausalLM.from_pretrained (a reward
+    model, `objective: reward`: with AutoModelForSequenceClassification, its scalar head included).
 
     Adapter methods merge in place (the adapter is gone from `model` afterwards): call this last.
     """
@@ -47,7 +49,8 @@ def export_merged(method: Method, model, tokenizer, directory: Path) -> Path:
             del merged.config.quantization_config
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        fix_generation_config(tmp, tokenizer)
+        if model_head(merged) == "causal_lm":  # a reward model (sequence classification) generates nothing
+            fix_generation_config(tmp, tokenizer)
     return Path(directory)
 
 
@@ -114,6 +117,8 @@ def export_all(method: Method, model, tokenizer, out_dir: Path, *, adapter: bool
     if gguf:
         if not merged or results["merged"].startswith("skipped"):
             results["gguf"] = "skipped: GGUF is written from the merged model"
+        elif model_head(model) != "causal_lm":
+            results["gguf"] = "skipped: a reward model (sequence classification) has no GGUF form"
         else:
             results.update(export_gguf(out_dir / "merged", tokenizer, out_dir / "gguf", gguf, log=log))
     for kind, where in results.items():

@@ -21,6 +21,7 @@ import torch
 
 from tunelab.core.io import atomic_dir, safetensors_problem
 from tunelab.core.precision import DTYPES
+from tunelab.core.unwrap import unwrap_model, unwrap_peft
 from tunelab.recipe import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -185,16 +186,72 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def load_model(cfg: ModelConfig):
-    """The base causal LM in `cfg.dtype`, on CPU (the accelerator moves it)."""
-    from transformers import AutoModelForCausalLM
+# The model class an objective trains (`Objective.head`): a language-model head over the vocabulary, or a scalar
+# head (sequence classification, num_labels = 1) read at each row's last non-padding token (reward models).
+HEADS = ("causal_lm", "sequence_classification")
+SCORE_HEAD = "score"  # the scalar head's module name in transformers' *ForSequenceClassification (PEFT's too)
 
+
+def _auto_class(head: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if head not in HEADS:
+        raise ValueError(f"unknown model head {head!r}; one of {HEADS}")
+    return AutoModelForCausalLM if head == "causal_lm" else AutoModelForSequenceClassification
+
+
+def model_head(model: torch.nn.Module) -> str:
+    """The head of a loaded model (through PEFT and DDP wrappers): "sequence_classification" for a transformers
+    *ForSequenceClassification model, else "causal_lm"."""
+    inner = unwrap_peft(unwrap_model(model))
+    return "sequence_classification" if type(inner).__name__.endswith("ForSequenceClassification") else "causal_lm"
+
+
+def init_score_head(model: torch.nn.Module, seed: int = 0) -> None:
+    """Initialise a fresh scalar head [1, hidden] deterministically: N(0, initializer_range) from its own generator
+    (transformers draws it from the global RNG at load time, which differs between processes and restores), so
+    every process and every `restore_run` starts from the same head. Bias (if any) zero."""
+    head = getattr(model, SCORE_HEAD)
+    std = float(getattr(model.config.get_text_config(), "initializer_range", 0.02))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen, dtype=torch.float32) * std)
+        if getattr(head, "bias", None) is not None:
+            head.bias.zero_()
+
+
+def train_head(model: torch.nn.Module) -> int:
+    """Make a scalar head trainable after a method prepared the model, unless some copy of it already trains
+    (PEFT's `modules_to_save` copy under an adapter; full fine-tuning): a reward model's head starts random, so a
+    method that freezes it (freeze, BitFit, ...) would train a body under a random projection. Returns the number
+    of tensors switched on."""
+    params = [(n, p) for n, p in model.named_parameters()
+              if n.startswith(f"{SCORE_HEAD}.") or f".{SCORE_HEAD}." in n]
+    if not params:
+        raise ValueError(f"the model has no {SCORE_HEAD!r} head to train")
+    if any(p.requires_grad for _, p in params):
+        return 0
+    for _, p in params:
+        p.requires_grad_(True)
+    return len(params)
+
+
+def load_model(cfg: ModelConfig, head: str = "causal_lm"):
+    """The base model in `cfg.dtype`, on CPU (the accelerator moves it), with the head the objective trains
+    (`HEADS`). "sequence_classification": one label, `pad_token_id` from the tokenizer (the head reads the last
+    token that is not padding, as transformers' *ForSequenceClassification does); a checkpoint without a trained
+    head gets a fresh one (`init_score_head`), a reward model exported by tunelab keeps its own."""
     check_model_source(cfg)
     path, kwargs = resolve_model_path(cfg)
+    if head == "sequence_classification":
+        kwargs = {**kwargs, "num_labels": 1, "pad_token_id": load_tokenizer(cfg).pad_token_id}
     with _loading(cfg, "model"):
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, **kwargs
+        model, info = _auto_class(head).from_pretrained(
+            path, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, output_loading_info=True,
+            **kwargs
         )
+    if head == "sequence_classification" and any(k.startswith(f"{SCORE_HEAD}.") for k in info["missing_keys"]):
+        init_score_head(model)
     # SDPA is the fast attention on both CPU and CUDA; eager is the fallback for models without it.
     try:
         model.set_attn_implementation("sdpa")

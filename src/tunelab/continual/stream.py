@@ -116,7 +116,7 @@ class Stream:
         """Load the base, (evaluate it,) and prepare it for `recipe` (its seed, run length, calibration) through
         `tunelab.assemble.prepare_model`."""
         cr = self.cr
-        model = load_model(cr.base.model).to(self.accelerator.device)
+        model = load_model(cr.base.model, head=self.objective.head).to(self.accelerator.device)
         if evaluate_before:
             print("evaluating the base model on every task ...")
             before = evaluate_model(model, self.tokenizer, self.tasks, self.general, cr, objective=self.objective,
@@ -323,7 +323,7 @@ class Stream:
         if self.state.get("exports") is None and (cr.base.export.adapter or cr.base.export.merged):
             print("exporting the final model ...")
             if cr.base.export.merged and self.method.capabilities.is_adapter:
-                restore_frozen_weights(model, load_model(cr.base.model).state_dict())
+                restore_frozen_weights(model, load_model(cr.base.model, head=self.objective.head).state_dict())
             self.state["exports"] = export_all(self.method, model, self.tokenizer, self.run_dir / "export",
                                                adapter=cr.base.export.adapter, merged=cr.base.export.merged)
             atomic_write_json(self.cdir / "state.json", self.state)

@@ -64,7 +64,8 @@ def collate_preference(examples: list[dict], pad_id: int) -> dict[str, torch.Ten
 
     Examples that carry precomputed reference log-probs (`ref_chosen_logps`, `ref_rejected_logps`: one float
     each, see `tunelab.objectives.reference_cache`) give them as [B] fp32 tensors too; a batch that mixes
-    cached and uncached pairs is an error (it would silently fall back to a live reference).
+    cached and uncached pairs is an error (it would silently fall back to a live reference). Pairs with a
+    `margin` (reward models) give `margin` [B] fp32; a batch mixing pairs with and without one is an error.
     """
     width = max(max(len(e["chosen_input_ids"]), len(e["rejected_input_ids"])) for e in examples)
     out = {}
@@ -78,6 +79,8 @@ def collate_preference(examples: list[dict], pad_id: int) -> dict[str, torch.Ten
     if _all_or_none(examples, REFERENCE_KEYS, "cached reference log-probs"):
         for k in REFERENCE_KEYS:
             out[k] = torch.tensor([e[k] for e in examples], dtype=torch.float32)
+    if _all_or_none(examples, ("margin",), "a margin"):
+        out["margin"] = torch.tensor([e["margin"] for e in examples], dtype=torch.float32)
     return out
 
 

@@ -185,7 +185,7 @@ def encode_text(tokenizer, ex: TextExample, *, max_length: int, truncation: str,
 
 def encode_preference(tokenizer, ex: PreferenceExample, *, max_length: int, truncation: str,
                       stats: EncodeStats | None = None) -> dict | None:
-    """Prompt + chosen and prompt + rejected, each with loss on the response only."""
+    """Prompt + chosen and prompt + rejected, each with loss on the response only (+ the pair's `margin`, if any)."""
     stats = stats if stats is not None else EncodeStats()
     out = {}
     for side in ("chosen", "rejected"):
@@ -199,6 +199,8 @@ def encode_preference(tokenizer, ex: PreferenceExample, *, max_length: int, trun
             stats.dropped_too_long += 1
             return None
         out[f"{side}_input_ids"], out[f"{side}_labels"] = ids, labels
+    if ex.margin is not None:
+        out["margin"] = ex.margin
     stats.kept += 1
     return out
 

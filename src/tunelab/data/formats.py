@@ -59,6 +59,7 @@ class PreferenceExample:
     chosen: list[dict[str, str]]
     rejected: list[dict[str, str]]
     origin: str = ""
+    margin: float | None = None  # how much better chosen is (the record's `margin`; reward models: Llama 2's margin)
 
 
 @dataclass
@@ -141,6 +142,16 @@ def _loss_weights(rec: Record) -> float | list[float] | None:
     raise DataError(f"{rec.origin}: field 'loss_weights' must be a non-negative number or a non-empty list of them")
 
 
+def _margin(rec: Record) -> float | None:
+    """A preference record's optional `margin` (a number: how much better chosen is than rejected)."""
+    value = rec.data.get("margin")
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise DataError(f"{rec.origin}: field 'margin' must be a number, got {value!r}")
+    return float(value)
+
+
 def to_example(rec: Record, fmt: str, system_prompt: str | None = None):
     """One raw record -> ChatExample | TextExample | PreferenceExample."""
     ex = _to_example(rec, fmt, system_prompt)
@@ -192,7 +203,7 @@ def _to_example(rec: Record, fmt: str, system_prompt: str | None = None):
             rejected = [{"role": "assistant", "content": rec.data["rejected"]}]
         if chosen == rejected:
             raise DataError(f"{rec.origin}: fields 'chosen' and 'rejected' are identical")
-        return PreferenceExample(sys_msgs + prompt, chosen, rejected, rec.origin)
+        return PreferenceExample(sys_msgs + prompt, chosen, rejected, rec.origin, _margin(rec))
     raise DataError(f"unknown format {fmt!r}; choose one of {FORMATS}")
 
 

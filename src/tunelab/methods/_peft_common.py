@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
-from tunelab.methods.lora import LoRAOptions, PeftAdapterMethod
+from tunelab.methods.lora import LoRAOptions, PeftAdapterMethod, wrap_peft
 from tunelab.methods.registry import Capabilities, ExportUnsupported, MethodOptions
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")  # what calibration passes to the model
@@ -77,9 +77,7 @@ class PeftMethod(PeftAdapterMethod):
 
     # -- wrap / save -----------------------------------------------------------------------------
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        from peft import get_peft_model
-
-        return get_peft_model(model, self.peft_config())
+        return wrap_peft(model, self.peft_config())
 
     def prepare(self, model):
         model = self.wrap(model)

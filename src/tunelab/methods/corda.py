@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import Field
 
 from tunelab.methods._peft_common import CalibrationOptions, PeftMethod, lora_init_config
-from tunelab.methods.lora import LoRAOptions
+from tunelab.methods.lora import LoRAOptions, wrap_peft
 from tunelab.methods.registry import Capabilities, register
 
 
@@ -44,7 +44,6 @@ class CorDA(PeftMethod):
 
     def wrap(self, model):
         import torch
-        from peft import get_peft_model
         from peft.tuners.lora.corda import preprocess_corda
 
         batches = self._calibration_on(model)
@@ -61,4 +60,4 @@ class CorDA(PeftMethod):
         model.eval()
         preprocess_corda(model, config, run_model=run_model)
         model.train(was_training)
-        return get_peft_model(model, config)
+        return wrap_peft(model, config)

@@ -21,7 +21,7 @@ import torch
 from pydantic import Field
 
 from tunelab.methods._peft_common import CalibrationOptions, PeftMethod, lora_init_config
-from tunelab.methods.lora import LoRAOptions
+from tunelab.methods.lora import LoRAOptions, wrap_peft
 from tunelab.methods.registry import Capabilities, register
 
 
@@ -49,7 +49,7 @@ class EVA(PeftMethod):
         return lora_init_config(c, "eva", eva_config=eva)
 
     def wrap(self, model):
-        from peft import get_peft_model, initialize_lora_eva_weights
+        from peft import initialize_lora_eva_weights
 
         c = self.config
         components = round(c.r * c.rho)  # per layer: PEFT skips a batch with fewer tokens than this
@@ -67,7 +67,7 @@ class EVA(PeftMethod):
                                    f"{len(batches)} calibration batches; give more or larger batches, or lower tau")
             return model(**inputs)
 
-        peft_model = get_peft_model(model, self.peft_config())
+        peft_model = wrap_peft(model, self.peft_config())
         # incremental SVD of every target's inputs until the top components converge; then B0 = 0, A0 = components
         initialize_lora_eva_weights(peft_model, dataloader=batches, forward_fn=forward, show_progress_bar=False)
         return peft_model

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from tunelab.methods.registry import Capabilities, Method, MethodOptions, register
+from tunelab.model import model_head
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -47,6 +48,16 @@ def lora_peft_config(opts: LoRAOptions, **extra):
     )
 
 
+def wrap_peft(model, config):
+    """`peft.get_peft_model` with PEFT's task type for the model's head (`tunelab.model.model_head`): SEQ_CLS for a
+    reward model, which makes PEFT train its scalar `score` head fully (`modules_to_save`, saved with the adapter
+    and folded in by merge_and_unload), CAUSAL_LM otherwise. Every PEFT-backed method wraps through here."""
+    from peft import get_peft_model
+
+    config.task_type = "SEQ_CLS" if model_head(model) == "sequence_classification" else "CAUSAL_LM"
+    return get_peft_model(model, config)
+
+
 class PeftAdapterMethod(Method):
     """Shared behaviour of methods implemented by a PEFT config: wrap, merge, save."""
 
@@ -57,9 +68,7 @@ class PeftAdapterMethod(Method):
         raise NotImplementedError
 
     def prepare(self, model):
-        from peft import get_peft_model
-
-        return get_peft_model(model, self.peft_config())
+        return wrap_peft(model, self.peft_config())
 
     def merged_model(self, model):
         # merge_and_unload folds B@A*scale into W0 and returns the plain transformers model.

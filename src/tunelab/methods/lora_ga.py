@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import Field
 
 from tunelab.methods._peft_common import CalibrationOptions, PeftMethod, lora_init_config
-from tunelab.methods.lora import LoRAOptions
+from tunelab.methods.lora import LoRAOptions, wrap_peft
 from tunelab.methods.registry import Capabilities, register
 
 
@@ -46,7 +46,7 @@ class LoRAGA(PeftMethod):
         return lora_init_config(c, "lora_ga", lora_ga_config=ga)
 
     def wrap(self, model):
-        from peft import get_peft_model, preprocess_loraga
+        from peft import preprocess_loraga
 
         batches = self._calibration_on(model)
         config = self.peft_config()
@@ -56,4 +56,4 @@ class LoRAGA(PeftMethod):
                 model(**b).loss.backward()
 
         preprocess_loraga(model, config, train_step=train_step)
-        return get_peft_model(model, config)
+        return wrap_peft(model, config)

@@ -28,7 +28,7 @@ import torch
 from pydantic import Field
 
 from tunelab.core.precision import autocast_context
-from tunelab.methods.lora import LoRAOptions, lora_peft_config
+from tunelab.methods.lora import LoRAOptions, lora_peft_config, wrap_peft
 from tunelab.methods.registry import Capabilities, Method, register
 from tunelab.train.interfaces import StepResult
 from tunelab.train.loop import global_counts
@@ -89,10 +89,9 @@ class MeZO(Method):
 
     def prepare(self, model):
         if self.config.params == "lora":
-            from peft import get_peft_model
 
             opts = {k: v for k, v in self.config.model_dump().items() if k in LoRAOptions.model_fields}
-            return get_peft_model(model, lora_peft_config(LoRAOptions(**opts)))
+            return wrap_peft(model, lora_peft_config(LoRAOptions(**opts)))
         for p in model.parameters():
             p.requires_grad_(True)  # "trainable" for counting and param groups; no backward ever runs
         return model

@@ -32,6 +32,9 @@ class Objective:
     Config: ClassVar[type[BaseModel]] = ObjectiveOptions
     unit: ClassVar[str] = "token"  # "token" | "example"
     batch_kind: ClassVar[str] = "sft"  # which collator feeds it: "sft" | "preference"
+    # the model class it trains (tunelab.model.HEADS): the vocabulary head, or a scalar sequence-classification
+    # head (a reward model); the runner and `assemble` load the model with it
+    head: ClassVar[str] = "causal_lm"
 
     def __init__(self, config: BaseModel | None = None, **context: Any):
         self.config = config if config is not None else self.Config()

@@ -3,7 +3,8 @@
 `evaluate_preferences` runs an objective (DPO, SimPO, ...) over held-out encoded pairs without gradient
 and returns its metrics averaged over pairs (`rewards/accuracies` = reward accuracy, margins, chosen and
 rejected rewards and log-probs) and the mean loss, plus `preference_accuracy`: the fraction of pairs whose
-chosen response the policy itself finds more likely (summed log-prob, ties count as wrong). Reward
+chosen response the policy itself finds more likely (summed log-prob, ties count as wrong); for a reward model
+(`objective: reward`) the fraction it scores higher (its pairwise accuracy, = `rewards/accuracies`). Reward
 accuracy is 0 before training by construction (the policy is its own reference, every reward is 0);
 preference accuracy is meaningful before and after, so a before/after table uses both.
 """
@@ -37,10 +38,13 @@ def evaluate_preferences(model, objective: Objective, pairs: list[dict], *, batc
             batch = {k: v.to(device) for k, v in collate(pairs[start: start + batch_size], pad_id).items()}
             with autocast_context(device, precision):
                 out = objective.compute(model, batch, ref)
-                pol_c, pol_r, _, _ = pair_logps(model, batch)  # [B] summed response log-probs
+                if objective.head == "causal_lm":
+                    pol_c, pol_r, _, _ = pair_logps(model, batch)  # [B] summed response log-probs
+                    preferred += float((pol_c > pol_r).sum())
+                else:  # a reward model prefers the response it scores higher: its pairwise accuracy
+                    preferred += float(out.metrics["rewards/accuracies"])
             loss += float(out.loss_sum)
             units += float(out.n_units)
-            preferred += float((pol_c > pol_r).sum())
             for k, v in out.metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
     finally:

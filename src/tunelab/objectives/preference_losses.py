@@ -1,4 +1,4 @@
-"""Preference-optimisation losses (DPO family, SimPO, ORPO, KTO) as pure tensor functions.
+"""Preference-optimisation losses (DPO family, SimPO, ORPO, KTO) and the reward-model loss as pure tensor functions.
 
 Every loss takes per-sequence log-probabilities (shape [B], summed over the response tokens, or averaged
 where the method is length-normalised) and returns a `PreferenceLoss(losses [B], chosen_rewards,
@@ -274,3 +274,30 @@ def kto(
     losses = torch.where(mask, desirable, undesirable)
     rewards = (beta * r).detach()
     return PreferenceLoss(losses, rewards[mask], rewards[~mask])
+
+
+# ----------------------------------------------------------------------------------------------
+# Reward models
+# ----------------------------------------------------------------------------------------------
+
+
+def bradley_terry(r_c: torch.Tensor, r_r: torch.Tensor, margin: torch.Tensor | None = None,
+                  center_rewards_coefficient: float | None = None) -> PreferenceLoss:
+    """Bradley-Terry reward-model loss (InstructGPT, Ouyang et al. 2022, https://arxiv.org/abs/2203.02155), with
+    Llama 2's per-pair margin (Touvron et al. 2023, https://arxiv.org/abs/2307.09288) and the reward-centring term
+    of Eisenstein et al. 2023 (https://arxiv.org/abs/2312.09244), as TRL's RewardTrainer computes them:
+
+        loss_i = -log sigma(r_c,i - r_r,i - m_i) + c * (r_c,i + r_r,i)^2
+
+    r_c, r_r [B]: the scalar rewards of the chosen and rejected sequences; m [B] (None: 0); c =
+    `center_rewards_coefficient` (None: no centring term). Per pair, not reduced: the mean over pairs is TRL's
+    `-logsigmoid(...).mean() + c * ((r_c + r_r) ** 2).mean()`. The rewards returned are r_c, r_r, detached.
+    """
+    r_c, r_r = upcast(r_c), upcast(r_r)
+    diff = r_c - r_r
+    if margin is not None:
+        diff = diff - margin.to(diff)
+    losses = -F.logsigmoid(diff)
+    if center_rewards_coefficient is not None:
+        losses = losses + center_rewards_coefficient * (r_c + r_r) ** 2
+    return PreferenceLoss(losses, r_c.detach(), r_r.detach())

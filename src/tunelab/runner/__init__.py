@@ -82,7 +82,7 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
             if recipe.export.merged:
                 # frozen weights were stored in the compute dtype for training: merge into the original
                 # full-precision base
-                restore_frozen_weights(full, load_model(recipe.model).state_dict())
+                restore_frozen_weights(full, load_model(recipe.model, head=ws.objective.head).state_dict())
             exports = export_all(ws.method, full, ws.tokenizer, ws.run_dir / "export",
                                  adapter=recipe.export.adapter, merged=recipe.export.merged, gguf=recipe.export.gguf)
     stop_warning = stop_rate_warning(before, after)

@@ -170,9 +170,9 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
             eval_data, _ = encode_spec(tokenizer, recipe.data.eval, eval_cfg)
             if recipe.eval.n:
                 eval_data = eval_data[: recipe.eval.n]
-            if recipe.data.eval.builtin and recipe.eval.exact_match:
+            if recipe.data.eval.builtin and recipe.eval.exact_match and objective.head == "causal_lm":
                 items = eval_items(recipe.data.eval, recipe.data)[: recipe.eval.n or None]
-        model = load_model(recipe.model)
+        model = load_model(recipe.model, head=objective.head)  # the model class the objective trains
         if run_dir is None:  # everything checked: only now does a new run directory appear
             run_dir = shared_run_dir(recipe, overwrite=overwrite, resume=resume)
             created = main
