@@ -179,9 +179,11 @@ def test_export_loads_with_transformers_and_scores_identically(rm_run):
 
     from tunelab.assemble import restore_run
     from tunelab.data.pipeline import encode_spec
+    from tunelab.export import export_run
     from tunelab.objectives.reward import pair_rewards
 
     run_dir = Path(rm_run["run_dir"])
+    export_run(run_dir, adapter=False)  # `tunelab export RUN`: the merged model again, from the latest checkpoint
     restored = restore_run(run_dir)
     pairs, _ = encode_spec(restored.tokenizer, restored.recipe.data.eval, restored.recipe.data)
     batch = collate_preference(pairs[:8], restored.tokenizer.pad_token_id)

@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
         run_dir: Path = typer.Argument(..., help="A run directory with a checkpoint."),
         adapter: bool = typer.Option(True, "--adapter/--no-adapter", help="Write the method's adapter (PEFT format for "
                                                                          "PEFT methods; see docs/methods.md)."),
-        merged: bool = typer.Option(True, "--merged/--no-merged", help="Write the merged HF model."),
+        merged: bool = typer.Option(True, "--merged/--no-merged", help="Write the merged HF model (a reward model: "
+                                                                    "sequence classification)."),
         gguf: bool = typer.Option(False, "--gguf", help="Also write the merged model as GGUF (llama.cpp, Ollama, LM "
                                   "Studio) with an Ollama Modelfile, under <run>/export/gguf/."),
         quant: Optional[list[str]] = typer.Option(None, "--quant", help="GGUF quantisation, repeatable: f16 (default), "

@@ -222,11 +222,12 @@ class ExportConfig(_Strict):
     adapter: bool = Field(True, description="Save the method's adapter: PEFT format for the PEFT methods, tunelab's "
                                             "own format or a sparse delta for the others (docs/methods.md); none for "
                                             "methods that train the model's own weights.")
-    merged: bool = Field(True, description="Save a merged full model in HF format.")
+    merged: bool = Field(True, description="Save a merged full model in HF format (`objective: reward`: a "
+                                           "sequence-classification checkpoint, the `reward_model` reward's path).")
     gguf: list[Literal["f32", "f16", "bf16", "q8_0", "q4_0"]] = Field(
         default_factory=list, description="Also write the merged model as GGUF files for llama.cpp / Ollama / LM "
-        "Studio, one per quantisation listed (e.g. [f16, q8_0]), with an Ollama Modelfile; needs `merged`. See "
-        "docs/export.md.")
+        "Studio, one per quantisation listed (e.g. [f16, q8_0]), with an Ollama Modelfile; needs `merged`; none for a "
+        "reward model. See docs/export.md.")
 
     @model_validator(mode="after")
     def _gguf_needs_merged(self) -> ExportConfig:
