@@ -174,6 +174,18 @@ def test_run_reports_pairwise_accuracy_like_dpo(rm_run):
     assert rm_run["exports"]["gguf"].startswith("skipped: a reward model")
 
 
+def test_tunelab_eval_of_a_reward_run(rm_run):
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    res = CliRunner().invoke(app, ["eval", rm_run["run_dir"], "--n", "16"])
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.output[res.output.index("{"): res.output.rindex("}") + 1])
+    assert shown["reward_accuracy"] == pytest.approx(rm_run["after"]["reward_accuracy"])
+    assert "exact_match" not in shown
+
+
 def test_export_loads_with_transformers_and_scores_identically(rm_run):
     from transformers import AutoModelForSequenceClassification
 

@@ -9,7 +9,9 @@
   under the policy, margins, rewards, `logps/chosen`, `logps/rejected`, `pref_eval_loss`);
 * preference pairs without one (a plain model, or an SFT run): what needs no reference, `preference_accuracy`
   and the summed response log-probs;
-* built-in tasks (a preference task too: its base task's checker): `exact_match` of greedy generations.
+* built-in tasks (a preference task too: its base task's checker): `exact_match` of greedy generations;
+* a reward model (`objective: reward`, a scalar head): its pairwise metrics on pairs, with or without the run's
+  objective; no exact match (it generates nothing).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 
 from tunelab.data.pipeline import EvalItem
+from tunelab.model import model_head
 
 REFERENCE_FREE = ("preference_accuracy", "logps/chosen", "logps/rejected", "pairs")
 
@@ -51,7 +54,10 @@ def heldout_metrics(model, tokenizer, data: list[dict] | None, items: list[EvalI
     s = settings
     results: dict[str, Any] = {}
     pad_id = tokenizer.pad_token_id
+    scalar = model_head(model) != "causal_lm"  # a reward model: it scores pairs, it generates nothing
     if is_pairs(data):
+        if scalar and objective is None:  # `tunelab eval` of a reward model: its own pairwise metrics
+            objective = build_objective("reward", {})
         preference = objective is not None and objective.batch_kind == "preference"
         # SimPO needs no reference: its log-probs and preference accuracy are the model's own
         pref = evaluate_preferences(model, objective if preference else build_objective("simpo", {}), data,
@@ -63,13 +69,13 @@ def heldout_metrics(model, tokenizer, data: list[dict] | None, items: list[EvalI
                 results["reward_accuracy"] = pref["rewards/accuracies"]
         else:
             results.update({k: pref[k] for k in REFERENCE_FREE})
-    elif data:
+    elif data and not scalar:  # no token loss without a vocabulary head
         ce = build_objective("sft", {"loss_weights": "ignore"})
         loss = evaluate_loss(model, ce, data, batch_size=s.batch_size, pad_id=pad_id, device=s.device,
                              precision=s.precision)
         results["eval_loss"] = loss
         results["perplexity"] = math.exp(min(loss, 50.0))
-    if items:
+    if items and not scalar:
         results.update(exact_match(model, tokenizer, items, max_new_tokens=s.max_new_tokens, batch_size=s.batch_size,
                                    precision=s.precision, progress=s.progress))
     return results

@@ -170,7 +170,7 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
             eval_data, _ = encode_spec(tokenizer, recipe.data.eval, eval_cfg)
             if recipe.eval.n:
                 eval_data = eval_data[: recipe.eval.n]
-            if recipe.data.eval.builtin and recipe.eval.exact_match and objective.head == "causal_lm":
+            if recipe.data.eval.builtin and recipe.eval.exact_match:
                 items = eval_items(recipe.data.eval, recipe.data)[: recipe.eval.n or None]
         model = load_model(recipe.model, head=objective.head)  # the model class the objective trains
         if run_dir is None:  # everything checked: only now does a new run directory appear
