@@ -97,7 +97,7 @@ def test_run_recipe_evaluates_the_suite_before_and_after_and_the_report_shows_it
 def test_own_format_adapter_is_evaluated_on_its_base(tmp_path, tiny_model_dir):
     import torch
 
-    from tunelab.evaluate.targets import _load_target
+    from tunelab.evaluate.targets import load_target
     from tunelab.methods.registry import build_method
     from tunelab.model import load_model
     from tunelab.recipe import ModelConfig
@@ -109,7 +109,7 @@ def test_own_format_adapter_is_evaluated_on_its_base(tmp_path, tiny_model_dir):
         if p.requires_grad:
             p.data.add_(0.1 * torch.randn_like(p))  # a "trained" SSF: scales and shifts away from identity
     method.save_adapter(model, str(tmp_path / "adapter"))
-    _, loaded, _ = _load_target(str(tmp_path / "adapter"))
+    _, loaded, _ = load_target(str(tmp_path / "adapter"))
     ids = torch.tensor([[5, 6, 7, 8, 9]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)

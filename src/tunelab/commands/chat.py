@@ -37,9 +37,9 @@ class _Backend:
             self.tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             self.model = None
         else:
-            from tunelab.evaluate.targets import _load_target
+            from tunelab.evaluate.targets import load_target
 
-            _, self.model, self.tokenizer = _load_target(target)
+            _, self.model, self.tokenizer = load_target(target)
             self.model.eval()
 
     def stops(self) -> list[int]:

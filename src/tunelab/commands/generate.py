@@ -63,12 +63,12 @@ def register(app: typer.Typer) -> None:
         def go():
             import torch
 
-            from tunelab.evaluate.targets import _load_target
+            from tunelab.evaluate.targets import load_target
             from tunelab.evaluate.tasks import generate_with_stops
 
             records, chats = read_prompts(Path(input))
             out_path = Path(output)
-            _, model, tok = _load_target(target)
+            _, model, tok = load_target(target)
             device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
             model.to(device)
             torch.manual_seed(seed)

@@ -37,7 +37,7 @@ def _adapter_base(path: Path, config_name: str) -> Recipe:
     return Recipe(model=ModelConfig(name_or_path=base or "smollm2-135m-instruct"))
 
 
-def _load_target(target: str, base: bool = False) -> tuple[Recipe, Any, Any]:
+def load_target(target: str, base: bool = False) -> tuple[Recipe, Any, Any]:
     """(recipe giving data defaults, model, tokenizer) for a run dir, checkpoint dir, adapter dir (PEFT or
     tunelab's own format), HF dir, hub id or alias. `base`: the base model of a run (its recipe's model) or of an
     adapter, instead of the trained one; a plain model has none (RecipeError)."""
@@ -119,7 +119,7 @@ def evaluate_target(target: str, *, task: str | None = None, n: int = 100, tasks
         raise RecipeError("--diagnostics compares a run's trained weights with its base model: give a run or "
                           "checkpoint directory, without --base")
     t0 = time.perf_counter()
-    recipe, model, tok = _load_target(target, base=base)
+    recipe, model, tok = load_target(target, base=base)
     device = _device()
     model.to(device)
     save_heldout = run is not None and label is not None  # a run's own eval_after.json is not replaced unasked
