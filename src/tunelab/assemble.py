@@ -183,7 +183,8 @@ def restore_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Re
     Prepared exactly as the run prepared it (calibration included, without the engine's switches), then the
     checkpoint's trainable tensors and method state are loaded.
     """
-    from tunelab.train.checkpoint import latest_checkpoint, load_checkpoint
+    from tunelab.train.checkpoint import latest_checkpoint
+    from tunelab.train.restore import read_checkpoint
 
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():
@@ -192,7 +193,7 @@ def restore_run(run_dir: str | Path, checkpoint: str | Path | None = None) -> Re
     path = Path(checkpoint) if checkpoint is not None else latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(f"{run_dir}: no checkpoint to restore (train first, or check the path)")
-    ckpt = load_checkpoint(path)  # first: a damaged checkpoint is named before any model work
+    ckpt = read_checkpoint(path)  # first: a damaged checkpoint is named before any model work
     prepared, tokenizer = assemble(recipe, run_dir=run_dir, engine=False)
     prepared.method.load_trainable_state_dict(prepared.model, ckpt["trainable"])
     prepared.method.load_state_dict(ckpt["state"].get("method", {}))

@@ -101,10 +101,10 @@ def test_fsdp_crash_and_resume_continue_exactly(runs):
     res = run(torchrun(2, *cli("train", str(crashed))))
     assert "resumed from" in res.stdout + res.stderr
     assert losses(crashed) == losses(whole)
-    from tunelab.train.checkpoint import load_checkpoint
+    from tunelab.train.restore import read_checkpoint
 
-    a = load_checkpoint(whole / "checkpoints" / "step-000010")["trainable"]  # gathered whole from the shards
-    b = load_checkpoint(crashed / "checkpoints" / "step-000010")["trainable"]
+    a = read_checkpoint(whole / "checkpoints" / "step-000010")["trainable"]  # gathered whole from the shards
+    b = read_checkpoint(crashed / "checkpoints" / "step-000010")["trainable"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

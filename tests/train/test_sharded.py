@@ -15,6 +15,7 @@ from tiny import build_tiny_model, tiny_recipe_dict
 from tunelab.recipe import Recipe, RecipeError, load_recipe
 from tunelab.runner import open_workspace, train_workspace
 from tunelab.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from tunelab.train.restore import read_checkpoint
 from tunelab.train.skeleton import materialize, meta_skeleton
 from tunelab.validate import load_validated_recipe
 
@@ -79,7 +80,9 @@ def test_fsdp_in_one_process_trains_like_ddp_and_ddp_resumes_its_sharded_checkpo
     fsdp_losses = [json.loads(x)["loss"] for x in (fs.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert fsdp_losses == pytest.approx(ddp.losses[:3], rel=1e-6)
     # what `tunelab eval` / `export` of the run read: the trainable tensors, whole, in one process
-    whole = load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="read it with tunelab.train.restore.read_checkpoint"):
+        load_checkpoint(path)  # the plain reader knows no sharded format: the restore dispatcher does
+    whole = read_checkpoint(path)
     assert whole["optimizer"] is None and whole["trainable"].keys() == load_checkpoint(
         latest_checkpoint(ws.run_dir))["trainable"].keys()
     # a sharded checkpoint resumes under ddp too (DCP fills whole tensors): it continues the run
@@ -95,7 +98,7 @@ def test_a_sharded_checkpoint_without_its_shards_is_named_damaged(tiny_model_dir
     path = latest_checkpoint(fs.run_dir)
     (path / "shards" / ".metadata").unlink()
     with pytest.raises(CheckpointError, match=r"shards/\.metadata is damaged: missing"):
-        load_checkpoint(path)
+        read_checkpoint(path)
 
 
 @pytest.mark.parametrize("method", ["galore", "mezo", "lisa", "qlora", "prompt_tuning", "adalora"])

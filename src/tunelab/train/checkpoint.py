@@ -27,7 +27,7 @@ import json
 import random
 import re
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -244,27 +244,25 @@ def check_resumable(run_dir: Path) -> Path | None:
     return path
 
 
-def _read_sharded_trainable(path: Path, fmt: str) -> dict[str, torch.Tensor]:
-    """The trainable tensors of a sharded checkpoint gathered whole in this one process."""
-    if fmt == "dcp":
-        from tunelab.train.dcp import read_trainable  # the same layer; dcp.py builds on this module
-    else:
-        from tunelab.train.deepspeed_backend import read_trainable
-    return read_trainable(path)
-
-
-def load_checkpoint(path: Path, rank: int = 0) -> dict[str, Any]:
+def load_checkpoint(path: Path, rank: int = 0, *,
+                    sharded_readers: Mapping[str, Callable[[Path], dict[str, torch.Tensor]]] | None = None
+                    ) -> dict[str, Any]:
     """Every file of checkpoint `path` (this process's RNG state, rng-<rank>.pt). A file that does not load
     raises CheckpointError naming it.
 
-    A sharded checkpoint (see the module docstring) gives its trainable tensors gathered whole and no optimizer
-    state (None): what `tunelab eval` / `export` of a run need. Training resumes from one through the backend's
-    `load_checkpoint`, which re-shards it."""
+    A sharded checkpoint (see the module docstring) is read by `sharded_readers[format]` (path -> its trainable
+    tensors, gathered whole) and gives no optimizer state (None): what `tunelab eval` / `export` of a run need;
+    `tunelab.train.restore.read_checkpoint` passes the readers of dcp.py and deepspeed_backend.py, so this module
+    imports neither. Training resumes from one through the backend's `load_checkpoint`, which re-shards it."""
     path = Path(path)
     if (found := checkpoint_problem(path)) is not None:
         raise _damaged(path, *found)
     rng_file = path / f"rng-{rank}.pt"
     fmt = json.loads((path / "state.json").read_text(encoding="utf-8")).get("checkpoint_format")
+    read_sharded = (sharded_readers or {}).get(str(fmt))
+    if fmt in SHARDED_FORMATS and read_sharded is None:
+        raise CheckpointError(f"checkpoint {path} is sharded ({fmt!r}); read it with "
+                              f"tunelab.train.restore.read_checkpoint, or resume it with the backend that wrote it")
     loaders = {
         "state": (path / "state.json", lambda f: json.loads(f.read_text(encoding="utf-8"))),
         "trainable": (path / "trainable.safetensors", lambda f: load_file(str(f))),
@@ -272,7 +270,8 @@ def load_checkpoint(path: Path, rank: int = 0) -> dict[str, Any]:
         "rng": (rng_file, lambda f: torch.load(f, weights_only=True) if f.is_file() else None),
     }
     if fmt in SHARDED_FORMATS:
-        loaders["trainable"] = (path, lambda f: _read_sharded_trainable(f, fmt))
+        assert read_sharded is not None
+        loaders["trainable"] = (path, read_sharded)
         loaders["optimizer"] = (path, lambda f: None)
     out = {}
     for key, (file, load) in loaders.items():
