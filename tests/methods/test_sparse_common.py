@@ -74,9 +74,10 @@ def run(method, model, opt, steps: range, tc: TrainConfig, batch=None) -> list[f
     losses = []
     for step in steps:
         micro = [batch]
-        result = method.custom_step(model=model, batches=micro, objective=sft, optimizer=opt, lr=tc.lr, step=step,
-                                    ref=None, backend=backend())
-        if result is None:
+        if method.capabilities.custom_step:
+            result = method.custom_step(model=model, batches=micro, objective=sft, optimizer=opt, lr=tc.lr,
+                                        step=step, ref=None, backend=backend())
+        else:
             result = forward_backward(model, sft, micro, backend(), tc.precision)
             if tc.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(clip, tc.max_grad_norm)

@@ -27,7 +27,8 @@ The training loop talks to this interface:
   on_train_start(model, n) -> once, knowing the number of steps (COLA's restart schedule)
   after_backward(model, k) -> with gradients in place, before clipping/update (AdaLoRA's rank allocation)
   on_step_end(...)         -> per-step hook (LISA re-sampling, COLA restarts, SpIEL prune/regrow)
-  custom_step(...)         -> an update rule of its own (MeZO: no backward); None = the default
+  custom_step(...)         -> an update rule of its own (MeZO: no backward); called instead of backward +
+                              optimizer step when `capabilities.custom_step` says so
   merged_model(model)      -> a plain HF model with the method folded into the weights
   save_adapter(model, dir) -> the method's adapter (PEFT format, or tunelab's own), or raise ExportUnsupported
   state_dict()/load_state_dict() -> method state that a checkpoint must carry (masks, seeds, ...)
@@ -136,15 +137,17 @@ class Method:
     def on_step_end(self, model: torch.nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Called after every optimizer step (step counts from 1)."""
 
-    def custom_step(self, *, model, batches, objective, optimizer, lr, step, ref, backend) -> StepResult | None:
-        """An update rule of the method's own (MeZO), or None for the default backward + optimizer step.
+    def custom_step(self, *, model, batches, objective, optimizer, lr, step, ref, backend) -> StepResult:
+        """An update rule of the method's own (MeZO): the loop calls it instead of backward + optimizer step when
+        the method declares `Capabilities(custom_step=True)`, and never otherwise.
 
-        `backend` (tunelab.train.backends) gives the device and `reduce_sum` across processes. If it returns, it
-        has already updated the weights, and returns what `tunelab.train.loop.forward_backward` does: a
+        `backend` (tunelab.train.backends) gives the device and `reduce_sum` across processes. It updates the
+        weights itself and returns what `tunelab.train.loop.forward_backward` does: a
         `StepResult(loss_sum, metric_sums, global_units, global_tokens)` (this process's loss and metric sums,
         the whole global batch's units and tokens; `loop.global_counts` computes the last two).
         """
-        return None
+        raise NotImplementedError(f"method {self.name!r} has no update rule of its own (capabilities.custom_step "
+                                  f"is {self.capabilities.custom_step})")
 
     # -- state and export --------------------------------------------------------------------------
     def trainable_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:

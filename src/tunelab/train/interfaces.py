@@ -52,9 +52,19 @@ class TrainObjective(Protocol):
         ...
 
 
+class StepCapabilities(Protocol):
+    """What the loop reads of a method's declared capabilities (`methods.registry.Capabilities`)."""
+
+    @property
+    def custom_step(self) -> bool: ...  # custom_step() replaces backward + optimizer step (MeZO)
+
+
 @runtime_checkable
 class TrainMethod(Protocol):
     """What the loop asks of a method (`tunelab.methods.registry.Method`; its docstring says when each runs)."""
+
+    @property
+    def capabilities(self) -> StepCapabilities: ...  # declared as data; the loop never probes
 
     def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]: ...
 
@@ -68,7 +78,7 @@ class TrainMethod(Protocol):
 
     def custom_step(self, *, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], objective: TrainObjective,
                     optimizer: torch.optim.Optimizer, lr: float, step: int, ref: Any,
-                    backend: Any) -> StepResult | None: ...  # backend: a train.backends.Backend
+                    backend: Any) -> StepResult: ...  # called only with capabilities.custom_step; backend: a Backend
 
     def trainable_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]: ...
 

@@ -196,10 +196,11 @@ def train(recipe: Recipe, model, method: TrainMethod, objective: TrainObjective,
                 if done > start_step and not (tc.save_every and done % tc.save_every == 0):
                     save(done)
                 break
-            result = method.custom_step(model=model, batches=micro, objective=objective, optimizer=optimizer,
-                                        lr=scheduler.get_last_lr()[0], step=step, ref=ref, backend=backend)
-            custom = result is not None
-            if result is None:
+            custom = method.capabilities.custom_step  # the method's declared update rule (MeZO), never probed
+            if custom:
+                result = method.custom_step(model=model, batches=micro, objective=objective, optimizer=optimizer,
+                                            lr=scheduler.get_last_lr()[0], step=step, ref=ref, backend=backend)
+            else:
                 result = forward_backward(model, objective, micro, backend, tc.precision, ref)
             names = sorted(result.metric_sums)
             reduced = backend.reduce_sum([result.loss_sum] + [result.metric_sums[k] for k in names])
