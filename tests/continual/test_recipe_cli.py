@@ -85,3 +85,35 @@ def test_cli_runs_resumes_and_reports(tiny_model_dir, tmp_path):
     assert res.exit_code == 0
     page = (tmp_path / "r.html").read_text()
     assert "Continual learning: R matrices" in page and "forgetting_max = " in page
+
+
+def test_continuing_a_run_directory_takes_its_lock(tmp_path):
+    """`tunelab continual RUN [--resume]` is refused while another process holds the run (as `tunelab run RUN
+    --resume` is), before any model work: the model named here does not even exist."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    run = tmp_path / "runs" / "cl"
+    run.mkdir(parents=True)
+    (run / "continual.yaml").write_text(yaml.safe_dump(tiny_continual(tmp_path / "no-model", tmp_path / "runs")))
+    holder = textwrap.dedent("""
+        import sys, time
+        from tunelab.core.rundir import lock_run_dir
+        lock_run_dir(sys.argv[1])
+        print("locked", flush=True)
+        time.sleep(120)
+    """)
+    src = str(Path(__file__).parents[2] / "src")
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(run)], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": src})
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        for args in (["continual", str(run)], ["continual", str(run), "--resume"]):
+            res = CliRunner().invoke(app, args)
+            assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+            assert f"error: run directory {run.resolve()} is in use by pid {proc.pid}" in res.output
+    finally:
+        proc.kill()
+        proc.wait()

@@ -43,7 +43,7 @@ from tunelab.continual.evaluation import ContinualError, evaluate_model, load_ge
 from tunelab.continual.recipe import ContinualRecipe, continual_recipe_to_yaml
 from tunelab.continual.strategies.base import StrategyError, StrategyObjective, StreamContext, build_strategy
 from tunelab.core.io import atomic_dir, atomic_write_json, atomic_write_text
-from tunelab.core.rundir import new_run_dir
+from tunelab.core.rundir import lock_run_dir, new_run_dir
 from tunelab.evaluate.forgetting import general_retention, r_matrix_metrics
 from tunelab.model import load_model, load_tokenizer
 from tunelab.recipe import recipe_to_yaml
@@ -360,10 +360,19 @@ class Stream:
 
 def run_continual(cr: ContinualRecipe, *, run_dir: Path | None = None, overwrite: bool = False, resume: bool = False,
                   progress: bool = True) -> dict[str, Any]:
-    """Run (or with `resume`, continue) a continual recipe; returns the summary also saved as summary.json."""
+    """Run (or with `resume`, continue) a continual recipe; returns the summary also saved as summary.json.
+
+    The run directory's lock is taken before any work, as `tunelab run RUN --resume` takes it: by `new_run_dir`
+    for a new (or `resume`d by name) directory, here for a given `run_dir` (`tunelab continual RUN`), so a second
+    writer is refused (RunLocked, naming the holder's pid and host)."""
     if run_dir is None:
         run_dir = new_run_dir(cr.output_dir, cr.name, overwrite=overwrite, resume=resume)
-    return Stream(cr, Path(run_dir), resume=resume, progress=progress).run()
+        return Stream(cr, Path(run_dir), resume=resume, progress=progress).run()
+    lock = lock_run_dir(run_dir)
+    try:
+        return Stream(cr, Path(run_dir), resume=resume, progress=progress).run()
+    finally:
+        lock.release()
 
 
 def _pct(v: float | None) -> str:
