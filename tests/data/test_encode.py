@@ -120,3 +120,37 @@ def test_prompt_loss_weight_covers_the_prompt_contents_not_the_template(tiny_tok
 def test_text_example_weights(tiny_tokenizer):
     enc = encode_text(tiny_tokenizer, TextExample("hello world", loss_weights=2.0), max_length=50, truncation="error")
     assert enc["loss_weights"] == [0.0] + [2.0] * (len(enc["input_ids"]) - 1)
+
+
+LONG = ChatExample([{"role": "user", "content": "Write the date " + "again and " * 10},
+                    {"role": "assistant", "content": "2021-03-05 " * 30}], "long.jsonl:1")
+
+
+def test_default_truncation_keeps_the_prompt_start_and_the_response_that_fits(tiny_tokenizer, tmp_path):
+    import json
+
+    from tunelab.data.pipeline import encode_spec
+    from tunelab.recipe import DataConfig, DatasetSpec
+
+    full = encode_chat(tiny_tokenizer, LONG, max_length=10_000, truncation="error", loss_mask="completion")
+    n_prompt = full["labels"].index(next(lab for lab in full["labels"] if lab != IGNORE_INDEX))
+    max_length = n_prompt + 20  # the whole prompt and 20 of the response's tokens fit
+    assert len(full["input_ids"]) > max_length + 20
+    path = tmp_path / "long.jsonl"
+    short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    path.write_text("\n".join(json.dumps(r) for r in [{"messages": LONG.messages}, short]) + "\n")
+    cfg = DataConfig(train=DatasetSpec(path=str(path)), eval=None, max_length=max_length)
+    assert cfg.truncation == "right"
+    encoded, stats = encode_spec(tiny_tokenizer, cfg.train, cfg)
+    assert len(encoded) == 2 and stats.truncated == 1 and stats.dropped_too_long == 0 and stats.kept == 2
+    assert "2 kept, 0 dropped as too long, 1 truncated" in stats.summary()
+    assert stats.as_dict() == {"kept": 2, "dropped_too_long": 0, "truncated": 1, "dropped_no_target": 0}
+    cut = encoded[0]
+    # the start kept: the full example's first max_length tokens and their labels, unchanged
+    assert cut["input_ids"] == full["input_ids"][:max_length] and cut["labels"] == full["labels"][:max_length]
+    # the labels cover every kept response token (the prompt stays masked)
+    assert all(lab == IGNORE_INDEX for lab in cut["labels"][:n_prompt])
+    assert cut["labels"][n_prompt:] == cut["input_ids"][n_prompt:] and len(cut["labels"][n_prompt:]) == 20
+    # `drop` still drops it, counted
+    dropped, dstats = encode_spec(tiny_tokenizer, cfg.train, cfg.model_copy(update={"truncation": "drop"}))
+    assert len(dropped) == 1 and dstats.dropped_too_long == 1 and dstats.truncated == 0

@@ -11,6 +11,16 @@ Masks:
   assistant   every assistant turn of a multi-turn chat
   full        every token (continued pre-training style)
 
+Truncation (`data.truncation`, applied to the whole rendered chat, after the masks are computed, so the labels of
+the kept tokens are exactly those of the full example):
+  right (default)  keep the first `max_length` tokens: the prompt's start and as much of the response as fits
+                   (TRL's SFTTrainer `truncation_mode="keep_start"`); an example whose prompt alone fills
+                   `max_length` keeps no target token and is dropped (counted as "no target")
+  left             keep the last `max_length` tokens (the end of the response, the prompt's start cut)
+  drop             leave the example out (counted)
+  error            stop with the example's file:line
+Preference pairs are never cut (a cut pair compares different things): too long is dropped and counted.
+
 Token weights (`loss_weights` in the encoded dict, one float per token aligned with `labels`: weight t
 scales the loss of the label at t; produced only when something asks for them):
   * the example's own `loss_weights` (a number for every target token, or one value per target token);
@@ -33,6 +43,11 @@ class EncodeStats:
     dropped_too_long: int = 0
     truncated: int = 0
     dropped_no_target: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counts, for the run's summary.json."""
+        return {"kept": self.kept, "dropped_too_long": self.dropped_too_long, "truncated": self.truncated,
+                "dropped_no_target": self.dropped_no_target}
 
     def summary(self) -> str:
         return (f"{self.kept} kept, {self.dropped_too_long} dropped as too long, {self.truncated} truncated, "

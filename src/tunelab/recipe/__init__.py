@@ -78,8 +78,10 @@ class DataConfig(_Strict):
     )
     max_length: int = Field(256, ge=8, description="Maximum tokens per example after the chat template.")
     truncation: Literal["drop", "right", "left", "error"] = Field(
-        "drop",
-        description="Over-long examples: drop (counted and logged), cut the end, cut the start, or stop with an error.",
+        "right",
+        description="Over-long examples: cut the end (keeps the prompt's start and as much of the response as fits; "
+                    "counted and logged), drop them (counted), cut the start, or stop with an error. Preference pairs "
+                    "are never cut: too long is dropped whatever this says.",
     )
     loss_mask: Literal["completion", "assistant", "full"] = Field(
         "completion",

@@ -88,7 +88,7 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
     stop_warning = stop_rate_warning(before, after)
     summary = {
         "run_dir": str(ws.run_dir), "method": recipe.method.name, "objective": recipe.objective.name,
-        "precision": recipe.train.precision, **ws.params,
+        "precision": recipe.train.precision, **ws.params, "data": ws.data_stats,
         "steps": result.steps if result else 0, "final_train_loss": result.final_loss if result else None,
         "train_time_s": result.wall_time_s if result else 0.0, "tokens_per_s": result.tokens_per_s if result else None,
         "peak_memory_mb": result.peak_memory_mb if result else None,

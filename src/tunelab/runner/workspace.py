@@ -112,6 +112,7 @@ class Workspace:
     engine: dict = field(default_factory=dict)  # what train.engine.configure_engine applied
     backend: Backend | None = None  # the distributed backend (`distributed.backend`); built from the recipe if None
     prompts: list | None = None  # on-line RL (a `rollout` section): the training prompts; train_data is then None
+    data_stats: dict = field(default_factory=dict)  # "train" / "eval": EncodeStats.as_dict() (kept, truncated, ...)
 
     def __post_init__(self) -> None:
         if self.backend is None:
@@ -163,11 +164,11 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
         elif need_train and recipe.data.select is None:
             train_data, stats = encode_spec(tokenizer, recipe.data.train, recipe.data)
             check_data_fits(objective, method, train_data, recipe.data.train)
-        eval_data, items = None, []
+        eval_data, eval_stats, items = None, None, []
         if recipe.data.eval is not None:
             # held-out data is scored on the responses only: instruction-modelling weights are for training
             eval_cfg = recipe.data.model_copy(update={"prompt_loss_weight": None})
-            eval_data, _ = encode_spec(tokenizer, recipe.data.eval, eval_cfg)
+            eval_data, eval_stats = encode_spec(tokenizer, recipe.data.eval, eval_cfg)
             if recipe.eval.n:
                 eval_data = eval_data[: recipe.eval.n]
             if recipe.data.eval.builtin and recipe.eval.exact_match:
@@ -191,8 +192,12 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
             train_spec = select_for_recipe(recipe, run_dir, accelerator)
             train_data, stats = encode_spec(tokenizer, train_spec, recipe.data)
             check_data_fits(objective, method, train_data, train_spec)
+        policy = f"(data.truncation={recipe.data.truncation}, max_length={recipe.data.max_length})"
         if stats is not None:
-            accelerator.print(f"train data: {stats.summary()}")
+            accelerator.print(f"train data: {stats.summary()} {policy}")
+        if eval_stats is not None and (eval_stats.truncated or eval_stats.dropped_too_long or
+                                       eval_stats.dropped_no_target):
+            accelerator.print(f"eval data: {eval_stats.summary()} {policy}")
         if prompts is not None:
             accelerator.print(f"train prompts: {len(prompts)} (rollouts of {recipe.rollout.num_generations} each)")
         backend = make_backend(accelerator, recipe)
@@ -202,8 +207,9 @@ def open_workspace(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bo
         elif lock is not None:
             lock.release()
         raise
+    data_stats = {name: st.as_dict() for name, st in (("train", stats), ("eval", eval_stats)) if st is not None}
     ws = Workspace(recipe, run_dir, accelerator, tokenizer, model, method, objective, train_data, eval_data, items,
-                   backend=backend, prompts=prompts)
+                   backend=backend, prompts=prompts, data_stats=data_stats)
     if lock is not None:
         weakref.finalize(ws, lock.release)
     return ws
