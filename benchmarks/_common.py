@@ -77,3 +77,21 @@ def last_error_line(stderr: str) -> str:
         if head.endswith(("Error", "Exception", "Unsupported", "Diverged", "Missing")) and " " not in head:
             return ln[:300]
     return lines[-1][:300] if lines else ""
+
+
+def matmul_peak_tflops(device=None, n: int = 2048, reps: int = 10) -> float:
+    """bf16 [n, n] x [n, n] matmul throughput on `device` (default CPU): the peak MFU is measured against."""
+    import time
+
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if a.device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12

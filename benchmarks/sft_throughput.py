@@ -40,7 +40,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import peak_rss_mb, run_child  # noqa: E402
+from _common import matmul_peak_tflops, peak_rss_mb, run_child  # noqa: E402
 
 DATA = os.path.join(HERE, "..", "..", "shared", "data")
 FILES = {"lima": os.path.join(DATA, "lima", "lima.json"),
@@ -65,16 +65,6 @@ def cpu_info() -> str:
             f"threads {torch.get_num_threads()}")
 
 
-def matmul_peak_tflops(n: int = 2048, reps: int = 10) -> float:
-    import torch
-
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
 def write_records(data: str, n: int, path: str) -> None:

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import matmul_peak_tflops
 
 SEQ, BATCH = 256, 4
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -142,17 +143,6 @@ def worker_ours(kind: str, steps: int, warmup: int, device: torch.device, extra:
             "final_loss": result.final_loss, "flops_per_token": model_flops_per_token(model, kind == "lora")}
 
 
-def matmul_peak_tflops(device: torch.device, n: int = 2048, reps: int = 10) -> float:
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(2):
-        a @ b
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
 ABLATIONS = {  # name -> recipe overrides on top of the engine's defaults (what each lever gives, or costs)
