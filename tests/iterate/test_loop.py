@@ -59,6 +59,29 @@ def test_raft_rounds_write_samples_data_runs_and_table(tiny_model_dir, tmp_path,
     assert saved["rounds"] == summary["rounds"]
     steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["round"] for m in steps] == [1] * 4 + [2] * 4 and steps[-1]["step"] == 8
+    from tunelab.track.report import render_report
+
+    page = render_report([run])
+    assert "Self-improvement rounds" in page and "<th>train loss</th>" in page and "data:image/png;base64" in page
+
+
+def test_cli_run_dispatches_an_iterate_recipe_and_the_run_dir_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    path = tmp_path / "it.yaml"
+    path.write_text(yaml.safe_dump(_recipe(tiny_model_dir, tmp_path, rounds=1).model_dump(mode="json")))
+    res = CliRunner().invoke(app, ["run", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "round  accuracy" in res.output and (tmp_path / "tiny" / "round-1" / "DONE").is_file()
+    calls = _count_generate(monkeypatch)
+    res = CliRunner().invoke(app, ["iterate", str(tmp_path / "tiny")])
+    assert res.exit_code == 0, res.output
+    assert "round 1: done (trained), read back" in res.output and calls == []
+    res = CliRunner().invoke(app, ["iterate", "--help"])
+    assert res.exit_code == 0 and all(s in res.output for s in ("rest_em", "self_rewarding", "star", "DONE"))
 
 
 def test_a_round_trained_on_data_jsonl_is_an_ordinary_run(tiny_model_dir, tmp_path):

@@ -87,7 +87,8 @@ class IterateConfig(_Strict):
         True, description="star: prompts with no correct sample are asked again with the reference answer as a "
         "hint; a correct rationale is kept, trained on the prompt without the hint (STaR's rationalization).")
     hint_template: str = Field(
-        "{prompt}\n\n(Hint: the answer is {answer}.)", description="star: the rationalization prompt.")
+        "{prompt} (Hint: the answer is {answer}.)", description="star: the rationalization prompt (the last user "
+        "message with the reference answer added).")
     continue_from: Literal["previous", "base"] | None = Field(
         None, description="Where each round's training starts: the previous round's model or the base. null = the "
         "strategy's default (base for rest_em and star, previous for the others). Generation always uses the "
