@@ -182,3 +182,91 @@ def test_iterate_recipe_errors_name_the_field(tiny_model_dir, tmp_path):
         validate_recipe(Recipe.model_validate(d))
     with pytest.raises(ValueError, match="builds SFT data"):
         _recipe(tiny_model_dir, tmp_path, selection="best_vs_worst")
+
+
+def test_rest_em_restarts_from_the_base_but_samples_from_the_latest_model(tiny_model_dir, tmp_path):
+    from tunelab.iterate import run_iterate
+
+    # the random model is never right: keep every sample (the length penalty is > -10), one per prompt (the ReST-EM cap)
+    summary = run_iterate(_recipe(tiny_model_dir, tmp_path, strategy="rest_em", selection="threshold", threshold=-10.0,
+                                  max_per_prompt=1))
+    run = tmp_path / "tiny"
+    r1, r2 = (json.loads((run / f"round-{r}" / "round.json").read_text()) for r in (1, 2))
+    assert r1["started_from"] == "base" and r2["started_from"] == "base"
+    assert r1["samples"]["sampled_with"] == "base"
+    assert r2["samples"]["sampled_with"] == str(run / "round-1" / "run" / "export" / "merged")
+    assert [row["kept"] for row in summary["rounds"]] == [8, 8]
+
+
+def test_iterative_dpo_writes_preference_pairs_and_trains_dpo(tiny_model_dir, tmp_path):
+    from tunelab.iterate import run_iterate
+
+    d = _recipe(tiny_model_dir, tmp_path, strategy="iterative_dpo", rounds=1, num_generations=3,
+                rewards=[{"name": "length"}]).model_dump()
+    d["objective"] = {"name": "dpo", "beta": 0.1}
+    summary = run_iterate(Recipe.model_validate(d))
+    pairs = [json.loads(x) for x in (tmp_path / "tiny" / "round-1" / "data.jsonl").read_text().splitlines()]
+    assert pairs and all(set(p) == {"prompt", "chosen", "rejected"} and p["chosen"] != p["rejected"] for p in pairs)
+    samples = [json.loads(x) for x in (tmp_path / "tiny" / "round-1" / "samples.jsonl").read_text().splitlines()]
+    for p in pairs:  # chosen is its prompt's best sample, rejected its worst
+        s = next(s for s in samples if s["messages"] == p["prompt"] and p["chosen"] in s["completions"])
+        assert s["rewards"][s["completions"].index(p["chosen"])] == max(s["rewards"])
+        assert s["rewards"][s["completions"].index(p["rejected"])] == min(s["rewards"])
+    assert summary["rounds"][0]["kept"] == len(pairs) and summary["rounds"][0]["train_loss"] is not None
+
+
+def test_self_rewarding_judges_with_the_policy_and_reports_agreement(tiny_model_dir, tmp_path, monkeypatch):
+    from tunelab.iterate import run_iterate
+    from tunelab.rewards import judge
+
+    seen = []
+
+    def fake_parse(text):  # the random model's replies carry no score: score them by their characters instead
+        seen.append(text)
+        return float(len(seen) % 6)  # a different score for each sample in turn
+
+    monkeypatch.setattr(judge, "parse_score", fake_parse)
+    d = _recipe(tiny_model_dir, tmp_path, strategy="self_rewarding", rounds=1, num_generations=3, rewards=[
+        {"name": "judge", "model": "policy", "rubric": "Rate: {completion}", "scale": 5, "max_new_tokens": 4},
+        {"name": "task", "weight": 0.0}]).model_dump()
+    d["objective"] = {"name": "dpo"}
+    summary = run_iterate(Recipe.model_validate(d))
+    assert len(seen) == 8 * 3  # every sample judged once
+    row = json.loads((tmp_path / "tiny" / "round-1" / "round.json").read_text())
+    assert row["data"]["judge_pairs"] == 0 and row["data"]["judge_agreement"] is None  # never right: no pair to rank
+    assert summary["rounds"][0]["kept"] == row["data"]["pairs"] > 0
+
+
+def test_star_rationalizes_with_the_hint_and_trains_without_it(monkeypatch):
+    from tunelab.data.prompts import load_prompts
+    from tunelab.generate import GenerationOutput, GenerationStats
+    from tunelab.generate import outputs as gen_outputs
+    from tunelab.iterate import sampling
+    from tunelab.iterate.select import select_samples, sft_record
+    from tunelab.recipe import DataConfig, DatasetSpec
+    from tunelab.recipe.iterate import IterateConfig
+
+    items = load_prompts(DatasetSpec(builtin="date_format", n=3), DataConfig())
+    asked = []
+
+    def fake_generate(model, tokenizer, prompts, config, **kw):
+        asked.append(prompts)
+        n = config.num_return_sequences
+        # plain prompts: always wrong; hinted prompts: right except for the second one
+        texts = [[items[k].answer if "(Hint: the answer is" in p[-1]["content"] and k != 1 else "no idea"] * n
+                 for k, p in enumerate(prompts)]
+        if len(prompts) < len(items):  # the hinted call only carries the wrong prompts (all three here)
+            raise AssertionError("every prompt was wrong: all three are asked again")
+        comps = [gen_outputs.Completion(k, [1], t, "stop") for k, ts in enumerate(texts) for t in ts]
+        return GenerationOutput(comps, GenerationStats())
+
+    monkeypatch.setattr(sampling, "generate", fake_generate)
+    it = IterateConfig(strategy="star", num_generations=2, rewards=[{"name": "task"}])
+    rewards = sampling.build_rewards(it, tokenizer=None, precision="fp32", device="cpu", policy=None)
+    out = sampling.sample_round(None, None, items, it, rewards, seed=0, precision="fp32")
+    assert len(asked) == 2 and all("Hint" in p[-1]["content"] for p in asked[1])
+    assert out.stats["rationalized"] == 2
+    kept = select_samples(out.groups, "correct_only")
+    assert kept == [(0, 2), (2, 2)]  # the rationalized completions, after the two wrong samples
+    rec = sft_record(out.groups[0], 2)
+    assert "Hint" not in rec["messages"][-2]["content"] and rec["messages"][-1]["content"] == items[0].answer

@@ -156,6 +156,7 @@ class Rounds:
         out = sample_round(model, self.tokenizer, items, self.it, rewards, seed=self.it.seed + r, precision=precision)
         del model, rewards
         gc.collect()
+        out.stats["sampled_with"] = str(latest) if latest is not None else "base"
         d.mkdir(parents=True, exist_ok=True)
         _write_jsonl(d / "samples.jsonl", [group_to_json(g) for g in out.groups])
         atomic_write_json(d / "samples.json", out.stats)
