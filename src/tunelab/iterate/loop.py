@@ -152,7 +152,7 @@ class Rounds:
         model = load_model(self.model_config(latest)).to(self.device).eval()
         precision = self.recipe.train.precision
         rewards = build_rewards(self.it, tokenizer=self.tokenizer, precision=precision, device=self.device,
-                                policy=lambda: model)
+                                policy=lambda m=model: m)  # the judge `model: policy` scores with it
         out = sample_round(model, self.tokenizer, items, self.it, rewards, seed=self.it.seed + r, precision=precision)
         del model, rewards
         gc.collect()
@@ -275,7 +275,8 @@ class Rounds:
         atomic_write_json(self.run_dir / "summary.json", summary)
         print()
         print(format_rounds(([base] if base else []) + table))
-        print(f"\n{len(rows)} of {self.it.rounds} rounds; final model: {summary['final_model'] or 'the base (none trained)'}")
+        final = summary["final_model"] or "the base (none trained)"
+        print(f"\n{len(rows)} of {self.it.rounds} rounds; final model: {final}")
         print(f"run directory: {self.run_dir}")
         return summary
 
