@@ -102,6 +102,7 @@ def test_methods_count(tiny_model_dir, tmp_path):
 COMMANDS = {
     "board": (["runs_dir"], ["--host", "--max-parallel", "--port", "--token"]),
     "continual": (["recipe", "overrides"], ["--fields", "--overwrite", "--resume", "--strategies"]),
+    "iterate": (["recipe", "overrides"], ["--overwrite", "--resume"]),
     "eval": (["target"], ["--base", "--batch-size", "--benign", "--checker", "--diagnostics", "--harmful", "--harness",
                           "--harness-include", "--harness-limit", "--label", "--max-new-tokens", "--n", "--output",
                           "--ppl-max-chars", "--ppl-stride", "--ppl-window", "--precision", "--refusal-detector",

@@ -41,6 +41,7 @@ def validate_recipe(recipe: Recipe) -> Recipe:
         except ValidationError as e:
             raise RecipeError(format_validation_error(e, prefix=section)) from None
     validate_rollout(recipe)
+    validate_iterate(recipe)
     validate_sharding(recipe)
     if recipe.data.select is not None:
         try:
@@ -109,6 +110,72 @@ def validate_rollout(recipe: Recipe) -> None:
     if recipe.objective.name == "online_dpo" and recipe.train.batch_size % g:
         raise RecipeError(f"recipe field 'train.batch_size': online_dpo pairs completions of one prompt inside a "
                           f"micro-batch: use a multiple of rollout.num_generations ({g})")
+
+
+def validate_iterate(recipe: Recipe) -> None:
+    """An `iterate:` section: every reward known and its options valid, the objective of the kind the strategy
+    builds (SFT records or preference pairs), the rewards the strategy ranks with (a verifier for correct_only and
+    STaR, an LLM judge on the policy for self-rewarding). Data checks (SPIN's human responses, a verifier's
+    references) need the prompts: `check_iterate_prompts`."""
+    it = recipe.iterate
+    if it is None:
+        return
+    for i, spec in enumerate(it.rewards):
+        try:
+            cls = get_reward_class(spec.name)
+        except UnknownName as e:
+            raise RecipeError(f"recipe field 'iterate.rewards.{i}.name': {e}") from None
+        try:
+            cls.Config.model_validate(spec.options())
+        except ValidationError as e:
+            raise RecipeError(format_validation_error(e, prefix=f"iterate.rewards.{i}")) from None
+    kind = get_objective_class(recipe.objective.name).batch_kind
+    if it.builds_pairs and kind != "preference":
+        raise RecipeError(f"recipe field 'objective.name': iterate strategy {it.strategy} trains on preference "
+                          f"pairs; {recipe.objective.name!r} trains on {kind} batches (use "
+                          f"{'spin' if it.strategy == 'spin' else 'dpo'})")
+    if not it.builds_pairs and kind != "sft":
+        raise RecipeError(f"recipe field 'objective.name': iterate strategy {it.strategy} trains on SFT records; "
+                          f"{recipe.objective.name!r} trains on {kind} batches (use sft)")
+    if it.strategy != "spin" and not it.rewards:
+        raise RecipeError(f"recipe field 'iterate.rewards': strategy {it.strategy} ranks its samples by rewards: "
+                          "give at least one (e.g. [{name: task}])")
+    verifiers = [s.name for s in it.rewards if get_reward_class(s.name).verifier]
+    if (it.rule == "correct_only" or it.strategy == "star") and not verifiers:
+        raise RecipeError(f"recipe field 'iterate.rewards': {'star' if it.strategy == 'star' else 'correct_only'} "
+                          "keeps the samples a verifier marks right: add one (task, math)")
+    if it.strategy == "self_rewarding":
+        judges = [s for s in it.rewards if s.name == "judge"]
+        if not judges or any(s.options().get("model", "policy") != "policy" for s in judges):
+            raise RecipeError("recipe field 'iterate.rewards': self_rewarding ranks samples by the model's own "
+                              "judgement: add {name: judge, model: policy} (rubric: self_rewarding is the paper's)")
+    if recipe.data.select is not None:
+        raise RecipeError("recipe field 'data.select': iterate rounds build their own training data from "
+                          "`data.train`'s prompts; remove data.select")
+
+
+def check_iterate_prompts(recipe: Recipe, prompts: list) -> None:
+    """The prompts an iterate recipe samples from (`tunelab.data.prompts.PromptItem`s) must carry what its
+    strategy and rewards need: SPIN's chosen side is the human response, STaR's hint and a verifier's check the
+    reference answer."""
+    from tunelab.data.prompts import require_answers
+
+    it = recipe.iterate
+    assert it is not None
+    spec = recipe.data.train
+    where = spec.path or f"builtin:{spec.builtin}"
+    if it.strategy == "spin":
+        missing = sum(p.answer is None for p in prompts)
+        if missing:
+            raise RecipeError(f"iterate strategy spin needs human responses (SPIN's chosen side: a record's "
+                              f"output / completion / answer, or a last assistant turn), but {missing} of "
+                              f"{len(prompts)} prompts in data.train ({where}) have none; give SFT data with "
+                              "responses, or use a strategy that scores its own samples (raft, iterative_dpo)")
+    for i, s in enumerate(it.rewards):
+        if get_reward_class(s.name).needs_answer:
+            require_answers(prompts, f"the reward iterate.rewards.{i} ({s.name!r})")
+    if it.strategy == "star" and it.rationalize:
+        require_answers(prompts, "STaR's rationalization hint")
 
 
 def validate_sharding(recipe: Recipe) -> None:

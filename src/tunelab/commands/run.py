@@ -21,13 +21,19 @@ def register(app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite",
                                        help="Replace an existing run directory of the same name."),
     ):
-        """Evaluate, train, evaluate again, export; print the before/after table."""
+        """Evaluate, train, evaluate again, export; print the before/after table. A recipe with an `iterate:`
+        section runs its self-improvement rounds (as `tunelab iterate`)."""
         setup_logging()
         from tunelab.runner import resolve_recipe_arg, run_recipe
 
         def go():
             path, extra = split_recipe_arg(recipe, overrides)
             r, run_dir = resolve_recipe_arg(resolve_recipe(path), extra)
+            if r.iterate is not None:  # self-improvement rounds: `tunelab iterate` (docs/iterate.md)
+                from tunelab.iterate import run_iterate
+
+                run_iterate(r, run_dir=run_dir, overwrite=overwrite, resume=resume or run_dir is not None)
+                return
             run_recipe(r, run_dir=run_dir, overwrite=overwrite, resume=resume or run_dir is not None)
 
         guard(go)

@@ -339,6 +339,12 @@ def discard_if_unstarted(run_dir: str | os.PathLike[str]) -> bool:
     return True
 
 
+def keep_run_dir(run_dir: str | os.PathLike[str]) -> None:
+    """Mark a run directory this process created as holding work to keep before any training step was logged
+    (an iterate round's generated samples): a later failure no longer removes it."""
+    _CREATED.discard(Path(run_dir).resolve())
+
+
 @contextmanager
 def invocation() -> Iterator[None]:
     """One command's use of run directories: on the way out, release the locks it took; on a failure, also

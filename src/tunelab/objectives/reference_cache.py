@@ -35,7 +35,7 @@ from tunelab.objectives.references import concatenate_pair, eval_mode, model_seq
 KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 _PAIR_FIELDS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 #: objectives that read precomputed reference log-probs from the batch
-CACHEABLE_OBJECTIVES = ("dpo",)
+CACHEABLE_OBJECTIVES = ("dpo", "spin")
 
 
 def pairs_fingerprint(encoded_pairs: list[dict], key: str = "") -> str:

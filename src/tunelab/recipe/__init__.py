@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tunelab.core.io import NotUtf8, read_utf8
 from tunelab.core.rundir import check_component
+from tunelab.recipe.iterate import IterateConfig
 from tunelab.recipe.select import SelectConfig
 
 
@@ -304,9 +305,15 @@ class Recipe(_Strict):
         None, description="On-line RL: sample with the policy between steps (docs/rl.md). null = train on data.")
     rewards: list[RewardSpec] = Field(
         default_factory=list, description="Rewards scoring the rollouts: [{name, weight, options...}] (docs/rl.md).")
+    iterate: IterateConfig | None = Field(
+        None, description="Self-improvement rounds (`tunelab iterate`, docs/iterate.md): each round samples with the "
+        "current model, scores, keeps or pairs, and trains this recipe on the result. null = one ordinary run.")
 
     @model_validator(mode="after")
     def _rollout_shape(self) -> "Recipe":
+        if self.iterate is not None and self.rollout is not None:
+            raise ValueError("`iterate` rounds train on data they generate; an on-line `rollout` section does not "
+                             "combine with it (remove one)")
         if self.rollout is None:
             if self.rewards:
                 raise ValueError("`rewards` score rollouts: add a `rollout` section (or remove `rewards`)")

@@ -28,7 +28,7 @@ from tunelab.core.rundir import write_json
 from tunelab.export import export_all
 from tunelab.export_stops import stop_rate_warning
 from tunelab.model import load_model
-from tunelab.recipe import Recipe
+from tunelab.recipe import Recipe, RecipeError
 from tunelab.runner.evaluation import evaluate, evaluate_suite, format_table
 from tunelab.runner.workspace import (
     Workspace,
@@ -55,6 +55,9 @@ def run_recipe(recipe: Recipe, *, run_dir: Path | None = None, overwrite: bool =
     `do_train=False` prepares and evaluates the starting point ("before") and exports it if `do_export`, without
     training it (no optimizer step, no checkpoint, no "after" evaluation: it would score the same model).
     """
+    if recipe.iterate is not None:
+        raise RecipeError("this recipe has an `iterate:` section: its rounds run with `tunelab iterate` (or `tunelab "
+                          "run`), not as one training run")
     t0 = time.perf_counter()
     ws = open_workspace(recipe, run_dir=run_dir, overwrite=overwrite, resume=resume)
     recipe = ws.recipe  # train.precision resolved

@@ -56,6 +56,32 @@ def loss_curves(curves: dict[str, dict[str, list[tuple[int, float]]]]) -> str | 
     return to_base64(fig)
 
 
+ROUND_PANELS = (("accuracy", "held-out accuracy", 100.0), ("mean_reward", "mean reward of the samples", 1.0),
+                ("heldout_loss", "held-out loss", 1.0), ("kept", "samples / pairs kept", 1.0))
+
+
+def rounds_curves(per_run: dict[str, list[dict[str, Any]]]) -> str | None:
+    """per_run: run name -> the rows of its per-round table (`round` 0 = the base model; keys of ROUND_PANELS);
+    one panel per quantity any run has, a line per run over the rounds."""
+    panels = [p for p in ROUND_PANELS if any(row.get(p[0]) is not None for rows in per_run.values() for row in rows)]
+    if not panels:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
+    for ax, (key, label, scale) in zip(axes[0], panels):
+        for i, (name, rows) in enumerate(per_run.items()):
+            pts = [(row["round"], row[key] * scale) for row in rows if row.get(key) is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, color=f"C{i % 10}", marker="o", ms=4, lw=1.4, label=plain(name))
+        ax.set_xlabel("round (0 = base)")
+        ax.set_title(label + (" (%)" if scale == 100.0 else ""), fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    return to_base64(fig)
+
+
 def r_matrix_heatmap(tasks: list[str], r: list[list[float]], title: str) -> str:
     """R[i][j]: score on task j after training stage i."""
     import numpy as np

@@ -7,6 +7,8 @@ in the page's notes, never fatal):
   eval_suite_before.json / eval_suite_after.json `tunelab eval` suite results (task / general / safety)
   metrics.jsonl           loss curves (train loss, held-out loss)
   diagnostics.json        weight diagnostics (tunelab.evaluate.diagnostics)
+  summary.json "rounds"   an iterate run's per-round table (round, accuracy, mean reward, kept, train loss, time;
+                          "base" = round 0, "columns" = (key, header, format)): a table and curves over rounds
   continual/r_matrix.json {"tasks": [...], "b": [...], "R": [[...]]}: R[i][j] = score on task j after training
                           stage i; b[j] = the base model's score on task j (optional; for forward transfer);
                           checked and summarised by tunelab.evaluate.forgetting (the one implementation)
@@ -261,6 +263,34 @@ def _img(b64: str | None, alt: str) -> str:
     return f'<img alt="{_e(alt)}" src="data:image/png;base64,{b64}">' if b64 else ""
 
 
+def _round_cell(v: Any, form: str) -> str:
+    v = _num(v) if not isinstance(v, str) else v
+    if v is None:
+        return "-"
+    if isinstance(v, str):
+        return _e(v)
+    return f"{100 * v:.1f}%" if form == "pct" else f"{v:.{form[1:]}f}" if form.startswith("f") else f"{v:g}"
+
+
+def rounds_section(runs: list[RunData]) -> list[str]:
+    """Iterate runs (summary.json with "rounds"): curves over rounds and each run's per-round table."""
+    its = [r for r in runs if isinstance(r.summary.get("rounds"), list) and r.summary["rounds"]]
+    if not its:
+        return []
+    rows = {r.name: ([r.summary["base"]] if isinstance(r.summary.get("base"), dict) else []) + r.summary["rounds"]
+            for r in its}
+    parts = ["<h2>Self-improvement rounds</h2>", _img(plots.rounds_curves(rows), "rounds")]
+    for r in its:
+        cols = [c for c in r.summary.get("columns") or [] if isinstance(c, list) and len(c) == 3]
+        cols = [c for c in cols if any(row.get(c[0]) is not None for row in rows[r.name])]
+        head = "".join(f"<th>{_e(h)}</th>" for _, h, _ in cols)
+        body = "".join("<tr>" + "".join(f"<td>{_round_cell(row.get(k), f)}</td>" for k, _, f in cols) + "</tr>"
+                       for row in rows[r.name])
+        parts.append(f"<h3>{_e(r.name)}: {_e(r.summary.get('strategy', ''))}</h3><table><thead><tr>{head}</tr>"
+                     f"</thead><tbody>{body}</tbody></table>")
+    return parts
+
+
 def render_report(run_dirs: list[str | Path], title: str = "tunelab report",
                   extra_sections: list[str] | None = None) -> str:
     """The page. `extra_sections`: HTML fragments placed before the runs table (a sweep's front)."""
@@ -297,6 +327,7 @@ def render_report(run_dirs: list[str | Path], title: str = "tunelab report",
             parts.append(_img(plots.r_matrix_heatmap(rm["tasks"], rm["R"], f"{r.name}: R[i][j]"), f"R {r.name}"))
             parts.append('<p class="small">' + ", ".join(f"{k} = {fmt(met.get(k))}" for k in SUMMARY_KEYS)
                          + "</p>")
+    parts += rounds_section(runs)
     diag = {r.name: r.diagnostics["matrices"] for r in runs if r.diagnostics}
     if diag:
         parts += ["<h2>Weight diagnostics</h2>", _img(plots.diagnostics_plot(diag), "diagnostics")]
