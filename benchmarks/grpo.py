@@ -7,10 +7,10 @@ memory, and its reward curve (mean reward per step):
     python benchmarks/grpo.py                    # SmolLM2-135M-Instruct, date_format, 6 steps each
     python benchmarks/grpo.py --steps 20 --json out.json
 
-Settings (both sides): LoRA r 16 / alpha 32 on every linear, lr 2e-3 constant, bf16 autocast, 4 prompts x 8
+Settings (both sides): LoRA r 16 / alpha 32 on every linear, lr 5e-4 constant, bf16 autocast, 4 prompts x 8
 completions per step, micro-batches of 16 completions, max 12 new tokens, temperature 0.7, loss `dapo`, beta 0,
-epsilon 0.2 / 0.28, rewards = the task's checker + 0.5 x an ISO date anywhere in the answer (the shipped
-recipes/grpo.yaml's rewards).
+epsilon 0.2 / 0.28, rewards = the task's checker + 0.5 x "the answer is an ISO date only" (the shipped
+recipes/grpo.yaml's rewards); no dynamic sampling (TRL has none), so both sides sample once per step.
 TRL generates with transformers' `generate`; tunelab with its own engine. The first step of each side includes
 warm-up; the table reports the mean over steps 2.. and the whole reward curve.
 """
@@ -34,7 +34,7 @@ ISO = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 def settings(args) -> dict:
     return {"steps": args.steps, "prompts": 4, "generations": 8, "micro": 16, "max_new": 12, "temperature": 0.7,
-            "lr": 2e-3, "seed": 0, "model": args.model}
+            "lr": 5e-4, "seed": 0, "model": args.model}
 
 
 def run_tunelab(s: dict) -> dict:
@@ -52,7 +52,8 @@ def run_tunelab(s: dict) -> dict:
         f"rollout.max_completion_length={s['max_new']}", f"rollout.temperature={s['temperature']}",
         f"train.lr={s['lr']}", "train.save_every=null",
         "eval.before=false", "eval.after=false", "export.adapter=false", "export.merged=false",
-        "rollout.log_completions_every=0", f"train.seed={s['seed']}", f"model.name_or_path={s['model']}"]))
+        "rollout.log_completions_every=0", "rollout.dynamic_sampling=false",
+        "train.warmup_ratio=0", f"train.seed={s['seed']}", f"model.name_or_path={s['model']}"]))
     summary = run_recipe(recipe)
     rows = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     return {"rollout_s": [r["rollout_time_s"] for r in rows], "update_s": [r["update_time_s"] for r in rows],
@@ -80,7 +81,7 @@ def run_trl(s: dict) -> dict:
         return [1.0 if task.check(c[0]["content"], a) else 0.0 for c, a in zip(completions, answer)]
 
     def iso_reward(prompts, completions, **kw):
-        return [1.0 if ISO.search(c[0]["content"]) else 0.0 for c in completions]
+        return [1.0 if ISO.fullmatch(c[0]["content"].strip()) else 0.0 for c in completions]
 
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"), use_cpu=True, bf16=True, max_steps=s["steps"],
