@@ -7,9 +7,10 @@ memory, and its reward curve (mean reward per step):
     python benchmarks/grpo.py                    # SmolLM2-135M-Instruct, date_format, 6 steps each
     python benchmarks/grpo.py --steps 20 --json out.json
 
-Settings (both sides): LoRA r 16 / alpha 32 on every linear, lr 2e-3 constant, bf16 autocast, 4 prompts x 8
-completions per step, micro-batches of 16 completions, max 12 new tokens, temperature 1, loss `dapo`, beta 0,
-epsilon 0.2 / 0.28, rewards = the task's checker + 0.5 x an ISO-date regex (the shipped recipes/grpo.yaml).
+Settings (both sides): LoRA r 16 / alpha 32 on every linear, lr 5e-4 constant, bf16 autocast, 4 prompts x 8
+completions per step, micro-batches of 16 completions, max 12 new tokens, temperature 0.7, loss `dapo`, beta 0,
+epsilon 0.2 / 0.28, rewards = the task's checker + 0.5 x "the answer is an ISO date only" (the shipped
+recipes/grpo.yaml's rewards); no dynamic sampling (TRL has none), so both sides sample once per step.
 TRL generates with transformers' `generate`; tunelab with its own engine. The first step of each side includes
 warm-up; the table reports the mean over steps 2.. and the whole reward curve.
 """
@@ -32,8 +33,8 @@ ISO = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def settings(args) -> dict:
-    return {"steps": args.steps, "prompts": 4, "generations": 8, "micro": 16, "max_new": 12, "lr": 2e-3, "seed": 0,
-            "model": args.model}
+    return {"steps": args.steps, "prompts": 4, "generations": 8, "micro": 16, "max_new": 12, "temperature": 0.7,
+            "lr": 5e-4, "seed": 0, "model": args.model}
 
 
 def run_tunelab(s: dict) -> dict:
@@ -48,9 +49,11 @@ def run_tunelab(s: dict) -> dict:
         f"output_dir={out}", "name=tunelab", f"train.max_steps={s['steps']}",
         f"rollout.prompts_per_step={s['prompts']}",
         f"rollout.num_generations={s['generations']}", f"train.batch_size={s['micro']}",
-        f"rollout.max_completion_length={s['max_new']}", f"train.lr={s['lr']}", "train.save_every=null",
+        f"rollout.max_completion_length={s['max_new']}", f"rollout.temperature={s['temperature']}",
+        f"train.lr={s['lr']}", "train.save_every=null",
         "eval.before=false", "eval.after=false", "export.adapter=false", "export.merged=false",
-        "rollout.log_completions_every=0", f"train.seed={s['seed']}", f"model.name_or_path={s['model']}"]))
+        "rollout.log_completions_every=0", "rollout.dynamic_sampling=false",
+        "train.warmup_ratio=0", f"train.seed={s['seed']}", f"model.name_or_path={s['model']}"]))
     summary = run_recipe(recipe)
     rows = [json.loads(x) for x in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     return {"rollout_s": [r["rollout_time_s"] for r in rows], "update_s": [r["update_time_s"] for r in rows],
@@ -84,7 +87,7 @@ def run_trl(s: dict) -> dict:
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"), use_cpu=True, bf16=True, max_steps=s["steps"],
         learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, per_device_train_batch_size=s["micro"],
         gradient_accumulation_steps=s["prompts"] * s["generations"] // s["micro"], num_generations=s["generations"],
-        max_completion_length=s["max_new"], temperature=1.0, beta=0.0, loss_type="dapo", epsilon=0.2,
+        max_completion_length=s["max_new"], temperature=s["temperature"], beta=0.0, loss_type="dapo", epsilon=0.2,
         epsilon_high=0.28, reward_weights=[1.0, 0.5], logging_steps=1, save_strategy="no", report_to=[],
         seed=s["seed"], max_grad_norm=1.0, weight_decay=0.0, dataloader_num_workers=0)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",

@@ -27,11 +27,12 @@ def engine_sampler(tokenizer, *, precision: str) -> Sampler:
     """Sampling with tunelab's generation engine: KV cache, eval mode, every sequence its own seeded RNG stream
     (so a completion does not depend on the batch it ran in, and a resumed run samples the same)."""
 
-    def sample(model, prompt_ids: list[list[int]], ro: RolloutConfig, seed: int) -> list[Completion]:
+    def sample(model, prompt_ids: list[list[int]], ro: RolloutConfig, seed: int,
+               first_sequence: int = 0) -> list[Completion]:
         cfg = GenerateConfig(max_new_tokens=ro.max_completion_length, do_sample=True, temperature=ro.temperature,
                              top_p=ro.top_p, top_k=ro.top_k, num_return_sequences=ro.num_generations,
                              stop_strings=tuple(ro.stop_strings), batch_size=ro.generation_batch_size, seed=seed,
-                             precision=precision)
+                             first_sequence=first_sequence, precision=precision)
         out = generate(model, tokenizer, prompt_ids, cfg)
         return [Completion(c.prompt_index, list(c.token_ids), c.text, c.finish_reason) for c in out.completions]
 

@@ -140,6 +140,18 @@ def test_sampling_is_reproducible_and_independent_of_batching(model, tiny_tokeni
     assert a != [c.token_ids for c in greedy.completions]
 
 
+def test_first_sequence_makes_slices_of_a_batch_sample_what_the_whole_batch_samples(model, tiny_tokenizer):
+    """Processes that each sample their slice of one global batch (RL rollouts) draw what one process would."""
+    def run(prompts, **kw):
+        cfg = GenerateConfig(max_new_tokens=MAX_NEW, precision="fp32", do_sample=True, seed=3,
+                             num_return_sequences=2, **kw)
+        return [c.token_ids for c in generate(model, tiny_tokenizer, prompts, cfg).completions]
+
+    whole = run(PROMPTS[:4])
+    assert run(PROMPTS[:2]) + run(PROMPTS[2:4], first_sequence=4) == whole
+    assert run(PROMPTS[2:4]) != whole[4:]  # without the offset the slice reuses the first rows' streams
+
+
 def test_num_return_sequences_prefills_each_prompt_once(model, tiny_tokenizer):
     widths = []
     hook = model.model.embed_tokens.register_forward_hook(lambda m, a, o: widths.append(tuple(a[0].shape)))

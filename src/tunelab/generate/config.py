@@ -23,7 +23,9 @@ class GenerateConfig:
     template's end-of-turn token (tunelab.data.turns.stop_token_ids); a completion also stops after a token that
     completes one of `stop_strings` (its text is cut before the stop string). `seed` makes sampling
     reproducible: each sequence draws from its own generator seeded by (seed, its index), so a completion does
-    not depend on the batch it ran in; `seed=None` takes a seed from torch's global generator.
+    not depend on the batch it ran in; `seed=None` takes a seed from torch's global generator. `first_sequence`
+    numbers this call's sequences from there (the index of sequence i is first_sequence + i): processes that
+    each sample their slice of one global batch draw exactly what one process sampling all of it would.
     `precision` is the dtype the forward passes run in: floating weights in another dtype are cast for the
     duration of the call (and restored, bit for bit, afterwards).
     """
@@ -38,6 +40,7 @@ class GenerateConfig:
     stop_token_ids: tuple[int, ...] | None = None
     batch_size: int = 32  # sequences decoded together (prompts per batch = batch_size // num_return_sequences)
     seed: int | None = None
+    first_sequence: int = 0  # index (RNG stream) of this call's first sequence in a larger batch
     return_logprobs: bool = False  # log p(token) of each generated token under softmax(logits / temperature)
     precision: str = "auto"
     drop_finished: bool = False  # compact finished rows out of the batch (not bit-identical to HF, see engine)
@@ -54,6 +57,8 @@ class GenerateConfig:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.first_sequence < 0:
+            raise ValueError(f"first_sequence must be >= 0, got {self.first_sequence}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.precision not in PRECISIONS:

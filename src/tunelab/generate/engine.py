@@ -101,7 +101,8 @@ def _generate_batch(step: ModelStep, tokenizer, prompt_ids: list[list[int]], pro
     if n > 1:  # one prefill per prompt; its cache rows repeated for its n completions
         cache.batch_repeat_interleave(n)
         logits, mask, positions = (t.repeat_interleave(n, dim=0) for t in (logits, mask, positions))
-    seq_index = [p * n + j for p in prompt_index for j in range(n)]  # global sequence ids: the RNG streams
+    # global sequence ids: the RNG streams
+    seq_index = [cfg.first_sequence + p * n + j for p in prompt_index for j in range(n)]
     uniforms = sequence_uniforms(seed, seq_index, max_new) if cfg.do_sample else None
     full_mask = torch.ones(rows, width + max_new, dtype=torch.long)
     full_mask[:, :width] = mask

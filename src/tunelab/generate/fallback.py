@@ -39,7 +39,8 @@ def generate_with_peft(model, tokenizer, encoded: list[list[int]], cfg: Generate
             ids, mask, _ = left_pad([encoded[i] for i in idx], pad_id)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
                     torch.autocast(device.type, dtype=DTYPES[cfg.precision], enabled=mixed):
-                torch.manual_seed(mix_seed(seed, b))
+                # processes sampling slices of one batch draw differently (this path is batch-dependent anyway)
+                torch.manual_seed(mix_seed(mix_seed(seed, cfg.first_sequence) if cfg.first_sequence else seed, b))
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
             new = out.sequences[:, ids.shape[1]:].cpu()
             stats.batches += 1

@@ -2,9 +2,10 @@
 
 Per generation (every `rollout.num_iterations` optimizer steps), inside the loop's `generation_mode`:
   1. this process's share of `prompts_per_step` prompts (StepSampler order: a pure function of (seed, epoch));
-  2. `num_generations` completions of each, sampled with the policy by `sampler` (tunelab.assemble.rollout wires
-     the generation engine: KV cache, eval mode, no compiled regions); the sampling seed is a pure function of
-     (train.seed, prompt window, process);
+  2. `num_generations` completions of each, sampled with the policy by `sampler` (tunelab.rollouts wires the
+     generation engine: KV cache, eval mode, no compiled regions); the sampling seed is a pure function of
+     (train.seed, prompt window), and each completion draws from the random stream of its row in the global
+     generation batch, so N processes sample exactly the completions one process would (tested);
   3. rewards: `score(items, completions)` (the runner's RewardSet: each reward function's scores, weighted sum,
      verifier accuracy, counted failures);
   4. `prepare(model, batch, gather)`: the objective's advantages, old and reference log-probs (once per generation,
@@ -103,7 +104,8 @@ class RewardScores:
     errors: dict[str, int] = field(default_factory=dict)  # reward name -> completions it failed on this batch
 
 
-Sampler = Callable[[torch.nn.Module, list[list[int]], RolloutConfig, int], list[Completion]]
+# (model, prompt ids, rollout config, seed, first_sequence: the global row of this call's first completion)
+Sampler = Callable[[torch.nn.Module, list[list[int]], RolloutConfig, int, int], list[Completion]]
 Scorer = Callable[[list[PromptItem], list[Completion]], RewardScores]
 Preparer = Callable[[torch.nn.Module, Batch, Gather], Batch]
 
@@ -219,8 +221,11 @@ class RolloutSource:
         ro = self.rollout
         idx = self.prompt_order.micro_batches(window)[0]
         items = [self.prompts[i] for i in idx]
-        seed = (self.seed * 1_000_003 + window * 7919 + self.backend.process_index * 104_729) % (2**62)
-        comps = self.sampler(model, [self._prompt_ids(i) for i in idx], ro, seed)
+        # one seed per window for every process; this process's completions are rows rank * local_rows.. of the
+        # global generation batch (StepSampler gives rank r window[r * local : (r + 1) * local])
+        seed = (self.seed * 1_000_003 + window * 7919) % (2**62)
+        first = self.backend.process_index * len(idx) * ro.num_generations
+        comps = self.sampler(model, [self._prompt_ids(i) for i in idx], ro, seed, first)
         rep_items = [it for it in items for _ in range(ro.num_generations)]
         scores = self.score(rep_items, comps)
         for name, n in scores.errors.items():
