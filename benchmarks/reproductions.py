@@ -1,194 +1,148 @@
 """Reproductions: published claims of the fine-tuning literature, each tested at small scale on the built-in model.
 
-Each claim is a function of one seed that trains / merges / evaluates through tunelab's own code and returns
-its measurements; results are cached per (claim, seed) as JSON in --workdir, so a claim is only recomputed with
---force, and `--only` runs some claims. A claim's verdict over its seeds compares the measured quantity with the
-claim's threshold using the spread over seeds (min .. max): "reproduced" when every seed is on the claim's side,
-"not reproduced" when none is, "inconclusive" when the spread straddles the threshold.
+Each claim (benchmarks/_repro_claims.py) is a function of one seed that trains, merges and evaluates through
+tunelab's own code (benchmarks/_repro_lab.py: `run_recipe`, `run_merge`, `calibrate_bitdelta`, `run_suite`)
+and returns its measurements. Results are cached per (claim, seed) as JSON under <workdir>/<full|quick>/results
+(atomic writes), so a rerun computes only the missing seeds (`--force` recomputes them); runs, merges' scores
+and the base model's scores are cached too and shared between claims.
 
-Claims so far (the issue's table asks for >= 12; these are the cheap ones, sharing one full fine-tune per seed):
-  bitdelta  Liu et al. 2024 (https://arxiv.org/abs/2402.10193): a 1-bit delta (sign x one scale per matrix) keeps
-            most of a fine-tune's gain; measured as the retained share of the exact-match gain over the base,
-            (EM_bitdelta - EM_base) / (EM_ft - EM_base), claim: >= 0.9 after scale distillation (the paper reports
-            little or no degradation); the first stage alone (mean |delta| scales) is reported beside it. The scales
-            are distilled at a rate relative to each (`relative_lr` 0.02), not the reference's absolute 1e-4.
-  dare      Yu et al. 2024 (https://arxiv.org/abs/2311.03099): DARE drops 90% of a fine-tune's delta entries
-            (rescaling the rest by 1/0.1) with little loss; claim: retained gain >= 0.9.
-The shared fine-tune: full fine-tuning of SmolLM2-135M-Instruct on the built-in `date_format` task (the methods
-benchmark's recipe: lr 2e-5, bf16 autocast, 16 steps of 8), seeds 0, 1, 2 (the data order and DARE's mask);
-exact match on held-out items (greedy, the task's checker).
+Verdict over the seeds: each claim states checks (key, side, threshold); a seed passes when all hold.
+"reproduced" when every seed passes, "not reproduced" when none does, "inconclusive" when the seeds' spread
+straddles a threshold (some pass, some not) or a measurement is undefined (NaN: e.g. a fine-tune that gained
+nothing leaves no gain to keep). Fewer seeds than asked: the verdict is shown with the count of seeds.
 
-Run:  python benchmarks/reproductions.py --quick            (4 steps, 8 held-out items: checks that it works)
-      python benchmarks/reproductions.py --only bitdelta    (one claim, 3 seeds, cached per seed)
+Run:  python benchmarks/reproductions.py --quick --seeds 1          (tiny random model: checks the harness)
+      python benchmarks/reproductions.py --only bitdelta dare       (claims, 3 seeds each, cached per seed)
+      python benchmarks/reproductions.py --docs-only                (rewrite docs/reproductions.md from the cache)
+docs/reproductions.md is written from the cached results after every full-budget invocation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
-from typing import Callable
 
-try:
-    import tunelab  # noqa: F401
-except ImportError:  # running from a checkout without an install
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
+from _repro_claims import CLAIMS, Claim
+from _repro_lab import HERE, Lab
 
-TASK = "date_format"
-CALIBRATION = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw-test" / "wiki.test.raw"
+from tunelab.core.io import atomic_write_json, atomic_write_text
 
-
-def budget(quick: bool) -> dict:
-    return {"steps": 4, "batch_size": 4, "n_eval": 8, "calibration_steps": 10} if quick else \
-        {"steps": 16, "batch_size": 8, "n_eval": 32, "calibration_steps": 100}
+DOCS = HERE.parent / "docs" / "reproductions.md"
+SEEDS = 3
 
 
-def fine_tune(seed: int, workdir: Path, b: dict) -> Path:
-    """The shared full fine-tune of a seed (reused when its run directory is complete)."""
-    from tunelab.recipe import Recipe
-    from tunelab.runner import run_recipe
-
-    run = workdir / "runs" / f"full-{TASK}-seed{seed}"
-    if (run / "summary.json").is_file() and (run / "export" / "merged" / "config.json").is_file():
-        return run
-    recipe = Recipe.model_validate({
-        "name": run.name, "output_dir": str(run.parent),
-        "data": {"train": {"builtin": TASK, "n": b["steps"] * b["batch_size"], "seed": seed}, "eval": None,
-                 "max_length": 128},
-        "method": {"name": "full"},
-        "train": {"max_steps": b["steps"], "batch_size": b["batch_size"], "lr": 2e-5, "warmup_ratio": 0.1,
-                  "precision": "bf16", "seed": seed},
-        "eval": {"before": False, "after": False},
-    })
-    run_recipe(recipe, overwrite=True)
-    return run
+def passes(value: float, side: str, threshold: float) -> bool:
+    return {">=": value >= threshold, "<=": value <= threshold, ">": value > threshold, "<": value < threshold}[side]
 
 
-def exact_match(path: Path | str, b: dict) -> float:
-    from tunelab.data.pipeline import eval_items
-    from tunelab.evaluate.tasks import exact_match as em
-    from tunelab.model import load_model, load_tokenizer
-    from tunelab.recipe import DataConfig, DatasetSpec, ModelConfig
-
-    cfg = ModelConfig(name_or_path=str(path))
-    items = eval_items(DatasetSpec(builtin=TASK, split="eval", n=b["n_eval"], seed=0), DataConfig())
-    return em(load_model(cfg), load_tokenizer(cfg), items, max_new_tokens=24, batch_size=32, precision="bf16",
-              progress=False)["exact_match"]
-
-
-def base_dir() -> str:
-    from tunelab.model import resolve_model_path
-    from tunelab.recipe import ModelConfig
-
-    return resolve_model_path(ModelConfig())[0]
-
-
-def calibration_file(workdir: Path) -> Path:
-    """BitDelta's calibration text: the reference used C4; here WikiText-2 raw test (../shared/data)."""
-    if not CALIBRATION.is_file():
-        raise FileNotFoundError(f"calibration text not found: {CALIBRATION}")
-    return CALIBRATION
-
-
-def retained(em: float, base: float, ft: float) -> float:
-    return (em - base) / (ft - base) if ft > base else float("nan")
-
-
-def claim_bitdelta(seed: int, workdir: Path, b: dict) -> dict:
-    from tunelab.merging.bitdelta import calibrate_bitdelta
-    from tunelab.merging.run import run_merge
-
-    run, base = fine_tune(seed, workdir, b), base_dir()
-    out = workdir / "merges" / f"bitdelta-seed{seed}"
-    recipe = {"merge_method": "bitdelta", "base_model": base, "models": [{"model": str(run)}]}
-    report: dict = {}
-    run_merge(recipe, out, overwrite=True, report=report)
-    m = {"em_base": exact_match(base, b), "em_ft": exact_match(run / "export" / "merged", b),
-         "em_first_stage": exact_match(out, b), "ratio": report["compression"]["ratio"]}
-    # each scale's lr relative to itself: the reference's absolute 1e-4 overshoots these small scales (see
-    # docs/merging.md), which the first --quick run measured: MSE 0.0009 -> 0.0024, exact match 62% -> 25%
-    d = calibrate_bitdelta(recipe, out, calibration_file(workdir), steps=b["calibration_steps"], relative_lr=0.02)
-    m.update(em_distilled=exact_match(out, b), distill_loss_first=d["loss_first"], distill_loss_last=d["loss_last"])
-    m["retained_first_stage"] = retained(m["em_first_stage"], m["em_base"], m["em_ft"])
-    m["retained"] = retained(m["em_distilled"], m["em_base"], m["em_ft"])
-    shutil.rmtree(out, ignore_errors=True)
-    return m
-
-
-def claim_dare(seed: int, workdir: Path, b: dict) -> dict:
-    from tunelab.merging.run import run_merge
-
-    run, base = fine_tune(seed, workdir, b), base_dir()
-    out = workdir / "merges" / f"dare-seed{seed}"
-    run_merge({"merge_method": "dare_linear", "base_model": base, "models": [{"model": str(run)}],
-               "parameters": {"density": 0.1, "lambda": 1.0, "seed": seed}}, out, overwrite=True)
-    m = {"em_base": exact_match(base, b), "em_ft": exact_match(run / "export" / "merged", b),
-         "em_dare": exact_match(out, b)}
-    m["retained"] = retained(m["em_dare"], m["em_base"], m["em_ft"])
-    shutil.rmtree(out, ignore_errors=True)
-    return m
-
-
-# name -> (claim text, function of a seed, the measured key, threshold, the claim's side: ">=" or "<=")
-CLAIMS: dict[str, tuple[str, Callable[[int, Path, dict], dict], str, float, str]] = {
-    "bitdelta": ("BitDelta keeps most of a full fine-tune's gain at 1 bit (scales distilled)", claim_bitdelta,
-                 "retained", 0.9, ">="),
-    "dare": ("DARE drops 90% of the delta entries with little loss", claim_dare, "retained", 0.9, ">="),
-}
-
-
-def verdict(values: list[float], threshold: float, side: str) -> str:
-    ok = [v >= threshold if side == ">=" else v <= threshold for v in values]
-    if any(v != v for v in values):  # NaN: the fine-tune gained nothing, so there is no gain to keep
+def verdict(results: list[dict], checks: tuple[tuple[str, str, float], ...]) -> str:
+    """reproduced / not reproduced / inconclusive over the seeds' results (see the module docstring)."""
+    if not results:
+        return "not run yet"
+    values = [[r[key] for key, _, _ in checks] for r in results]
+    if any(isinstance(v, float) and math.isnan(v) for row in values for v in row):
         return "inconclusive"
+    ok = [all(passes(v, side, t) for v, (_, side, t) in zip(row, checks)) for row in values]
     return "reproduced" if all(ok) else "not reproduced" if not any(ok) else "inconclusive"
+
+
+def cache_path(lab: Lab, name: str, seed: int) -> Path:
+    return lab.root / "results" / f"{name}-seed{seed}.json"
+
+
+def cached(lab: Lab, name: str, seeds: int) -> list[dict]:
+    return [json.loads(p.read_text()) for s in range(seeds) if (p := cache_path(lab, name, s)).is_file()]
+
+
+def run_claim(lab: Lab, claim: Claim, seeds: int, force: bool = False, log=print) -> list[dict]:
+    """Every seed of a claim: cached ones read back (unless `force`), missing ones computed and written."""
+    results = []
+    for seed in range(seeds):
+        path = cache_path(lab, claim.name, seed)
+        if path.is_file() and not force:
+            results.append(json.loads(path.read_text()))
+            log(f"[{claim.name}] seed {seed}: cached")
+            continue
+        t0 = time.perf_counter()
+        m = claim.fn(lab, seed)
+        m.update(seed=seed, seconds=time.perf_counter() - t0, conditions=lab.conditions())
+        atomic_write_json(path, m)
+        log(f"[{claim.name}] seed {seed}: {json.dumps({k: m[k] for k, _, _ in claim.checks})} "
+            f"({m['seconds']:.0f} s)")
+        results.append(m)
+    return results
+
+
+def fmt(v: float) -> str:
+    return "nan" if math.isnan(v) else f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{fmt(mean)} ± {fmt(sd)} [{fmt(min(values))}, {fmt(max(values))}]"
+
+
+def table(lab: Lab, seeds: int, command: str) -> str:
+    rows = ["| claim | paper | setting | metric and threshold | per seed | mean ± sd [min, max] | verdict |",
+            "|---|---|---|---|---|---|---|"]
+    for c in CLAIMS.values():
+        res = cached(lab, c.name, seeds)
+        per_seed = "<br>".join(f"`{k}`: {', '.join(fmt(r[k]) for r in res) or '-'}" for k, _, _ in c.checks)
+        mean = "<br>".join(spread([r[k] for r in res]) for k, _, _ in c.checks)
+        metric = f"{c.metric}; claim: " + " and ".join(f"`{k}` {side} {t:g}" for k, side, t in c.checks)
+        v = verdict(res, c.checks)
+        if v == "not run yet":
+            v = f"not run yet: `{command} --only {c.name}`"
+        elif len(res) < seeds:
+            v = f"{v} ({len(res)} of {seeds} seeds; `{command} --only {c.name}` adds the rest)"
+        rows.append(f"| `{c.name}`: {c.text} | {c.paper} | {c.setting} | {metric} | {per_seed} | {mean} | {v} |")
+    return "\n".join(rows)
+
+
+def write_docs(lab: Lab, seeds: int, path: Path) -> None:
+    intro = (HERE / "reproductions_intro.md").read_text()
+    command = "python benchmarks/reproductions.py"
+    b = lab.conditions()
+    text = (f"{intro.rstrip()}\n\n## The table\n\nWritten by `{command}` from its cached results "
+            f"({lab.root.name} budget: {b['steps']} steps x {b['batch_size']} examples, {b['precision']}, "
+            f"{b['n_eval']} held-out items, perplexity on the first {b['ppl_chars']:,} characters of WikiText-2 "
+            f"raw test, refusal on {b['safety_n']} harmful prompts; {seeds} seeds: 0..{seeds - 1}).\n\n"
+            f"{table(lab, seeds, command)}\n")
+    atomic_write_text(path, text)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--only", nargs="*", choices=sorted(CLAIMS), help="Claims to run (default: all).")
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="Tiny budgets: checks that every claim runs.")
-    ap.add_argument("--force", action="store_true", help="Recompute cached seeds.")
-    ap.add_argument("--workdir", default="runs/reproductions")
+    ap.add_argument("--only", nargs="*", choices=list(CLAIMS), help="Claims to run (default: all, in table order).")
+    ap.add_argument("--seeds", type=int, default=SEEDS, help="Seeds per claim (0..N-1).")
+    ap.add_argument("--quick", action="store_true", help="The tiny random test model and tiny budgets: checks "
+                    "that every claim runs (its figures mean nothing; the table goes to the workdir, not docs/).")
+    ap.add_argument("--force", action="store_true", help="Recompute the cached seeds of the chosen claims.")
+    ap.add_argument("--workdir", default="runs/reproductions", help="Runs, scores and per-seed results.")
+    ap.add_argument("--docs-only", action="store_true", help="Only rewrite the table from the cached results.")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    b = budget(args.quick)
-    workdir = Path(args.workdir) / ("quick" if args.quick else "full")
-    rows = []
-    for name in args.only or sorted(CLAIMS):
-        text, fn, key, threshold, side = CLAIMS[name]
-        results = []
-        for seed in range(args.seeds):
-            cache = workdir / "results" / f"{name}-seed{seed}.json"
-            if cache.is_file() and not args.force:
-                results.append(json.loads(cache.read_text()))
-                print(f"[{name}] seed {seed}: cached {cache}")
-                continue
-            t0 = time.perf_counter()
-            m = fn(seed, workdir, b)
-            m["seconds"] = time.perf_counter() - t0
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps(m, indent=2) + "\n")
-            print(f"[{name}] seed {seed}: {json.dumps(m)}")
-            results.append(m)
-        values = [r[key] for r in results]
-        rows.append((name, text, values, threshold, side, verdict(values, threshold, side), results))
-    print("\n| claim | measured (per seed) | mean | spread | threshold | verdict |\n|---|---|---|---|---|---|")
-    for name, text, values, threshold, side, v, _ in rows:
-        shown = ", ".join(f"{x:.2f}" for x in values)
-        mean = statistics.fmean(values) if values else float("nan")
-        print(f"| {name}: {text} | {shown} | {mean:.2f} | {min(values):.2f}..{max(values):.2f} | "
-              f"{side} {threshold} | {v} |")
+    lab = Lab(args.workdir, quick=args.quick)
+    docs = lab.root / "reproductions.md" if args.quick else DOCS
+    if not args.docs_only:
+        for name in args.only or list(CLAIMS):
+            results = run_claim(lab, CLAIMS[name], args.seeds, force=args.force)
+            print(f"[{name}] verdict: {verdict(results, CLAIMS[name].checks)}", flush=True)
+            write_docs(lab, args.seeds, docs)  # after every claim: an interrupted run keeps what it finished
+    write_docs(lab, args.seeds, docs)
+    print(f"wrote {docs}")
 
 
 if __name__ == "__main__":
