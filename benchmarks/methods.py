@@ -27,7 +27,10 @@ still completes. Each child deletes its run's checkpoint after reading the metri
   --quick   4 steps x 8 examples, 12 held-out items (measured: 18 CPU-minutes on one core)
 `cpu s` is each child's whole CPU time (imports, load, calibration, training, evaluation); on a core shared with
 other jobs the wall time is longer by the share lost, while the CPU-time columns stay comparable.
+Best of a learning-rate grid: `--lr-grid 0.3,1,3` trains each method at its rate x each factor and keeps, per
+method, the point with the lowest held-out loss (3x the CPU; every point is in the JSON under "lr_grid").
 Run:  python benchmarks/methods.py [--quick] [--only lora,mezo] [--steps N] [--json out.json] [--markdown]
+                                   [--lr-grid 0.3,1,3]
       (children use every core unless OMP_NUM_THREADS is set; the one-core table of docs/methods.md was
       OMP_NUM_THREADS=1 taskset -c 1 ...)
 """
@@ -70,26 +73,28 @@ BUDGETS = {  # steps, batch size, held-out items
 UNTRAINED = "(untrained)"
 
 
-def recipe_for(method: str, steps: int, batch_size: int, eval_n: int, out_dir: str):
+def recipe_for(method: str, steps: int, batch_size: int, eval_n: int, out_dir: str, lr: float | None = None):
     """The quickstart recipe with `method: {name: method}` and the benchmark's budget, validated as `tunelab run`
-    validates a recipe file."""
+    validates a recipe file. `lr`: instead of the method's rate from LR (a grid point; named in the run's name)."""
     import yaml
 
     from tunelab.validate import load_validated_recipe
 
     data = yaml.safe_load(open(RECIPE))
     data["method"] = {"name": method}
-    path = os.path.join(out_dir, f"recipe-{method}.yaml")
+    name = f"bench-{method}" if lr is None else f"bench-{method}-lr{lr:g}"
+    path = os.path.join(out_dir, f"recipe-{name}.yaml")
     with open(path, "w") as f:
         yaml.safe_dump(data, f)
-    return load_validated_recipe(path, [f"name=bench-{method}", f"output_dir={out_dir}", f"train.max_steps={steps}",
-                              f"train.batch_size={batch_size}", f"train.lr={LR.get(method, DEFAULT_LR)}",
+    lr = LR.get(method, DEFAULT_LR) if lr is None else lr
+    return load_validated_recipe(path, [f"name={name}", f"output_dir={out_dir}", f"train.max_steps={steps}",
+                              f"train.batch_size={batch_size}", f"train.lr={lr}",
                               "train.save_every=null", "train.keep_checkpoints=1", f"eval.n={eval_n}",
                               f"data.train.n={steps * batch_size}", f"data.eval.n={eval_n}",
                               f"eval.batch_size={min(eval_n, 50)}", "eval.before=false"])
 
 
-def child(name: str, steps: int, batch_size: int, eval_n: int, out_dir: str) -> dict:
+def child(name: str, steps: int, batch_size: int, eval_n: int, out_dir: str, lr: float | None = None) -> dict:
     import logging
 
     import torch
@@ -99,7 +104,7 @@ def child(name: str, steps: int, batch_size: int, eval_n: int, out_dir: str) -> 
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     method = "lora" if name == UNTRAINED else name
-    recipe = recipe_for(method, steps, batch_size, eval_n, out_dir)
+    recipe = recipe_for(method, steps, batch_size, eval_n, out_dir, lr)
     t0, c0 = time.perf_counter(), time.process_time()
     ws = open_workspace(recipe)
     base = rss_mb()
@@ -129,6 +134,18 @@ def child(name: str, steps: int, batch_size: int, eval_n: int, out_dir: str) -> 
                 "eval_time_s": after.get("eval_time_s"), "wall_s": time.perf_counter() - t0,
                 "cpu_s": {"load": c1 - c0, "prepare": c2 - c1, "train": c3 - c2, "eval": time.process_time() - c3}})
     return row
+
+
+def best_of_grid(rows: list[dict]) -> dict:
+    """The row of a learning-rate grid with the lowest held-out loss (ties: the higher exact match), with every
+    point's lr, loss and exact match (or error) under "lr_grid"; a grid whose every point failed gives its first
+    failure. The loss is measured on the same held-out items the table reports, so the choice is optimistic in
+    the same way for every method."""
+    ok = [r for r in rows if "error" not in r and r.get("eval_loss") is not None]
+    best = min(ok, key=lambda r: (r["eval_loss"], -(r.get("exact_match") or 0))) if ok else rows[0]
+    grid = [{"lr": r.get("lr"), "eval_loss": r.get("eval_loss"), "exact_match": r.get("exact_match"),
+             **({"error": r["error"]} if "error" in r else {})} for r in rows]
+    return {**best, "lr_grid": grid}
 
 
 def children_cpu_s() -> float:
@@ -184,6 +201,10 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows and the conditions to this JSON file")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown too")
     ap.add_argument("--no-untrained", action="store_true", help="skip the untrained reference row")
+    ap.add_argument("--lr-grid", default=None,
+                    help="comma-separated factors of each method's rate (e.g. 0.3,1,3): each method trains at every "
+                         "point and its row is the point with the lowest held-out loss (the grid is in the JSON)")
+    ap.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -192,7 +213,8 @@ def main() -> None:
         if getattr(args, key) is not None:
             budget[key] = getattr(args, key)
     if args.child:
-        print(json.dumps(child(args.child, budget["steps"], budget["batch_size"], budget["eval_n"], args.out_dir)))
+        print(json.dumps(child(args.child, budget["steps"], budget["batch_size"], budget["eval_n"], args.out_dir,
+                               args.lr)))
         return
 
     from tunelab.methods.registry import list_methods
@@ -207,24 +229,41 @@ def main() -> None:
     print(f"{len(names)} rows; budget {budget['steps']} steps x {budget['batch_size']} examples, "
           f"{budget['eval_n']} held-out items; "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset (all cores)')}", flush=True)
+    factors = [float(f) for f in args.lr_grid.split(",")] if args.lr_grid else None
     rows = []
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-methods-") as out_dir:
-        for name in names:
+        def one(name: str, lr: float | None) -> dict:
             t0, cpu0 = time.perf_counter(), children_cpu_s()
             r = run_child(__file__, name, ["--steps", str(budget["steps"]), "--batch-size", str(budget["batch_size"]),
-                                           "--eval-n", str(budget["eval_n"]), "--out-dir", out_dir],
+                                           "--eval-n", str(budget["eval_n"]), "--out-dir", out_dir,
+                                           *(["--lr", repr(lr)] if lr is not None else [])],
                           timeout=3 * args.cpu_limit, cpu_limit=args.cpu_limit)
             r["child_cpu_s"] = children_cpu_s() - cpu0
-            rows.append(r)
+            if lr is not None:
+                r.setdefault("lr", lr)  # a failed child reports no lr
             status = f"FAILED: {r['error']}" if "error" in r else (
                 f"exact match {100 * (r.get('exact_match') or 0):.0f}%  eval loss {r.get('eval_loss') or 0:.3f}")
-            print(f"[{len(rows)}/{len(names)}] {name:<16} {time.perf_counter() - t0:6.0f} s wall "
+            at = f" lr {lr:.0e}" if lr is not None else ""
+            print(f"[{len(rows) + 1}/{len(names)}] {name:<16}{at} {time.perf_counter() - t0:6.0f} s wall "
                   f"{r['child_cpu_s']:6.0f} s CPU  {status}", flush=True)
+            return r
+
+        for name in names:
+            if factors and name != UNTRAINED:
+                grid = [one(name, LR.get(name, DEFAULT_LR) * f) for f in factors]
+                rows.append({**best_of_grid(grid), "child_cpu_s": sum(r["child_cpu_s"] for r in grid)})
+            else:
+                rows.append(one(name, None))
     total = time.perf_counter() - t_all
     print()
     print(text_table(rows))
     cpu_total = sum(r["child_cpu_s"] for r in rows)
+    for r in rows:
+        if "lr_grid" in r:
+            print(f"lr grid {r['name']}: " + "  ".join(
+                f"{g['lr']:.0e}: " + (f"loss {g['eval_loss']:.3f}" if "error" not in g else "failed")
+                + (" (chosen)" if g["lr"] == r.get("lr") else "") for g in r["lr_grid"]))
     print(f"\ntotal {total / 60:.1f} min wall, {cpu_total / 60:.1f} min CPU; {sum('error' in r for r in rows)} failed")
     if args.markdown:
         print()

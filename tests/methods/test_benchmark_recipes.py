@@ -47,3 +47,23 @@ def test_failed_rows_keep_the_table(bench):
     assert "broken" in text and "FAILED: ValueError: no" in text and "100%" in text
     md = bench.markdown_table(rows).splitlines()
     assert len(md) == 4 and all(line.count("|") == md[0].count("|") for line in md)
+
+
+def test_lr_grid_point_gets_its_own_run_and_rate(bench, tmp_path):
+    default = bench.recipe_for("lora", steps=3, batch_size=2, eval_n=4, out_dir=str(tmp_path))
+    point = bench.recipe_for("lora", steps=3, batch_size=2, eval_n=4, out_dir=str(tmp_path), lr=3e-3)
+    assert point.train.lr == 3e-3 and default.train.lr == bench.LR.get("lora", bench.DEFAULT_LR)
+    assert point.name != default.name  # grid points never share a run directory
+
+
+def test_best_of_grid_picks_the_lowest_held_out_loss(bench):
+    grid = [{"name": "lora", "lr": 3e-4, "eval_loss": 0.30, "exact_match": 0.5},
+            {"name": "lora", "lr": 1e-3, "eval_loss": 0.01, "exact_match": 0.9},
+            {"name": "lora", "lr": 3e-3, "error": "Diverged: nan loss"}]
+    best = bench.best_of_grid(grid)
+    assert best["lr"] == 1e-3 and best["exact_match"] == 0.9
+    assert [g["lr"] for g in best["lr_grid"]] == [3e-4, 1e-3, 3e-3] and "error" in best["lr_grid"][2]
+    tie = [{**grid[1], "exact_match": 0.5}, {**grid[1], "lr": 2e-3}]
+    assert bench.best_of_grid(tie)["lr"] == 2e-3  # equal loss: the higher exact match
+    failed = bench.best_of_grid([grid[2], {**grid[2], "lr": 1e-2}])
+    assert failed["error"] and len(failed["lr_grid"]) == 2
