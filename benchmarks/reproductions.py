@@ -85,17 +85,20 @@ def fmt(v: float) -> str:
 def spread(values: list[float]) -> str:
     if not values:
         return "-"
-    mean = statistics.fmean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+    if len(values) == 1:
+        return f"{fmt(values[0])} (one seed)"
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
     return f"{fmt(mean)} ± {fmt(sd)} [{fmt(min(values))}, {fmt(max(values))}]"
 
 
 def table(lab: Lab, seeds: int, command: str) -> str:
-    rows = ["| claim | paper | setting | metric and threshold | per seed | mean ± sd [min, max] | verdict |",
+    rows = ["| claim | paper | setting | metric and threshold | per seed (seeds 0, 1, ...) | mean ± sd [min, max] "
+            "| verdict |",
             "|---|---|---|---|---|---|---|"]
     for c in CLAIMS.values():
         res = cached(lab, c.name, seeds)
-        per_seed = "<br>".join(f"`{k}`: {', '.join(fmt(r[k]) for r in res) or '-'}" for k, _, _ in c.checks)
+        keys = [f"`{k}`" for k, _, _ in c.checks] + list(c.context)  # the checked ones in code style
+        per_seed = "<br>".join(f"{k}: {', '.join(fmt(r[k.strip('`')]) for r in res) or '-'}" for k in keys)
         mean = "<br>".join(spread([r[k] for r in res]) for k, _, _ in c.checks)
         metric = f"{c.metric}; claim: " + " and ".join(f"`{k}` {side} {t:g}" for k, side, t in c.checks)
         v = verdict(res, c.checks)
