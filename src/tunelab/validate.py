@@ -21,6 +21,7 @@ from tunelab.evaluate.heldout import is_pairs
 from tunelab.methods.registry import Method, get_method_class, list_methods
 from tunelab.objectives.base import Objective, get_objective_class
 from tunelab.recipe import DatasetSpec, Recipe, RecipeError, format_validation_error, load_recipe
+from tunelab.recipe.rewards import RewardSpec
 from tunelab.rewards.base import get_reward_class
 from tunelab.selection.registry import validate_select_config
 from tunelab.train.backends import is_sharded
@@ -90,15 +91,7 @@ def validate_rollout(recipe: Recipe) -> None:
         raise RecipeError(f"recipe field 'rollout': objective {recipe.objective.name!r} trains on data, not "
                           "rollouts; use an RL objective (grpo, gspo, rloo, reinforce_pp, online_dpo) or remove "
                           "the rollout section")
-    for i, spec in enumerate(recipe.rewards):
-        try:
-            cls = get_reward_class(spec.name)
-        except UnknownName as e:
-            raise RecipeError(f"recipe field 'rewards.{i}.name': {e}") from None
-        try:
-            cls.Config.model_validate(recipe.reward_options(i))
-        except ValidationError as e:
-            raise RecipeError(format_validation_error(e, prefix=f"rewards.{i}")) from None
+    _check_rewards(recipe.rewards, "rewards")
     if recipe.rollout is None:
         return
     g = recipe.rollout.num_generations
@@ -112,6 +105,20 @@ def validate_rollout(recipe: Recipe) -> None:
                           f"micro-batch: use a multiple of rollout.num_generations ({g})")
 
 
+
+def _check_rewards(specs: list[RewardSpec], field: str) -> None:
+    """Every reward of a list known, and its options valid for its Config (errors name `<field>.<i>`)."""
+    for i, spec in enumerate(specs):
+        try:
+            cls = get_reward_class(spec.name)
+        except UnknownName as e:
+            raise RecipeError(f"recipe field '{field}.{i}.name': {e}") from None
+        try:
+            cls.Config.model_validate(spec.options())
+        except ValidationError as e:
+            raise RecipeError(format_validation_error(e, prefix=f"{field}.{i}")) from None
+
+
 def validate_iterate(recipe: Recipe) -> None:
     """An `iterate:` section: every reward known and its options valid, the objective of the kind the strategy
     builds (SFT records or preference pairs), the rewards the strategy ranks with (a verifier for correct_only and
@@ -120,15 +127,7 @@ def validate_iterate(recipe: Recipe) -> None:
     it = recipe.iterate
     if it is None:
         return
-    for i, spec in enumerate(it.rewards):
-        try:
-            cls = get_reward_class(spec.name)
-        except UnknownName as e:
-            raise RecipeError(f"recipe field 'iterate.rewards.{i}.name': {e}") from None
-        try:
-            cls.Config.model_validate(spec.options())
-        except ValidationError as e:
-            raise RecipeError(format_validation_error(e, prefix=f"iterate.rewards.{i}")) from None
+    _check_rewards(it.rewards, "iterate.rewards")
     kind = get_objective_class(recipe.objective.name).batch_kind
     if it.builds_pairs and kind != "preference":
         raise RecipeError(f"recipe field 'objective.name': iterate strategy {it.strategy} trains on preference "

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tunelab.core.io import NotUtf8, read_utf8
 from tunelab.core.rundir import check_component
 from tunelab.recipe.iterate import IterateConfig
+from tunelab.recipe.rewards import RewardSpec
 from tunelab.recipe.select import SelectConfig
 
 
@@ -277,15 +278,6 @@ class RolloutConfig(_Strict):
         "(0: never).")
 
 
-class RewardSpec(BaseModel):
-    """One reward: `name` picks a registered reward (`tunelab rewards`), `weight` scales it in the sum; its other
-    keys are validated by that reward's Config."""
-
-    model_config = ConfigDict(extra="allow")
-    name: str
-    weight: float = 1.0
-
-
 class Recipe(_Strict):
     """A whole fine-tuning run."""
 
@@ -342,7 +334,7 @@ class Recipe(_Strict):
 
     def reward_options(self, i: int) -> dict[str, Any]:
         """Options of `rewards[i]` for its reward's Config (name and weight removed)."""
-        return {k: v for k, v in self.rewards[i].model_dump().items() if k not in ("name", "weight")}
+        return self.rewards[i].options()
 
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:

@@ -10,9 +10,11 @@ section's names (`num_generations`, `max_completion_length`, `temperature`, `top
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tunelab.recipe.rewards import RewardSpec
 
 Strategy = Literal["raft", "rest_em", "iterative_dpo", "spin", "self_rewarding", "star"]
 
@@ -35,17 +37,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class IterateRewardSpec(BaseModel):
-    """One reward (as in a recipe's `rewards:` list): `name` picks a registered reward, `weight` scales it."""
-
-    model_config = ConfigDict(extra="allow")
-    name: str
-    weight: float = 1.0
-
-    def options(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model_dump().items() if k not in ("name", "weight")}
-
-
 class IterateConfig(_Strict):
     """Self-improvement rounds: sample, score, keep or pair, train (docs/iterate.md)."""
 
@@ -65,7 +56,7 @@ class IterateConfig(_Strict):
     stop_strings: list[str] = Field(
         default_factory=list, description="Stop a completion after the token that completes one of these strings.")
     generation_batch_size: int = Field(64, ge=1, description="Sequences the generation engine decodes together.")
-    rewards: list[IterateRewardSpec] = Field(
+    rewards: list[RewardSpec] = Field(
         default_factory=list, description="Rewards scoring the samples: [{name, weight, options...}] as in RL "
         "recipes (`tunelab rewards`); the weighted sum ranks them. Not used by spin.")
     selection: Literal["best_of_k", "threshold", "top_fraction", "correct_only", "best_vs_worst",
