@@ -20,7 +20,7 @@ sweeps and the method catalogue.
   tunelab board runs --host 0.0.0.0 --token auto   # reachable from elsewhere: a token is required
 
 Runs launched from the board run as their own processes, one at a time by default (--max-parallel), and keep
-running when the browser or the board closes. Needs the `board` extra: pip install 'tunelab[board]'.
+running when the browser or the board closes. Needs the `board` extra: pip install 'tunelab\\[board]'.
 """
 
 
