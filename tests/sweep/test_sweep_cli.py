@@ -23,8 +23,8 @@ FAKE = [sys.executable, str(Path(__file__).with_name("fake_run.py"))]
 
 def test_shipped_sweep_recipe_validates():
     sr = load_sweep(builtin_recipe_path("sweep_quickstart"))
-    assert len(sr.parsed_objectives()) == 3 and sr.trials == 10
-    assert set(sr.parsed_space().conditional["method"]) == {"lora", "pissa", "loraplus", "ia3"}
+    assert len(sr.parsed_objectives()) == 3 and sr.trials == 12
+    assert set(sr.parsed_space().conditional["method"]) == {"lora", "dora", "pissa", "loraplus", "ia3"}
 
 
 def test_refusals_are_named(tmp_path):
