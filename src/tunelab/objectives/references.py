@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tunelab.core.constants import IGNORE_INDEX
 from tunelab.core.unwrap import unwrap_model
 from tunelab.objectives.preference_losses import sequence_logps
+from tunelab.train.token_logps import causal_lm_hidden, chunked_token_logps
 
 
 def _pad_right(x: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -48,9 +49,20 @@ def concatenate_pair(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torc
 def model_sequence_logps(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward pass -> (sum_logps [N], n_tokens [N]) via `sequence_logps`."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return sequence_logps(out.logits, labels)
+    """One forward pass -> (sum_logps [N], n_tokens [N]) of the target tokens (labels != -100; logits[:, t]
+    predict labels[:, t + 1]). The head is applied to the target positions only, chunk by chunk inside the
+    log-softmax (train/token_logps.py: no [N, T, V] logits, no fp32 copy of them); a model whose head is not a
+    plain Linear gets `sequence_logps` of its full logits (the same values)."""
+    res = causal_lm_hidden(model, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    if res is None:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return sequence_logps(out.logits, labels)
+    hidden, weight = res  # [N, T, d], [V, d]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX  # [N, T-1]
+    logps, _ = chunked_token_logps(hidden[:, :-1][mask], weight, targets[mask])  # [M] the target tokens only
+    per_token = torch.zeros(mask.shape, dtype=logps.dtype, device=logps.device).masked_scatter(mask, logps)
+    return per_token.sum(-1), mask.sum(-1)
 
 
 def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
