@@ -25,23 +25,53 @@ import torch
 from pydantic import Field
 
 from tunelab.objectives.base import Objective, ObjectiveOptions
+from tunelab.objectives.packed_groups import packable, packed_forward, shared_prompts
 from tunelab.objectives.references import AdapterDisabledReference, Reference, default_reference, eval_mode
 from tunelab.train.rollout import Gather, SingleProcess
+from tunelab.train.token_logps import causal_lm_hidden, chunked_token_logps
+
+
+def completion_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                       pack: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What predicts each completion token: (final hidden states [B, C, d], the output projection's weight [V, d]),
+    or (logits [B, C, V], None) for a model whose head cannot be applied in chunks (train/token_logps.py). Only the
+    completion positions are computed through the head. When rows share their prompt (a group's completions), one
+    packed forward pass computes each prompt once (packed_groups.py: the same values, the prompt's activations
+    once per group instead of once per completion); otherwise (or with pack=False) the rows run as they are,
+    positions counting real tokens, so left padding changes nothing."""
+    ids, att, comp = batch["input_ids"], batch["attention_mask"], batch["completion_ids"]
+    b, c, width = comp.size(0), comp.size(1), ids.size(1)
+    inverse = shared_prompts(batch) if pack else None
+    index = None
+    if inverse is not None and packable(model, width + c * b):  # a bound on the packed rows' width
+        kwargs, index = packed_forward(model, batch, inverse)
+    else:
+        positions = (att.cumsum(-1) - 1).clamp(min=0)
+        # an index tensor, not an int: the kept hidden states are then a contiguous copy (a strided view makes the
+        # bf16 lm_head on CPU expand its weight per row, tunelab.generate's note)
+        keep = torch.arange(width - c - 1, width, device=ids.device)
+        kwargs = dict(input_ids=ids, attention_mask=att, position_ids=positions, use_cache=False, logits_to_keep=keep)
+    res = causal_lm_hidden(model, **kwargs)
+    out, weight = res if res is not None else (model(**kwargs).logits, None)
+    if index is not None:
+        return out.reshape(-1, out.size(-1)).index_select(0, index.view(-1)).view(b, c, -1), weight
+    return out[:, :-1, :], weight  # position t predicts completion token t
 
 
 def completion_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0,
-                     with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs of the sampled completion tokens under softmax(logits / temperature): ([B, C], entropy [B, C] or
-    None). Logits are computed for the completion positions only (`logits_to_keep`), in fp32 for the softmax;
-    positions count real tokens, so left padding changes nothing. Entropy is a metric: computed without grad."""
-    ids, att, comp = batch["input_ids"], batch["attention_mask"], batch["completion_ids"]
-    c, width = comp.size(1), ids.size(1)
-    positions = (att.cumsum(-1) - 1).clamp(min=0)
-    # an index tensor, not an int: the kept hidden states are then a contiguous copy (a strided view makes the
-    # bf16 lm_head on CPU expand its weight per row, tunelab.generate's note)
-    keep = torch.arange(width - c - 1, width, device=ids.device)
-    out = model(input_ids=ids, attention_mask=att, position_ids=positions, use_cache=False, logits_to_keep=keep)
-    logits = out.logits[:, :-1, :].float()  # [B, C, V]: position t predicts completion token t
+                     with_entropy: bool = False, pack: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the sampled completion tokens under softmax(logits / temperature): ([B, C] fp32, entropy
+    [B, C] or None), from `completion_outputs`. The head is applied chunk by chunk inside the log-softmax
+    (train/token_logps.py: the [B, C, V] logits and their fp32 log-softmax never exist); a model whose head is
+    not a plain Linear gets the log-softmax of its full logits in fp32. Entropy is a metric: computed without
+    grad."""
+    comp = batch["completion_ids"]
+    out, weight = completion_outputs(model, batch, pack)
+    if weight is not None:
+        logps, entropy = chunked_token_logps(out.reshape(-1, out.size(-1)), weight, comp.reshape(-1),
+                                             temperature=temperature, with_entropy=with_entropy)
+        return logps.view(comp.shape), (entropy.view(comp.shape) if entropy is not None else None)
+    logits = out.float()
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = torch.log_softmax(logits, dim=-1)
