@@ -6,6 +6,7 @@ memory, and its reward curve (mean reward per step):
 
     python benchmarks/grpo.py                    # SmolLM2-135M-Instruct, date_format, 6 steps each
     python benchmarks/grpo.py --steps 20 --json out.json
+    python benchmarks/grpo.py --steps 2 --phases  # and where each side's resident memory goes, phase by phase
 
 Settings (both sides): LoRA r 16 / alpha 32 on every linear, lr 5e-4 constant, bf16 autocast, 4 prompts x 8
 completions per step, micro-batches of 16 completions, max 12 new tokens, temperature 0.7, loss `dapo`, beta 0,
@@ -34,7 +35,7 @@ ISO = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 def settings(args) -> dict:
     return {"steps": args.steps, "prompts": 4, "generations": 8, "micro": 16, "max_new": 12, "temperature": 0.7,
-            "lr": 5e-4, "seed": 0, "model": args.model}
+            "lr": 5e-4, "seed": 0, "model": args.model, "phases": args.phases}
 
 
 def run_tunelab(s: dict) -> dict:
@@ -122,10 +123,40 @@ def run_trl(s: dict) -> dict:
             "reward": rewards}
 
 
+def watch_phases(name: str):
+    """RSS per phase (--phases): model load, preparation, rollouts, the update's forward, backward, optimizer.
+    Each side imports only what it runs (TRL's imports are part of its footprint, not of tunelab's)."""
+    from _rss_phases import Phases
+
+    phases = Phases()
+    phases.mark("imports")
+    import tunelab.model
+
+    phases.wrap(tunelab.model, "load_model", "load model", after="after load")
+    if name == "tunelab":
+        import tunelab.runner.workspace as workspace
+        from tunelab.train.rollout import RolloutSource
+
+        phases.wrap(workspace, "load_model", "load model", after="after load")
+        phases.wrap(workspace, "prepare_model", "prepare (LoRA)", after="after prepare")
+        phases.wrap(RolloutSource, "micro_batches", "rollout", after="update forward")
+    else:
+        from trl import GRPOTrainer
+
+        phases.wrap(GRPOTrainer, "__init__", "trainer init", after="after init")
+        phases.wrap(GRPOTrainer, "_generate_and_score_completions", "rollout", after="update forward")
+    phases.hook_training()
+    phases.mark("start run")
+    return phases
+
+
 def child(name: str, s: dict) -> None:
+    phases = watch_phases(name) if s.get("phases") else None
     t0 = time.perf_counter()
     out = (run_tunelab if name == "tunelab" else run_trl)(s)
     out.update(name=name, wall_s=time.perf_counter() - t0, peak_mb=peak_rss_mb())
+    if phases is not None:
+        out["phases"] = phases.rows()
     print(json.dumps(out))
 
 
@@ -139,6 +170,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--model", default=MODEL, help="model of both sides (a built-in alias or an HF directory)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--phases", action="store_true",
+                   help="also print each side's RSS per phase (load, prepare, rollout, forward, backward, optimizer)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--settings", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -165,6 +198,12 @@ def main() -> None:
     for name, r in results.items():
         if "reward" in r:
             print(f"reward curve {name}: " + " ".join(f"{x:.3f}" if x is not None else "-" for x in r["reward"]))
+    if args.phases:
+        from _rss_phases import print_phases
+
+        for name, r in results.items():
+            if "phases" in r:
+                print_phases(name, r["phases"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"settings": s, "results": results}, f, indent=1)
