@@ -170,6 +170,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--model", default=MODEL, help="model of both sides (a built-in alias or an HF directory)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--only", choices=("tunelab", "trl"), default=None, help="run one side only")
     p.add_argument("--phases", action="store_true",
                    help="also print each side's RSS per phase (load, prepare, rollout, forward, backward, optimizer)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -180,7 +181,7 @@ def main() -> None:
         return
     s = settings(args)
     results = {name: run_child(os.path.abspath(__file__), name, ["--settings", json.dumps(s)])
-               for name in ("tunelab", "trl")}
+               for name in ("tunelab", "trl") if args.only in (None, name)}
     print(f"GRPO, {s['model']}, {TASK}, LoRA r16, {s['prompts']} prompts x {s['generations']} completions, "
           f"{s['max_new']} new tokens, {s['steps']} steps, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'all')}")
     print(f"{'':10} {'rollout s/step':>15} {'update s/step':>14} {'step s':>8} {'steps/s':>8} {'peak MB':>9}")
