@@ -103,12 +103,13 @@ class _ChunkedTokenLogps(torch.autograd.Function):
 
 
 def chunked_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, temperature: float = 1.0,
-                        chunk_size: int = 1024, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                        chunk_size: int = 256, with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """log softmax((hidden @ weight.T) / temperature)[targets] per row: ([N] fp32, entropy [N] fp32 or None).
 
     hidden [N, d] (final hidden states), weight [V, d] (the bias-free output projection), targets [N] int.
     Under autocast the product runs in the autocast dtype (as the lm_head would), the rest in fp32 (fp64 for
-    fp64 inputs). Transient memory: one [chunk_size, V] block in the compute dtype and one in fp32."""
+    fp64 inputs). Transient memory: one [chunk_size, V] block in the compute dtype and one in fp32 (two with the
+    entropy); 256 tokens, SFT's `objective.chunk_size` default, is ~75 MB for a 49152-token vocabulary."""
     if (hidden.dim() != 2 or weight.dim() != 2 or targets.shape != hidden.shape[:1]
             or hidden.shape[1] != weight.shape[1]):
         raise ValueError(f"expected hidden [N, d], weight [V, d], targets [N]; got {tuple(hidden.shape)}, "
