@@ -385,30 +385,68 @@ def test_iso_date_strings_stay_strings(tiny_tokenizer, tmp_path):
     assert len(encoded) == 1
 
 
-def test_over_long_prompt_is_counted_and_skipped_or_an_error(tiny_tokenizer, tmp_path, capsys):
+def test_pair_whose_prompt_fills_max_length_is_dropped_counted_or_an_error(tiny_tokenizer, tmp_path):
     long = {"prompt": "What is the date? " * 40, "chosen": "4", "rejected": "5"}
     p = _jsonl(tmp_path / "p.jsonl", [GOOD, long, GOOD])
-    for policy in ("drop", "right", "left"):  # a pair is never cut: too long is dropped and counted
-        encoded, stats = _encode(tiny_tokenizer, p, max_length=64, truncation=policy)
-        assert len(encoded) == 2 and stats.dropped_too_long == 1 and stats.kept == 2
-        assert "2 kept, 1 dropped as too long" in stats.summary()
+    encoded, stats = _encode(tiny_tokenizer, p, max_length=64, truncation="drop")
+    assert len(encoded) == 2 and stats.dropped_too_long == 1 and stats.kept == 2
+    assert "2 kept, 1 dropped as too long" in stats.summary()
+    # right (TRL's keep_start): the prompt alone fills max_length, no response token is left: dropped as TRL does
+    encoded, stats = _encode(tiny_tokenizer, p, max_length=64, truncation="right")
+    assert len(encoded) == 2 and stats.dropped_no_target == 1 and stats.dropped_too_long == 0 and stats.kept == 2
+    assert "2 kept, 0 dropped as too long, 0 truncated, 1 dropped with no target token left" in stats.summary()
+    # left (keep_end): the responses survive, the prompt's start is cut
+    encoded, stats = _encode(tiny_tokenizer, p, max_length=64, truncation="left")
+    assert len(encoded) == 3 and stats.truncated == 1 and stats.kept == 3
+    assert all(len(encoded[1][f"{s}_input_ids"]) == 64 for s in ("chosen", "rejected"))
     with pytest.raises(DataError, match=r"p\.jsonl:2: chosen has \d+ tokens > data.max_length=64"):
         _encode(tiny_tokenizer, p, max_length=64, truncation="error")
     only_long = _jsonl(tmp_path / "long.jsonl", [long])
     with pytest.raises(DataError, match="nothing left after encoding.*1 dropped as too long"):
+        _encode(tiny_tokenizer, only_long, max_length=64, truncation="drop")
+    with pytest.raises(DataError, match="nothing left after encoding.*1 dropped with no target token left"):
         _encode(tiny_tokenizer, only_long, max_length=64)
 
 
-def test_over_long_pair_skip_is_logged_by_the_runner(tiny_model_dir, tmp_path, capsys):
+def test_over_long_pair_is_cut_like_trl_dpo_keep_start(tiny_tokenizer, tmp_path):
+    """data.truncation: right cuts each side of a pair to max_length on its own, keeping the prompt (TRL 1.16's
+    DataCollatorForPreference, truncation_mode="keep_start"); the labels are those of the uncut pair."""
+    pair = {"prompt": "What is the date?", "chosen": "It is the fifth of March. " * 30, "rejected": "No idea."}
+    p = _jsonl(tmp_path / "p.jsonl", [pair, GOOD])
+    full, _ = _encode(tiny_tokenizer, p, max_length=10_000, truncation="error")
+    max_length = 64
+    assert len(full[0]["chosen_input_ids"]) > max_length > len(full[0]["rejected_input_ids"])
+    encoded, stats = _encode(tiny_tokenizer, p, max_length=max_length)
+    assert len(encoded) == 2 and stats.truncated == 1 and stats.kept == 2 and stats.dropped_too_long == 0
+    assert "2 kept, 0 dropped as too long, 1 truncated" in stats.summary()
+    cut, whole = encoded[0], full[0]
+    assert cut["chosen_input_ids"] == whole["chosen_input_ids"][:max_length]
+    assert cut["chosen_labels"] == whole["chosen_labels"][:max_length]
+    assert cut["rejected_input_ids"] == whole["rejected_input_ids"]  # the side that fits is untouched
+    n_prompt = whole["chosen_labels"].index(next(lab for lab in whole["chosen_labels"] if lab != -100))
+    assert cut["chosen_input_ids"][:n_prompt] == cut["rejected_input_ids"][:n_prompt]  # the same whole prompt
+    assert any(lab != -100 for lab in cut["chosen_labels"][n_prompt:])
+    # left (keep_end): the end of each over-long side
+    left, lstats = _encode(tiny_tokenizer, p, max_length=max_length, truncation="left")
+    assert left[0]["chosen_input_ids"] == whole["chosen_input_ids"][-max_length:] and lstats.truncated == 1
+    # drop keeps its meaning
+    dropped, dstats = _encode(tiny_tokenizer, p, max_length=max_length, truncation="drop")
+    assert len(dropped) == 1 and dstats.dropped_too_long == 1 and dstats.truncated == 0
+
+
+def test_over_long_pairs_are_logged_by_the_runner(tiny_model_dir, tmp_path, capsys):
     from tunelab.runner import open_workspace
 
     long = {"prompt": "What is the date? " * 40, "chosen": "4", "rejected": "5"}
-    p = _jsonl(tmp_path / "p.jsonl", [GOOD, long, GOOD, GOOD])
+    cut = {"prompt": "What is the date?", "chosen": "It is the fifth of March. " * 30, "rejected": "No idea."}
+    p = _jsonl(tmp_path / "p.jsonl", [GOOD, long, GOOD, cut, GOOD])
     d = tiny_recipe_dict(tiny_model_dir, tmp_path / "runs", objective={"name": "dpo"},
                          data={"train": {"path": str(p)}, "eval": None, "max_length": 64})
     ws = open_workspace(Recipe.model_validate(d))
-    assert len(ws.train_data) == 3
-    assert "train data: 3 kept, 1 dropped as too long" in capsys.readouterr().out
+    assert len(ws.train_data) == 4
+    assert "train data: 4 kept, 0 dropped as too long, 1 truncated, 1 dropped with no target token left" in \
+        capsys.readouterr().out
+    assert ws.data_stats["train"] == {"kept": 4, "dropped_too_long": 0, "truncated": 1, "dropped_no_target": 1}
 
 
 def test_dpo_rpo_alpha_adds_the_chosen_nll():

@@ -19,7 +19,11 @@ the kept tokens are exactly those of the full example):
   left             keep the last `max_length` tokens (the end of the response, the prompt's start cut)
   drop             leave the example out (counted)
   error            stop with the example's file:line
-Preference pairs are never cut (a cut pair compares different things): too long is dropped and counted.
+Preference pairs follow the same policy, as TRL's DPOTrainer / DataCollatorForPreference (`max_length`,
+`truncation_mode`): each of prompt + chosen and prompt + rejected is cut on its own (right = TRL's `keep_start`:
+both keep the whole prompt when it fits and as much of their response as fits; left = `keep_end`); a pair is
+counted once as truncated when either side was cut, and dropped (counted as "no target") when a side keeps no
+response token, as TRL drops pairs whose prompt alone fills `max_length`.
 
 Token weights (`loss_weights` in the encoded dict, one float per token aligned with `labels`: weight t
 scales the loss of the label at t; produced only when something asks for them):
@@ -200,20 +204,33 @@ def encode_text(tokenizer, ex: TextExample, *, max_length: int, truncation: str,
 
 def encode_preference(tokenizer, ex: PreferenceExample, *, max_length: int, truncation: str,
                       stats: EncodeStats | None = None) -> dict | None:
-    """Prompt + chosen and prompt + rejected, each with loss on the response only (+ the pair's `margin`, if any)."""
+    """Prompt + chosen and prompt + rejected, each with loss on the response only (+ the pair's `margin`, if any),
+    each side cut to `max_length` by `truncation` (see the module docstring; the pair is counted once)."""
     stats = stats if stats is not None else EncodeStats()
-    out = {}
+    sides = {}
     for side in ("chosen", "rejected"):
         chat = ChatExample(ex.prompt + getattr(ex, side), ex.origin)
         text, spans = assistant_spans(tokenizer, chat.messages, ex.origin)
         n_prompt_turns = sum(m["role"] == "assistant" for m in ex.prompt)
-        ids, labels = _tokenize_with_mask(tokenizer, text, spans[n_prompt_turns:])
-        if len(ids) > max_length:
-            if truncation == "error":
-                raise DataError(f"{ex.origin}: {side} has {len(ids)} tokens > data.max_length={max_length}")
-            stats.dropped_too_long += 1
-            return None
+        sides[side] = _tokenize_with_mask(tokenizer, text, spans[n_prompt_turns:])
+    too_long = [side for side, (ids, _) in sides.items() if len(ids) > max_length]
+    if too_long and truncation == "error":
+        side = too_long[0]
+        raise DataError(f"{ex.origin}: {side} has {len(sides[side][0])} tokens > data.max_length={max_length}")
+    if too_long and truncation == "drop":
+        stats.dropped_too_long += 1
+        return None
+    cut = (lambda x: x[:max_length]) if truncation == "right" else (lambda x: x[-max_length:])  # left: keep the end
+    out = {}
+    for side, (ids, labels) in sides.items():
+        if side in too_long:
+            ids, labels = cut(ids), cut(labels)
+            if all(lab == IGNORE_INDEX for lab in labels[1:]):  # the prompt alone fills max_length: no response
+                stats.dropped_no_target += 1
+                return None
         out[f"{side}_input_ids"], out[f"{side}_labels"] = ids, labels
+    if too_long:
+        stats.truncated += 1
     if ex.margin is not None:
         out["margin"] = ex.margin
     stats.kept += 1

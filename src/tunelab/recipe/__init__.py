@@ -83,7 +83,7 @@ class DataConfig(_Strict):
         "right",
         description="Over-long examples: cut the end (keeps the prompt's start and as much of the response as fits; "
                     "counted and logged), drop them (counted), cut the start, or stop with an error. Preference pairs "
-                    "are never cut: too long is dropped whatever this says.",
+                    "follow it too, each of chosen and rejected cut on its own (TRL's DPO `truncation_mode`).",
     )
     loss_mask: Literal["completion", "assistant", "full"] = Field(
         "completion",
