@@ -63,8 +63,8 @@ def build_rollout_source(recipe: Recipe, *, prompts: list[PromptItem], tokenizer
     assert ro is not None, "build_rollout_source needs a recipe with a rollout section"
     tc = recipe.train
     precision = resolve_precision(tc.precision, backend.device)  # the runner resolves it; direct callers may not
-    rewards = RewardSet.from_recipe(recipe, tokenizer=tokenizer, precision=precision, device=backend.device,
-                                    policy=policy)
+    rewards = RewardSet.from_specs(recipe.rewards, tokenizer=tokenizer, precision=precision, device=backend.device,
+                                   policy=policy)
     prepare = functools.partial(_prepare, objective=objective, ref=ref, num_iterations=ro.num_iterations,
                                 group_size=ro.num_generations)
     return RolloutSource(

@@ -9,6 +9,7 @@ import pytest
 from tiny import tiny_recipe_dict
 
 from tunelab.recipe import Recipe, RecipeError
+from tunelab.rewards.scoring import RewardSet
 
 
 def _recipe(model_dir, out, **iterate) -> Recipe:
@@ -262,7 +263,7 @@ def test_star_rationalizes_with_the_hint_and_trains_without_it(monkeypatch):
 
     monkeypatch.setattr(sampling, "generate", fake_generate)
     it = IterateConfig(strategy="star", num_generations=2, rewards=[{"name": "task"}])
-    rewards = sampling.build_rewards(it, tokenizer=None, precision="fp32", device="cpu", policy=None)
+    rewards = RewardSet.from_specs(it.rewards, tokenizer=None, precision="fp32", device="cpu", policy=None)
     out = sampling.sample_round(None, None, items, it, rewards, seed=0, precision="fp32")
     assert len(asked) == 2 and all("Hint" in p[-1]["content"] for p in asked[1])
     assert out.stats["rationalized"] == 2

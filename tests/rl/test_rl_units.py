@@ -11,6 +11,7 @@ from tunelab.data.formats import DataError, Record
 from tunelab.data.prompts import record_to_prompt
 from tunelab.objectives.advantages import group_relative, leave_one_out, nanstd, reinforce_pp
 from tunelab.objectives.online_dpo import pair_roles
+from tunelab.recipe import Recipe
 from tunelab.rewards.base import build_reward, list_rewards
 from tunelab.rewards.math_answers import answers_match, extract_answer
 from tunelab.rewards.scoring import RewardSet, weighted_rewards
@@ -124,6 +125,23 @@ def test_reward_set_isolates_failing_completions_and_counts_them(caplog):
     assert out.per_func[:, 0].tolist() == [1.0, 0.0, 0.0] and out.errors == {"flaky": 1}
     assert out.correct.tolist() == [1.0, 0.0, 0.0]
     assert "reward 'flaky' failed on 1 of 3 completions" in caplog.text
+
+
+def test_one_reward_builder_for_rl_and_iterate_reward_lists():
+    """`RewardSet.from_specs` builds both lists (RL `rewards:`, `iterate.rewards:`): names as the specs give them
+    (repeats numbered), weights, options, and the caller's context (the judge's `policy`) reach each reward."""
+    from tunelab.iterate import sampling
+    from tunelab.recipe.iterate import IterateConfig
+
+    it = IterateConfig(strategy="raft", rewards=[{"name": "length", "target": 5, "weight": 0.5},
+                                                 {"name": "length", "target": 9}, {"name": "judge", "scale": 5}])
+    rs = RewardSet.from_specs(it.rewards, policy=lambda: "the policy", tokenizer="tok", precision="fp32")
+    assert rs.names == ["length", "length_2", "judge"] and rs.weights.tolist() == [0.5, 1.0, 1.0]
+    assert [r.config.target for r in rs.rewards[:2]] == [5, 9] and rs.rewards[2].config.scale == 5
+    assert rs.rewards[2].context["policy"]() == "the policy" and rs.rewards[2].context["precision"] == "fp32"
+    recipe = Recipe.model_validate({"rollout": {}, "rewards": [spec.model_dump() for spec in it.rewards]})
+    assert RewardSet.from_specs(recipe.rewards).names == rs.names  # the RL list: the same builder, same result
+    assert not hasattr(RewardSet, "from_recipe") and not hasattr(sampling, "build_rewards")  # no second copy
 
 
 def test_prompt_records_gsm8k_messages_and_missing_prompts():

@@ -41,7 +41,7 @@ from tunelab.core.io import atomic_write_json, atomic_write_text
 from tunelab.core.rundir import keep_run_dir, lock_run_dir, new_run_dir
 from tunelab.data.prompts import PromptItem, load_prompts
 from tunelab.iterate.rounds import ROUND_COLUMNS, format_rounds, round_row
-from tunelab.iterate.sampling import build_rewards, group_from_json, group_to_json, sample_round
+from tunelab.iterate.sampling import group_from_json, group_to_json, sample_round
 from tunelab.iterate.select import (
     best_vs_worst,
     human_vs_generated,
@@ -52,6 +52,7 @@ from tunelab.iterate.select import (
 )
 from tunelab.model import load_model, load_tokenizer
 from tunelab.recipe import DatasetSpec, ModelConfig, Recipe, RecipeError, recipe_to_yaml
+from tunelab.rewards.scoring import RewardSet
 from tunelab.runner import resolve_run_precision, run_recipe
 from tunelab.validate import check_iterate_prompts, validate_recipe
 
@@ -151,8 +152,9 @@ class Rounds:
               f"{'the base model' if latest is None else latest}")
         model = load_model(self.model_config(latest)).to(self.device).eval()
         precision = self.recipe.train.precision
-        rewards = build_rewards(self.it, tokenizer=self.tokenizer, precision=precision, device=self.device,
-                                policy=lambda m=model: m)  # the judge `model: policy` scores with it
+        rewards = RewardSet.from_specs(self.it.rewards, tokenizer=self.tokenizer, precision=precision,
+                                       device=self.device, policy=lambda m=model: m) if self.it.rewards else None
+        # (the judge's `model: policy` scores with the model that sampled)
         out = sample_round(model, self.tokenizer, items, self.it, rewards, seed=self.it.seed + r, precision=precision)
         del model, rewards
         gc.collect()

@@ -17,18 +17,7 @@ from tunelab.data.prompts import PromptItem
 from tunelab.generate import GenerateConfig, generate
 from tunelab.iterate.select import PromptSamples
 from tunelab.recipe.iterate import IterateConfig
-from tunelab.rewards.base import build_reward
 from tunelab.rewards.scoring import RewardSet
-
-
-def build_rewards(it: IterateConfig, *, tokenizer, precision: str, device, policy) -> RewardSet | None:
-    """The iterate section's rewards as one scorer; `policy()` returns the current model (the `judge` reward's
-    `model: policy`: self-rewarding)."""
-    if not it.rewards:
-        return None
-    rewards = [build_reward(s.name, s.options(), tokenizer=tokenizer, precision=precision, device=device,
-                            policy=policy) for s in it.rewards]
-    return RewardSet(rewards, [s.weight for s in it.rewards], [s.name for s in it.rewards])
 
 
 def _nan_to_none(values: list[float]) -> list[float | None]:

@@ -332,10 +332,6 @@ class Recipe(_Strict):
     def objective_options(self) -> dict[str, Any]:
         return {k: v for k, v in self.objective.model_dump().items() if k != "name"}
 
-    def reward_options(self, i: int) -> dict[str, Any]:
-        """Options of `rewards[i]` for its reward's Config (name and weight removed)."""
-        return self.rewards[i].options()
-
 
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     """One line per problem: `recipe field 'train.lr': Input should be a valid number (got 'abc')`."""

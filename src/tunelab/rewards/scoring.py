@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from tunelab.data.prompts import PromptItem, require_answers
+from tunelab.recipe.rewards import RewardSpec
 from tunelab.rewards.base import Reward, build_reward
 from tunelab.train.rollout import Completion, RewardScores
 
@@ -44,10 +45,13 @@ class RewardSet:
         self.error_totals = {n: 0 for n in self.names}
 
     @classmethod
-    def from_recipe(cls, recipe, **context: Any) -> RewardSet:
-        rewards = [build_reward(spec.name, recipe.reward_options(i), **context)
-                   for i, spec in enumerate(recipe.rewards)]
-        return cls(rewards, [spec.weight for spec in recipe.rewards])
+    def from_specs(cls, specs: list[RewardSpec], **context: Any) -> RewardSet:
+        """The one builder of a reward list (a recipe's `rewards:` for on-line RL, `iterate.rewards:` for rounds):
+        each spec's reward built with its options and the caller's `context` (tokenizer, precision, device,
+        `policy`: a callable returning the current model, for the judge's `model: policy`), named as the spec
+        names it, weighted by its `weight`."""
+        rewards = [build_reward(spec.name, spec.options(), **context) for spec in specs]
+        return cls(rewards, [spec.weight for spec in specs], [spec.name for spec in specs])
 
     def check(self, items: list[PromptItem]) -> None:
         """Refuse data a reward cannot score (a verifier without reference answers), before any training."""
