@@ -199,13 +199,19 @@ def test_rest_em_restarts_from_the_base_but_samples_from_the_latest_model(tiny_m
     assert [row["kept"] for row in summary["rounds"]] == [8, 8]
 
 
-def test_iterative_dpo_writes_preference_pairs_and_trains_dpo(tiny_model_dir, tmp_path):
+def test_iterative_dpo_writes_preference_pairs_and_trains_dpo(tiny_model_dir, tmp_path, capsys):
     from tunelab.iterate import run_iterate
 
-    d = _recipe(tiny_model_dir, tmp_path, strategy="iterative_dpo", rounds=1, num_generations=3,
+    d = _recipe(tiny_model_dir, tmp_path, strategy="iterative_dpo", rounds=2, num_generations=3,
                 rewards=[{"name": "length"}]).model_dump()
     d["objective"] = {"name": "dpo", "beta": 0.1}
     summary = run_iterate(Recipe.model_validate(d))
+    out = capsys.readouterr().out
+    # each round's DPO reference is the model that round starts from, named: the base, then round 1's merged model
+    merged = tmp_path / "tiny" / "round-1" / "run" / "export" / "merged"
+    assert f"reference: the starting model {tiny_model_dir} with the adapter disabled" in out
+    assert f"reference: the starting model {merged} with the adapter disabled" in out
+    assert "the base model with the adapter disabled" not in out
     pairs = [json.loads(x) for x in (tmp_path / "tiny" / "round-1" / "data.jsonl").read_text().splitlines()]
     assert pairs and all(set(p) == {"prompt", "chosen", "rejected"} and p["chosen"] != p["rejected"] for p in pairs)
     samples = [json.loads(x) for x in (tmp_path / "tiny" / "round-1" / "samples.jsonl").read_text().splitlines()]

@@ -234,6 +234,8 @@ def setup_reference(ws: Workspace) -> None:
     use = ws.objective.reference_use()
     adapter = ws.method.capabilities.is_adapter
     device, acc = ws.accelerator.device, ws.accelerator
+    # the model this run adapts, named: the base, or (`tunelab iterate`) the previous round's merged export
+    start = f"the starting model {ws.recipe.model.name_or_path}"
     if use == "model" or (use == "live" and not adapter):
         teacher = getattr(ws.objective.config, "teacher", None)
         if teacher:
@@ -242,7 +244,7 @@ def setup_reference(ws: Workspace) -> None:
             what = f"the teacher {teacher}"
         else:
             ref_model = copy.deepcopy(ws.model)
-            what = "a frozen copy of the initial model"
+            what = f"a frozen copy of {start}"
         ws.ref = FrozenCopyReference(ref_model.to(device))
         cast_frozen_linears(ref_model, frozen_dtype_for(ws.recipe.train.frozen_dtype, ws.recipe.train.precision),
                             everything=ws.recipe.train.frozen_cast == "all")
@@ -263,10 +265,10 @@ def setup_reference(ws: Workspace) -> None:
             if not acc.is_main_process:
                 logps = precompute_reference_logps(ws.model, data, **kwargs)
             attach_reference_logps(data, logps)
-            acc.print(f"reference: log-probs of {len(data)} {name} pairs under the initial model, cached in the run "
+            acc.print(f"reference: log-probs of {len(data)} {name} pairs under {start}, cached in the run "
                       "directory")
     elif use != "none":
-        acc.print("reference: the base model with the adapter disabled")
+        acc.print(f"reference: {start} with the adapter disabled")
 
 
 def prepare_workspace(ws: Workspace):
