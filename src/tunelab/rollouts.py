@@ -64,7 +64,7 @@ def build_rollout_source(recipe: Recipe, *, prompts: list[PromptItem], tokenizer
     tc = recipe.train
     precision = resolve_precision(tc.precision, backend.device)  # the runner resolves it; direct callers may not
     rewards = RewardSet.from_specs(recipe.rewards, tokenizer=tokenizer, precision=precision, device=backend.device,
-                                   policy=policy)
+                                   policy=policy, progress=False)  # the training loop's bar is on screen
     prepare = functools.partial(_prepare, objective=objective, ref=ref, num_iterations=ro.num_iterations,
                                 group_size=ro.num_generations)
     return RolloutSource(

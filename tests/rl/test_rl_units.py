@@ -178,6 +178,65 @@ def test_judge_scales_the_rubric_score_and_refuses_replies_without_one(monkeypat
         judge.score(["q"], ["a"], [None])
 
 
+def test_judge_counts_unusable_replies_without_judging_again_and_shows_progress_on_a_terminal(monkeypatch, caplog):
+    import io
+
+    import tunelab.generate as gen
+    from tunelab.rewards import judge as judge_module
+
+    replies = {"a": "7", "b": "no idea", "c": "Score: 3"}  # by the response the rubric shows
+    calls = []
+
+    class Out:
+        def __init__(self, texts):
+            self.texts = texts
+
+    def fake_generate(model, tok, prompts, cfg):
+        calls.append(len(prompts))
+        return Out([replies[p[0]["content"].split("Response: ")[1][0]] for p in prompts])
+
+    bars = []
+
+    class Bar:  # records what the judge's progress bar was asked to show
+        def __init__(self, total, disable, **kw):
+            self.total, self.disable, self.n = total, disable, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, k):
+            self.n += k
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(gen, "generate", fake_generate)
+    monkeypatch.setattr(judge_module, "tqdm", Bar)
+    monkeypatch.setattr("sys.stderr", Terminal())
+    items = [record_to_prompt(Record({"prompt": "p", "answer": "x"}, "x:1"), None, None)] * 3
+    comps = [Completion(0, [1], t, "stop") for t in ("a", "b", "c")]
+    rs = RewardSet.from_specs(Recipe.model_validate({"rollout": {}, "rewards": [{"name": "judge"}]}).rewards,
+                              policy=lambda: "the policy", tokenizer="tok")
+    out = rs(items, comps)
+    assert out.per_func[:, 0].tolist() == pytest.approx([0.7, 0.0, 0.3]) and out.errors == {"judge": 1}
+    assert calls == [3]  # judged once: the unusable reply is not judged again one completion at a time
+    assert "reward 'judge' failed on 1 of 3 completions" in caplog.text
+    assert "1 of 3 judge replies had no score" in caplog.text and rs.error_totals == {"judge": 1}
+    assert len(bars) == 1 and bars[0].total == 3 and not bars[0].disable and bars[0].n == 3  # a terminal: shown
+    quiet = RewardSet.from_specs(Recipe.model_validate({"rollout": {}, "rewards": [{"name": "judge"}]}).rewards,
+                                 policy=lambda: "the policy", tokenizer="tok", progress=False)
+    quiet(items, comps)
+    assert bars[-1].disable  # the caller's own bar is on screen (RL's training loop)
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    rs(items, comps)
+    assert bars[-1].disable and rs.error_totals == {"judge": 2}  # not a terminal: no bar
+
+
 def test_reward_model_scores_with_a_sequence_classification_model(tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 

@@ -15,6 +15,11 @@ tokens), `truncated` (cut at the length limit) and `max_length` (rollout.max_com
 `verifier = True` marks rewards that decide correctness (1.0 right, 0.0 wrong): the rollout's `accuracy` is the
 first verifier's. `needs_answer = True` rewards refuse prompts without a reference before training starts.
 Adding a reward is one new file in this package (the registry imports every module of it on first lookup).
+
+A reward that scored a batch but could not score some of its completions (a judge reply without a number) raises
+`PartialScores` with every value (0 where it failed) and the failed indices: the scorer (`scoring.RewardSet`)
+keeps the values and counts the failures, without asking again completion by completion as it does after any
+other exception (for a judge that would mean judging the whole batch a second time).
 """
 
 from __future__ import annotations
@@ -24,6 +29,15 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from tunelab.core.registry import Registry
+
+
+class PartialScores(ValueError):
+    """Some completions of a scored batch could not be scored: `values` holds one value per completion (0 for
+    those), `failed` the indices of the failed ones; the message says why."""
+
+    def __init__(self, message: str, values: list[float | None], failed: list[int]):
+        super().__init__(message)
+        self.values, self.failed = values, failed
 
 
 class RewardOptions(BaseModel):

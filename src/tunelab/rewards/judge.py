@@ -4,7 +4,13 @@ answers with a score; the reward is that score divided by `scale` (so in [0, 1])
 The judge runs greedily through the generation engine. `model: policy` judges with the model being trained
 (its current weights: self-rewarding); any other value is loaded like `model.name_or_path` (a hub id, a local
 HF directory, a .gguf file or a built-in alias). The score is the number after "Score:" when the reply has one,
-else its first number; a reply without a number scores 0 and is counted as an error.
+else its first number; a reply without a number scores 0 and is counted as an error (`PartialScores`: the
+scorer logs how many of the batch's replies were unusable and counts them in `reward_errors` /
+`rewards/judge/errors`, without judging the batch again).
+
+A judgment takes seconds on a CPU (the self-rewarding rubric: ~3-6 s each), so the judge shows a progress bar over
+its replies (tqdm, like the rest of the CLI) when stderr is a terminal, unless the caller's own bar is on screen:
+the rollout source passes `progress=False` in the rewards' context (the training loop's bar is shown).
 
 `rubric: self_rewarding` is the LLM-as-a-judge prompt of Self-Rewarding Language Models (Yuan et al. 2024,
 https://arxiv.org/abs/2401.10020, fig. 2): an additive 5-point rubric ending in "Score: <total points>"; use it
@@ -14,10 +20,12 @@ with `scale: 5` (`tunelab iterate` with `strategy: self_rewarding`, docs/iterate
 from __future__ import annotations
 
 import re
+import sys
 
 from pydantic import Field
+from tqdm.auto import tqdm
 
-from tunelab.rewards.base import Reward, RewardOptions, register_reward
+from tunelab.rewards.base import PartialScores, Reward, RewardOptions, register_reward
 
 DEFAULT_RUBRIC = (
     "Rate the response to the question on a scale from 0 to {scale}, where {scale} means fully correct, helpful and "
@@ -91,13 +99,30 @@ class LLMJudge(Reward):
         asks = [[{"role": "user", "content": rubric.format(
             prompt=p, completion=c, answer=a or "", scale=f"{self.config.scale:g}")}]
             for p, c, a in zip(prompts, completions, refs)]
-        out = generate(model, tok, asks, GenerateConfig(max_new_tokens=self.config.max_new_tokens,
-                                                        batch_size=self.config.batch_size,
-                                                        precision=self.context.get("precision", "bf16")))
-        scores = []
-        for text in out.texts:
-            scores.append(min(max(parse_score(text) / self.config.scale, 0.0), 1.0))
+        cfg = GenerateConfig(max_new_tokens=self.config.max_new_tokens, batch_size=self.config.batch_size,
+                             precision=self.context.get("precision", "bf16"))
+        texts: list[str] = []
+        step = self.config.batch_size  # one generation batch per call, so the bar moves as replies come
+        with tqdm(total=len(asks), desc="judge", unit="reply", leave=False, disable=not self._progress()) as bar:
+            for start in range(0, len(asks), step):
+                texts.extend(generate(model, tok, asks[start:start + step], cfg).texts)
+                bar.update(min(step, len(asks) - start))
+        scores, unusable, first = [], [], None
+        for i, text in enumerate(texts):
+            try:
+                scores.append(min(max(parse_score(text) / self.config.scale, 0.0), 1.0))
+            except ValueError as e:  # no number in the reply: 0, counted
+                scores.append(0.0)
+                unusable.append(i)
+                first = first or e
+        if unusable:
+            raise PartialScores(f"{len(unusable)} of {len(texts)} judge replies had no score (scored 0); the first: "
+                                f"{first}", scores, unusable)
         return scores
+
+    def _progress(self) -> bool:
+        """A bar only on a terminal, and not when the caller shows its own (context `progress=False`)."""
+        return bool(self.context.get("progress", True)) and sys.stderr.isatty()
 
 
 def parse_score(text: str) -> float:

@@ -3,7 +3,9 @@ failures counted, never fatal.
 
 A reward that raises on a batch is asked again one completion at a time; each completion it still fails on
 (an exception, or a value that is not a finite number or None) scores 0 and is counted: a warning names the
-reward and the first error, and `rewards/<name>/errors` counts them in metrics.jsonl. The run goes on.
+reward and the first error, and `rewards/<name>/errors` counts them in metrics.jsonl (iterate: `reward_errors`
+in samples.json). The run goes on. A reward that raises `PartialScores` (the judge, for replies without a score)
+has said which completions failed: its values are kept and its failures counted, nothing is asked again.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from tunelab.data.prompts import PromptItem, require_answers
 from tunelab.recipe.rewards import RewardSpec
-from tunelab.rewards.base import Reward, build_reward
+from tunelab.rewards.base import PartialScores, Reward, build_reward
 from tunelab.train.rollout import Completion, RewardScores
 
 log = logging.getLogger(__name__)
@@ -85,11 +87,16 @@ class RewardSet:
 
     def _score_one(self, name: str, reward: Reward, prompts, texts, refs, info) -> tuple[list[float], int]:
         try:
-            out = reward.score(prompts, texts, refs, **info)
+            try:
+                out, unscored, why = reward.score(prompts, texts, refs, **info), [], ""
+            except PartialScores as partial:  # the reward named its failures (scored 0): counted, not asked again
+                out, unscored, why = partial.values, partial.failed, str(partial)
             if len(out) != len(texts):
                 raise ValueError(f"returned {len(out)} scores for {len(texts)} completions")
             values = [_value(v) for v in out]
-            return values, 0
+            if unscored:
+                self._warn(name, len(unscored), len(texts), why)
+            return values, len(unscored)
         except Exception as first:  # noqa: BLE001 - a reward never stops the run: isolate the failing completions
             values, failed, message = [], 0, f"{type(first).__name__}: {first}"
             for i in range(len(texts)):
@@ -102,9 +109,12 @@ class RewardSet:
                     failed += 1
                     message = f"{type(e).__name__}: {e}"
             if failed:
-                log.warning("reward %r failed on %d of %d completions (scored 0; %d so far in this run): %s",
-                            name, failed, len(texts), self.error_totals[name] + failed, message)
+                self._warn(name, failed, len(texts), message)
             return values, failed
+
+    def _warn(self, name: str, failed: int, n: int, message: str) -> None:
+        log.warning("reward %r failed on %d of %d completions (scored 0; %d so far in this run): %s",
+                    name, failed, n, self.error_totals[name] + failed, message)
 
 
 def _value(v) -> float:
