@@ -207,6 +207,21 @@ def model_head(model: torch.nn.Module) -> str:
     return "sequence_classification" if type(inner).__name__.endswith("ForSequenceClassification") else "causal_lm"
 
 
+def checkpoint_head(cfg: ModelConfig) -> str:
+    """The head a local checkpoint was saved with, from its config.json's `architectures` (nothing is loaded):
+    "sequence_classification" for a *ForSequenceClassification model (a reward model tunelab exported), else
+    "causal_lm" (also for hub ids, aliases and GGUF files, which are causal LMs here)."""
+    config = Path(cfg.name_or_path).expanduser() / "config.json"
+    if cfg.gguf_file or not config.is_file():
+        return "causal_lm"
+    try:
+        archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (ValueError, OSError, AttributeError):
+        return "causal_lm"  # check_model_source names a damaged config.json when the model loads
+    return "sequence_classification" if any(str(a).endswith("ForSequenceClassification") for a in archs) \
+        else "causal_lm"
+
+
 def init_score_head(model: torch.nn.Module, seed: int = 0) -> None:
     """Initialise a fresh scalar head [1, hidden] deterministically: N(0, initializer_range) from its own generator
     (transformers draws it from the global RNG at load time, which differs between processes and restores), so

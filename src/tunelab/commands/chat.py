@@ -39,7 +39,7 @@ class _Backend:
         else:
             from tunelab.evaluate.targets import load_target
 
-            _, self.model, self.tokenizer = load_target(target)
+            _, self.model, self.tokenizer = load_target(target, generates="chat")
             self.model.eval()
 
     def stops(self) -> list[int]:

@@ -68,7 +68,7 @@ def register(app: typer.Typer) -> None:
 
             records, chats = read_prompts(Path(input))
             out_path = Path(output)
-            _, model, tok = load_target(target)
+            _, model, tok = load_target(target, generates="generate text")
             device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
             model.to(device)
             torch.manual_seed(seed)

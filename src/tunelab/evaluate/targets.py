@@ -37,12 +37,48 @@ def _adapter_base(path: Path, config_name: str) -> Recipe:
     return Recipe(model=ModelConfig(name_or_path=base or "smollm2-135m-instruct"))
 
 
-def load_target(target: str, base: bool = False) -> tuple[Recipe, Any, Any]:
+def reward_model_error(target: str, model_class: str, doing: str) -> Exception:
+    """The error (a ModelError) of a command that needs a language model, given a reward model (a scalar head)."""
+    from tunelab.model import ModelError
+
+    return ModelError(f"{target} is a reward model ({model_class}: one score per sequence, no vocabulary head), so "
+                      f"it cannot {doing}. Give a language model (e.g. the export/merged of an SFT or preference "
+                      f"run), or score preference pairs with it: `tunelab eval {target} --task date_format_pref` "
+                      "(any *_pref task), or the `reward_model` reward of an RL or iterate recipe")
+
+
+def load_target(target: str, base: bool = False, *, generates: str | None = None) -> tuple[Recipe, Any, Any]:
     """(recipe giving data defaults, model, tokenizer) for a run dir, checkpoint dir, adapter dir (PEFT or
     tunelab's own format), HF dir, hub id or alias. `base`: the base model of a run (its recipe's model) or of an
-    adapter, instead of the trained one; a plain model has none (RecipeError)."""
+    adapter, instead of the trained one; a plain model has none (RecipeError). A plain directory holding a
+    *ForSequenceClassification checkpoint (an exported reward model) loads with that head. `generates`: what the
+    caller will do with the model's language-model head (`chat`, ...): a reward model is refused with
+    `reward_model_error` (a plain directory before its weights load)."""
+    from tunelab.model import model_head
+
+    if generates is not None:
+        plain = Path(target)
+        if run_dir_of(target) is None and (plain / "config.json").is_file():
+            from tunelab.model import checkpoint_head
+
+            if checkpoint_head(ModelConfig(name_or_path=target)) != "causal_lm":
+                archs = json.loads((plain / "config.json").read_text()).get("architectures") or ["?"]
+                raise reward_model_error(target, archs[0], generates)
+    recipe, model, tok = _load_target(target, base)
+    if generates is not None and model_head(model) != "causal_lm":
+        raise reward_model_error(target, _class_name(model), generates)
+    return recipe, model, tok
+
+
+def _class_name(model) -> str:
+    from tunelab.core.unwrap import unwrap_model, unwrap_peft
+
+    return type(unwrap_peft(unwrap_model(model))).__name__
+
+
+def _load_target(target: str, base: bool) -> tuple[Recipe, Any, Any]:
     from tunelab.methods._modules import ADAPTER_CONFIG, load_own_adapter
-    from tunelab.model import check_model_source, load_model, load_tokenizer
+    from tunelab.model import check_model_source, checkpoint_head, load_model, load_tokenizer
 
     path = Path(target)
     run = run_dir_of(target)
@@ -71,7 +107,8 @@ def load_target(target: str, base: bool = False) -> tuple[Recipe, Any, Any]:
         raise RecipeError(f"--base evaluates the base model of a run or an adapter; {target} is a plain model")
     recipe = Recipe(model=ModelConfig(name_or_path=target))
     check_model_source(recipe.model, what="eval target")
-    return recipe, load_model(recipe.model), load_tokenizer(recipe.model)
+    model = load_model(recipe.model, head=checkpoint_head(recipe.model))  # a reward model keeps its scalar head
+    return recipe, model, load_tokenizer(recipe.model)
 
 
 def _device():
@@ -119,7 +156,9 @@ def evaluate_target(target: str, *, task: str | None = None, n: int = 100, tasks
         raise RecipeError("--diagnostics compares a run's trained weights with its base model: give a run or "
                           "checkpoint directory, without --base")
     t0 = time.perf_counter()
-    recipe, model, tok = load_target(target, base=base)
+    suite_asked = bool(tasks or harness)  # generation, log-likelihoods, perplexity: a language-model head
+    recipe, model, tok = load_target(target, base=base, generates="run --tasks / --harness evaluations (they "
+                                     "need a language-model head)" if suite_asked else None)
     device = _device()
     model.to(device)
     save_heldout = run is not None and label is not None  # a run's own eval_after.json is not replaced unasked
@@ -164,7 +203,8 @@ def _heldout(target: str, recipe: Recipe, model, tok, *, task: str | None, n: in
              max_new_tokens: int, device, progress: bool) -> dict[str, Any]:
     """Held-out metrics (tunelab.evaluate.heldout, as a run computes them) on the run's eval data, or `task`."""
     from tunelab.data.pipeline import encode_spec, eval_items
-    from tunelab.evaluate.heldout import HeldOutSettings, heldout_metrics
+    from tunelab.evaluate.heldout import HeldOutSettings, heldout_metrics, is_pairs
+    from tunelab.model import model_head
 
     spec = recipe.data.eval or DatasetSpec(builtin="date_format", split="eval")
     if task is not None:
@@ -172,6 +212,9 @@ def _heldout(target: str, recipe: Recipe, model, tok, *, task: str | None, n: in
     spec = spec.model_copy(update={"n": n})
     # held-out data is scored on the responses only: instruction-modelling weights are for training
     data, _ = encode_spec(tok, spec, recipe.data.model_copy(update={"prompt_loss_weight": None}))
+    if model_head(model) != "causal_lm" and not is_pairs(data):  # a reward model measures nothing else
+        raise reward_model_error(target, _class_name(model), f"be evaluated on {spec.builtin or spec.path}: it "
+                                 "holds no preference pairs (a reward model reports pairwise accuracy on pairs)")
     items = eval_items(spec, recipe.data) if spec.builtin else []
     settings = HeldOutSettings(batch_size=batch_size, precision=precision, max_new_tokens=max_new_tokens,
                                device=device, progress=progress)
