@@ -93,9 +93,14 @@ def _load_target(target: str, base: bool) -> tuple[Recipe, Any, Any]:
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
+        from tunelab.methods.lora import no_bnb_dispatch
+
         recipe = _adapter_base(path, "adapter_config.json")
         model = load_model(recipe.model)
-        return recipe, model if base else PeftModel.from_pretrained(model, str(path)), load_tokenizer(recipe.model)
+        if not base:
+            with no_bnb_dispatch():
+                model = PeftModel.from_pretrained(model, str(path))
+        return recipe, model, load_tokenizer(recipe.model)
     if (path / ADAPTER_CONFIG).is_file():  # tunelab's own format (BitFit, SSF, LoReFT, ...), on its base
         recipe = _adapter_base(path, ADAPTER_CONFIG)
         model = load_model(recipe.model)

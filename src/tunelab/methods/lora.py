@@ -12,8 +12,13 @@ The trained adapter saves in PEFT's own format, so `peft.PeftModel.from_pretrain
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from pydantic import Field
 
+from tunelab.core.deferred import bitsandbytes_loaded
 from tunelab.methods.registry import Capabilities, Method, MethodOptions, register
 from tunelab.model import model_head
 
@@ -48,6 +53,30 @@ def lora_peft_config(opts: LoRAOptions, **extra):
     )
 
 
+@contextmanager
+def no_bnb_dispatch() -> Iterator[None]:
+    """PEFT adding adapter layers without importing bitsandbytes when no model can hold its layers.
+
+    PEFT's dispatch (peft/tuners/*/model.py) imports bitsandbytes whenever it is installed, to test each layer
+    against its quantised classes; a model holds such layers only once bitsandbytes has been imported to build
+    them (`core/deferred.bitsandbytes_loaded`). Until then PEFT's availability checks read False while the
+    adapter is added: the isinstance tests they guard could not match, and start-up saves the import (seconds,
+    core/deferred.py). With bitsandbytes loaded (a bitsandbytes-quantised base) nothing changes."""
+    if bitsandbytes_loaded():
+        yield
+        return
+    checks = ("is_bnb_available", "is_bnb_4bit_available")
+    saved = [(module, name, getattr(module, name)) for key, module in list(sys.modules.items())
+             if key.startswith("peft.tuners.") and module is not None for name in checks if hasattr(module, name)]
+    for module, name, _ in saved:
+        setattr(module, name, lambda: False)
+    try:
+        yield
+    finally:
+        for module, name, check in saved:
+            setattr(module, name, check)
+
+
 def wrap_peft(model, config):
     """`peft.get_peft_model` with PEFT's task type for the model's head (`tunelab.model.model_head`): SEQ_CLS for a
     reward model, which makes PEFT train its scalar `score` head fully (`modules_to_save`, saved with the adapter
@@ -55,7 +84,8 @@ def wrap_peft(model, config):
     from peft import get_peft_model
 
     config.task_type = "SEQ_CLS" if model_head(model) == "sequence_classification" else "CAUSAL_LM"
-    return get_peft_model(model, config)
+    with no_bnb_dispatch():
+        return get_peft_model(model, config)
 
 
 class PeftAdapterMethod(Method):
