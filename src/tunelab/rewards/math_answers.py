@@ -9,6 +9,8 @@ string match after whitespace normalisation.
 
 from __future__ import annotations
 
+import functools
+
 import re
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -52,12 +54,24 @@ def to_number(text: str) -> float | None:
         return None
 
 
+@functools.cache
+def _warm_math_verify() -> None:
+    """Load math-verify's LaTeX grammar and sympy's paths once under a generous bound: its first parse builds the
+    grammar, which takes seconds (more on a loaded machine) and would otherwise hit the 5 s per-parse timeout,
+    scoring a correct first answer 0."""
+    from math_verify import parse, verify
+
+    g = parse("$\\frac{1}{2}$", parsing_timeout=120)
+    verify(g, parse("$0.5$", parsing_timeout=120), timeout_seconds=120)
+
+
 def _math_verify(gold: str, pred: str) -> bool | None:
     try:
         from math_verify import parse, verify
     except ImportError:  # optional: numeric comparison below
         return None
     try:
+        _warm_math_verify()
         g, p = parse(gold), parse(pred)
         if not g or not p:
             return None
