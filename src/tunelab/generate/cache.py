@@ -43,6 +43,10 @@ class _PreallocatedMixin:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        return self.append(key_states, value_states)
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write [B, H_kv, t, D] new positions after the filled prefix; the keys and values of the whole prefix."""
         t = key_states.shape[-2]
         if self.length + t > self.capacity:
             raise RuntimeError(f"KV cache full: {self.length} + {t} positions > capacity {self.capacity}")
@@ -89,6 +93,15 @@ class _PreallocatedMixin:
 def _preallocated_class():
     """PreallocatedLayer subclasses transformers' DynamicLayer (built lazily: transformers imports slowly)."""
     return type("PreallocatedLayer", (_PreallocatedMixin, _dynamic_layer_class()), {})
+
+
+def preallocated_layers(cache) -> list | None:
+    """The cache's layers when every one is a filled PreallocatedLayer (what generate/llama.py's lean step
+    writes into directly), else None."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not _preallocated_class() or not layer.is_initialized for layer in layers):
+        return None
+    return list(layers)
 
 
 def make_cache(model_config, capacity: int):

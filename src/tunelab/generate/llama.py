@@ -1,0 +1,161 @@
+"""A lean decoding step for the Llama family (llama, mistral, qwen2): transformers' operators, in transformers'
+order, on the same weights, without transformers' per-step machinery.
+
+A decoding step of `LlamaForCausalLM.forward` (transformers 5) spends much of its time outside the arithmetic:
+the output-capturing and kwargs-merging decorators, `create_causal_mask` (a [B, 1, 1, T] boolean mask rebuilt
+every step from the 2-D mask, the cache and the positions), the `Cache.update` dispatch, the attention-interface
+lookup, and ~300 `nn.Module.__call__`s per step with their hook checks (10 per layer x 30 layers for SmolLM2).
+`LlamaDecoder.step` runs, per layer, exactly the aten operators of transformers' modules (RMSNorm in fp32 then
+back, q/k/v projections, rotary embedding with `rotate_half`, the cache write, SDPA with `pack_gqa`'s query
+layout and the same boolean padding mask, o-projection, SwiGLU MLP, residual adds), on the same tensors in the
+same shapes, so its logits are bit-identical to the model's forward; tests/generate/test_llama_decode.py checks
+it against transformers' generate on tiny llama, mistral and qwen2 models, and benchmarks/generation.py on
+SmolLM2 in bf16.
+
+The decoding mask: in a decoding step the query is the last position, so causality masks nothing; transformers'
+mask is the 2-D padding mask as booleans, [B, 1, 1, T]. It is cut here from one [B, 1, 1, capacity] boolean
+tensor built once per batch (left padding never changes once the prompt is in the cache).
+
+Where the model is not a plain Llama-family model in the compute dtype (other architectures, PEFT adapter layers,
+hooks, sliding windows shorter than the batch, other attention implementations, quantised or autocast weights,
+transformers' own cache classes), `LlamaDecoder.build` returns None and the engine calls the model's forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunelab.generate.cache import preallocated_layers
+
+FAMILY = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}  # model_type -> transformers' class prefix
+
+
+def _eligible(model: nn.Module, dtype: torch.dtype) -> bool:
+    """A `{Llama,Mistral,Qwen2}ForCausalLM` whose every submodule is transformers' own (no adapter layers,
+    no hooks), SDPA attention, plain weights in `dtype`."""
+    cfg = getattr(model, "config", None)
+    prefix = FAMILY.get(getattr(cfg, "model_type", ""))
+    if prefix is None or type(model).__name__ != f"{prefix}ForCausalLM":
+        return False
+    if getattr(cfg, "_attn_implementation", None) != "sdpa" or getattr(cfg, "pretraining_tp", 1) != 1:
+        return False
+    allowed = {f"{prefix}{name}" for name in ("ForCausalLM", "Model", "DecoderLayer", "Attention", "MLP",
+                                               "RMSNorm", "RotaryEmbedding")} | {"SiLUActivation"}
+    for m in model.modules():
+        if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
+            return False
+        if type(m).__name__ not in allowed and type(m) not in (nn.Linear, nn.Embedding, nn.ModuleList):
+            return False
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    return all(type(p.data) is torch.Tensor and p.dtype == dtype for p in model.parameters())
+
+
+def _window_covers(cfg, capacity: int) -> bool:
+    """True when no layer's sliding window is shorter than the batch's final length (then its mask is the
+    causal one); transformers' sliding-window masks are not rebuilt here."""
+    window = getattr(cfg, "sliding_window", None)
+    if window is None or window >= capacity:
+        return True
+    types = getattr(cfg, "layer_types", None)
+    return types is not None and all(t == "full_attention" for t in types)
+
+
+class LlamaDecoder:
+    """One-token decoding steps of a Llama-family model over the engine's preallocated KV cache.
+
+    Built per batch (`build`), after the prefill has filled `cache`; `step(tokens, positions)` appends one
+    position per row and returns the logits of the new tokens, [B, V] fp32, as `ModelStep.decode` does.
+    """
+
+    def __init__(self, model: nn.Module, layers: list, pad_mask: torch.Tensor | None):
+        inner = model.model
+        self.embed = inner.embed_tokens
+        self.rotary = inner.rotary_emb
+        self.norm_w, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
+        self.lm_head = model.lm_head.weight
+        self.blocks = []
+        for block in inner.layers[: model.config.num_hidden_layers]:
+            attn, mlp = block.self_attn, block.mlp
+            self.blocks.append((
+                block.input_layernorm.weight, block.input_layernorm.variance_epsilon,
+                attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon,
+                mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn))
+        self.head_dim = model.model.layers[0].self_attn.head_dim
+        self.groups = model.model.layers[0].self_attn.num_key_value_groups
+        self.scaling = model.model.layers[0].self_attn.scaling
+        self.cache_layers = layers
+        self.pad_mask = pad_mask  # [B, 1, 1, capacity] bool, or None when no row is padded
+
+    @classmethod
+    def build(cls, model: nn.Module, cache, mask: torch.Tensor | None, capacity: int,
+              dtype: torch.dtype) -> LlamaDecoder | None:
+        """The lean step for this batch, or None where the model's own forward must run (module docstring).
+
+        `mask` is the batch's 2-D attention mask over `capacity` positions ([B, capacity], 1 = a real token; the
+        positions not generated yet are 1), None when no row is padded."""
+        layers = preallocated_layers(cache)
+        if layers is None or not _eligible(model, dtype) or not _window_covers(model.config, capacity):
+            return None
+        if len(layers) != model.config.num_hidden_layers:
+            return None
+        pad = None if mask is None else mask.to(device=model.lm_head.weight.device, dtype=torch.bool)[:, None, None]
+        return cls(model, layers, pad)
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        """Rows `keep` only (the engine dropped finished rows; the cache was compacted by the engine)."""
+        if self.pad_mask is not None:
+            self.pad_mask = self.pad_mask[keep.to(self.pad_mask.device)]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens [B, 1], positions [B, 1] -> logits [B, V] fp32; each cache layer grows by one position."""
+        device = self.lm_head.device
+        tokens, positions = tokens.to(device), positions.to(device)
+        h = self.embed(tokens)  # [B, 1, d]
+        cos, sin = self.rotary(h, position_ids=positions)  # [B, 1, D] each, in h's dtype
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, 1, D]: broadcast over heads
+        b, d = h.shape[0], self.head_dim
+        length = self.cache_layers[0].length + 1
+        mask = None if self.pad_mask is None else self.pad_mask[..., :length]  # [B, 1, 1, T]
+        for (ln1, eps1, q_proj, k_proj, v_proj, o_proj, ln2, eps2, gate, up, down, act), layer in zip(
+                self.blocks, self.cache_layers):
+            residual = h
+            x = _rms_norm(h, ln1, eps1)
+            q = F.linear(x, q_proj.weight, q_proj.bias).view(b, 1, -1, d).transpose(1, 2)  # [B, H, 1, D]
+            k = F.linear(x, k_proj.weight, k_proj.bias).view(b, 1, -1, d).transpose(1, 2)  # [B, H_kv, 1, D]
+            v = F.linear(x, v_proj.weight, v_proj.bias).view(b, 1, -1, d).transpose(1, 2)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
+            keys, values = layer.append(k, v)  # [B, H_kv, T, D] views of the cache
+            if self.groups > 1:  # transformers' pack_gqa: one query token, [B, H_kv, groups, D]
+                q = q.reshape(b, q.shape[1] // self.groups, self.groups, d)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=0.0,
+                                                 scale=self.scaling, is_causal=False)
+            out = out.reshape(b, -1, 1, d).transpose(1, 2).contiguous()  # [B, 1, H, D]
+            out = out.reshape(b, 1, -1).contiguous()
+            h = residual + F.linear(out, o_proj.weight, o_proj.bias)
+            residual = h
+            x = _rms_norm(h, ln2, eps2)
+            x = F.linear(act(F.linear(x, gate.weight, gate.bias)) * F.linear(x, up.weight, up.bias),
+                         down.weight, down.bias)
+            h = residual + x
+        h = _rms_norm(h, self.norm_w, self.norm_eps)
+        # transformers' generate: outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
+        return F.linear(h, self.lm_head)[:, -1].to(copy=True, dtype=torch.float32)
+
+
+def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm: x / sqrt(mean(x^2) + eps) in fp32, cast back, times the weight (Zhang & Sennrich, 2019)."""
+    x = h.to(torch.float32)
+    variance = x.pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    return weight * x.to(h.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [-x2, x1] on the last dimension (RoPE, Su et al. 2021, as transformers lays it out)."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,130 @@
+"""The lean Llama-family decoding step (tunelab.generate.llama) against the model's own forward: the same logits
+bit for bit at every step, and the same greedy tokens as transformers' generate, for tiny llama, mistral and qwen2
+models (random weights drawn wide, initializer_range 0.3, so greedy continuations vary); other models fall back
+to the forward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from tunelab.generate import GenerateConfig, encode_prompts, generate, plan_batches
+from tunelab.generate.batching import left_pad
+from tunelab.generate.cache import make_cache
+from tunelab.generate.forward import ModelStep, _ForwardDecoder
+from tunelab.generate.llama import LlamaDecoder
+
+MAX_NEW = 10
+SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+             initializer_range=0.3)
+
+
+def build(family: str, vocab: int, **overrides):
+    import transformers
+
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    cfg = getattr(transformers, f"{prefix}Config")(**{**SIZES, "vocab_size": vocab, **overrides})
+    torch.manual_seed(5)
+    return getattr(transformers, f"{prefix}ForCausalLM")(cfg).eval()
+
+
+def prompts(n: int = 9) -> list[list[dict[str, str]]]:
+    return [[{"role": "user", "content": f"Add {i} and {7 * i}, then say why. " * (1 + i % 3)}] for i in range(n)]
+
+
+def step_logits(model, tok, decoder: str, dtype, steps: int = 6) -> list[torch.Tensor]:
+    """Prefill one left-padded batch, then decode `steps` greedy tokens through `decoder` ("lean" | "forward")."""
+    model = copy.deepcopy(model).to(dtype)
+    enc = encode_prompts(tok, prompts())
+    ids, mask, positions = left_pad(enc, tok.pad_token_id)
+    capacity = ids.shape[1] + steps
+    full = torch.ones(len(enc), capacity, dtype=torch.long)
+    full[:, : ids.shape[1]] = mask
+    out = []
+    with torch.inference_mode():
+        step = ModelStep(model)
+        cache = make_cache(step.config, capacity)
+        logits = step.prefill(ids, mask, positions, cache)
+        dec = (LlamaDecoder.build(model, cache, full, capacity, dtype) if decoder == "lean"
+               else _ForwardDecoder(step, cache, full))
+        assert dec is not None
+        last = positions[:, -1].clone()
+        for _ in range(steps):
+            last = last + 1
+            logits = dec.step(logits.argmax(-1).view(-1, 1), last.view(-1, 1))
+            out.append(logits)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_step_logits_equal_the_forward_bit_for_bit(tiny_tokenizer, family, dtype):
+    model = build(family, len(tiny_tokenizer))
+    lean = step_logits(model, tiny_tokenizer, "lean", dtype)
+    ref = step_logits(model, tiny_tokenizer, "forward", dtype)
+    assert all(torch.equal(a, b) for a, b in zip(lean, ref))
+    assert len({int(t) for r in ref for t in r.argmax(-1)}) > 3  # tokens vary: the steps are not trivial
+
+
+def hf_greedy(model, tok, batch_size: int) -> list[list[int]]:
+    enc = encode_prompts(tok, prompts())
+    out: list[list[int]] = [[] for _ in enc]
+    for idx in plan_batches([len(e) for e in enc], batch_size):
+        ids, mask, _ = left_pad([enc[i] for i in idx], tok.pad_token_id)
+        with torch.no_grad():
+            seq = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=MAX_NEW, do_sample=False,
+                                 eos_token_id=[], pad_token_id=tok.pad_token_id)
+        for r, i in enumerate(idx):
+            out[i] = seq[r, ids.shape[1]:].tolist()
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_greedy_through_the_lean_step_equals_transformers_generate(tiny_tokenizer, family, monkeypatch):
+    model = build(family, len(tiny_tokenizer))
+    calls = []
+    real = LlamaDecoder.step
+    monkeypatch.setattr(LlamaDecoder, "step", lambda self, *a: calls.append(1) or real(self, *a))
+    cfg = GenerateConfig(max_new_tokens=MAX_NEW, batch_size=4, precision="fp32", stop_token_ids=())
+    out = generate(model, tiny_tokenizer, prompts(), cfg)
+    assert len(calls) == 3 * (MAX_NEW - 1)  # 3 batches, every decoding step lean
+    assert [c.token_ids for c in out.completions] == hf_greedy(model, tiny_tokenizer, 4)
+
+
+def test_models_the_lean_step_does_not_cover_use_the_forward(tiny_tokenizer):
+    """A sliding window shorter than the batch, eager attention, a PEFT adapter, fp32 weights for a bf16 step,
+    a forward hook, transformers' own cache: `build` declines, and the engine's outputs still equal generate's."""
+    from peft import LoraConfig, get_peft_model
+
+    vocab = len(tiny_tokenizer)
+    enc = encode_prompts(tiny_tokenizer, prompts())
+    ids, mask, positions = left_pad(enc, tiny_tokenizer.pad_token_id)
+    cap = ids.shape[1] + MAX_NEW
+
+    def built(model, cache_cls=None, dtype=torch.float32):
+        cache = make_cache(model.config, cap) if cache_cls is None else cache_cls(config=model.config)
+        with torch.inference_mode():
+            ModelStep(model).prefill(ids, mask, positions, cache)
+        return LlamaDecoder.build(model, cache, None, cap, dtype)
+
+    from transformers import DynamicCache
+
+    assert built(build("llama", vocab)) is not None
+    assert built(build("mistral", vocab, sliding_window=cap)) is not None
+    assert built(build("mistral", vocab, sliding_window=cap - 1)) is None
+    assert built(build("llama", vocab, attn_implementation="eager")) is None
+    assert built(build("llama", vocab), cache_cls=DynamicCache) is None
+    assert built(build("llama", vocab), dtype=torch.bfloat16) is None
+    hooked = build("llama", vocab)
+    hooked.model.layers[0].mlp.register_forward_hook(lambda *a: None)
+    assert built(hooked) is None
+    lora = get_peft_model(build("llama", vocab), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                            init_lora_weights=False))
+    assert built(lora.base_model.model) is None
+    cfg = GenerateConfig(max_new_tokens=MAX_NEW, batch_size=4, precision="fp32", stop_token_ids=())
+    for model in (build("mistral", vocab, sliding_window=8), lora):
+        out = generate(model, tiny_tokenizer, prompts(), cfg)
+        assert [c.token_ids for c in out.completions] == hf_greedy(model, tiny_tokenizer, 4)
