@@ -95,7 +95,7 @@ def test_greedy_through_the_lean_step_equals_transformers_generate(tiny_tokenize
 
 
 def test_models_the_lean_step_does_not_cover_use_the_forward(tiny_tokenizer):
-    """A sliding window shorter than the batch, eager attention, a PEFT adapter, fp32 weights for a bf16 step,
+    """A sliding window not longer than the batch, eager attention, a DoRA adapter, fp32 weights for a bf16 step,
     a forward hook, transformers' own cache: `build` declines, and the engine's outputs still equal generate's."""
     from peft import LoraConfig, get_peft_model
 
@@ -113,18 +113,43 @@ def test_models_the_lean_step_does_not_cover_use_the_forward(tiny_tokenizer):
     from transformers import DynamicCache
 
     assert built(build("llama", vocab)) is not None
-    assert built(build("mistral", vocab, sliding_window=cap)) is not None
-    assert built(build("mistral", vocab, sliding_window=cap - 1)) is None
+    assert built(build("mistral", vocab, sliding_window=cap + 1)) is not None
+    assert built(build("mistral", vocab, sliding_window=cap)) is None
     assert built(build("llama", vocab, attn_implementation="eager")) is None
     assert built(build("llama", vocab), cache_cls=DynamicCache) is None
     assert built(build("llama", vocab), dtype=torch.bfloat16) is None
     hooked = build("llama", vocab)
     hooked.model.layers[0].mlp.register_forward_hook(lambda *a: None)
     assert built(hooked) is None
-    lora = get_peft_model(build("llama", vocab), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+    dora = get_peft_model(build("llama", vocab), LoraConfig(r=4, target_modules=["q_proj"], use_dora=True,
                                                             init_lora_weights=False))
-    assert built(lora.base_model.model) is None
+    assert built(dora) is None
     cfg = GenerateConfig(max_new_tokens=MAX_NEW, batch_size=4, precision="fp32", stop_token_ids=())
-    for model in (build("mistral", vocab, sliding_window=8), lora):
+    for model in (build("mistral", vocab, sliding_window=8), dora):
         out = generate(model, tiny_tokenizer, prompts(), cfg)
         assert [c.token_ids for c in out.completions] == hf_greedy(model, tiny_tokenizer, 4)
+
+
+def test_lora_layers_are_applied_as_peft_applies_them(tiny_tokenizer, monkeypatch):
+    """A PEFT LoRA model (adapter not merged, two adapters' worth of targets incl. the MLP) decodes through the
+    lean step: the same logits bit for bit as PeftModel's forward, and the same greedy tokens as its generate;
+    with the adapter disabled, the base model's tokens."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(build("llama", len(tiny_tokenizer)),
+                          LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, init_lora_weights=False,
+                                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"])).eval()
+    for dtype in (torch.float32, torch.bfloat16):
+        lean = step_logits(lora, tiny_tokenizer, "lean", dtype)
+        assert all(torch.equal(a, b) for a, b in zip(lean, step_logits(lora, tiny_tokenizer, "forward", dtype)))
+    calls = []
+    real = LlamaDecoder.step
+    monkeypatch.setattr(LlamaDecoder, "step", lambda self, *a: calls.append(1) or real(self, *a))
+    cfg = GenerateConfig(max_new_tokens=MAX_NEW, batch_size=4, precision="fp32", stop_token_ids=())
+    adapted = generate(lora, tiny_tokenizer, prompts(), cfg)
+    assert calls and [c.token_ids for c in adapted.completions] == hf_greedy(lora, tiny_tokenizer, 4)
+    with lora.disable_adapter():
+        base = generate(lora, tiny_tokenizer, prompts(), cfg)
+        assert [c.token_ids for c in base.completions] == hf_greedy(lora, tiny_tokenizer, 4)
+    assert [c.token_ids for c in base.completions] != [c.token_ids for c in adapted.completions]

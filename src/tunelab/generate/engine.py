@@ -14,8 +14,10 @@ that completes a stop string, or at `max_new_tokens`. Rows that stopped are fed 
 transformers' generate, or dropped from the batch (`drop_finished`: less work, but the matmuls then see
 fewer rows, which changes their rounding and so is not bit-identical to transformers).
 
-Greedy outputs equal transformers' `generate` on the same batches token for token (same forward inputs and
-shapes; tests/generate/test_generate_engine.py). PEFT prompt-learning adapters (prompt / prefix / P-tuning) insert
+Decoding steps of llama / mistral / qwen2 models run generate/llama.py's lean step (transformers' operators
+without its per-step machinery), other models their forward. Greedy outputs equal transformers' `generate` on
+the same batches token for token (same operators, inputs and shapes; tests/generate/test_generate_engine.py,
+test_llama_decode.py). PEFT prompt-learning adapters (prompt / prefix / P-tuning) insert
 virtual tokens inside PEFT's own generate: those models go through it (fallback.py).
 """
 

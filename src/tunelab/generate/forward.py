@@ -1,5 +1,6 @@
 """The model side of generation: eval mode and weights in the compute dtype for the call, and the two
-forward passes (prefill of the prompts, one-token decoding steps) as transformers' `generate` makes them.
+forward passes (prefill of the prompts, one-token decoding steps) as transformers' `generate` makes them; a
+batch's decoding steps go through generate/llama.py's lean step where the model is one it reproduces.
 """
 
 from __future__ import annotations

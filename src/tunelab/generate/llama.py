@@ -13,12 +13,16 @@ it against transformers' generate on tiny llama, mistral and qwen2 models, and b
 SmolLM2 in bf16.
 
 The decoding mask: in a decoding step the query is the last position, so causality masks nothing; transformers'
-mask is the 2-D padding mask as booleans, [B, 1, 1, T]. It is cut here from one [B, 1, 1, capacity] boolean
-tensor built once per batch (left padding never changes once the prompt is in the cache).
+mask is the 2-D padding mask as booleans, [B, 1, 1, T], which SDPA turns into an additive one (0 where True,
+-inf where False, in the query's dtype) in every layer. Here that additive mask is built once per batch for the
+batch's capacity (left padding never changes once the prompt is in the cache) and each step passes a view of
+its first T positions: the same values, so the same attention.
 
-Where the model is not a plain Llama-family model in the compute dtype (other architectures, PEFT adapter layers,
-hooks, sliding windows shorter than the batch, other attention implementations, quantised or autocast weights,
-transformers' own cache classes), `LlamaDecoder.build` returns None and the engine calls the model's forward.
+PEFT LoRA layers on the projections are applied as PEFT's `lora.Linear.forward` applies them (base output, then
+`+ lora_B(lora_A(x)) * scaling` per active adapter; not merged into the weights, which would round differently).
+Where the model is anything else (other architectures, LoRA variants such as DoRA, other adapters, hooks, sliding
+windows not longer than the batch, other attention implementations, quantised or autocast weights, transformers'
+own cache classes), `LlamaDecoder.build` returns None and the engine calls the model's forward.
 """
 
 from __future__ import annotations
@@ -27,37 +31,71 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunelab.core.unwrap import unwrap_peft
 from tunelab.generate.cache import preallocated_layers
 
 FAMILY = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}  # model_type -> transformers' class prefix
 
 
-def _eligible(model: nn.Module, dtype: torch.dtype) -> bool:
-    """A `{Llama,Mistral,Qwen2}ForCausalLM` whose every submodule is transformers' own (no adapter layers,
-    no hooks), SDPA attention, plain weights in `dtype`."""
+class _Unsupported(Exception):
+    """The model has something the lean step does not reproduce: its forward runs instead."""
+
+
+def _linear(module: nn.Module) -> tuple:
+    """(weight, bias, loras) of a projection: an nn.Linear, or PEFT's LoRA `Linear` (vanilla LoRA, adapters not
+    merged: loras = [(A, B, scaling)] of the active adapters, applied as PEFT's forward applies them)."""
+    if type(module) is nn.Linear:
+        return module.weight, module.bias, ()
+    if type(module).__module__ != "peft.tuners.lora.layer" or type(module).__name__ != "Linear":
+        raise _Unsupported(type(module).__name__)
+    base = module.base_layer
+    if type(base) is not nn.Linear:
+        raise _Unsupported(f"LoRA over {type(base).__name__}")
+    if module.disable_adapters or module.merged:  # PEFT: the base layer alone (merged weights already in it)
+        return base.weight, base.bias, ()
+    loras = []
+    for name in module.active_adapters:
+        if name not in module.lora_A.keys():
+            continue
+        a, b, drop = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+        if name in module.lora_variant or type(a) is not nn.Linear or type(b) is not nn.Linear:
+            raise _Unsupported("LoRA variant (DoRA, ...)")  # PEFT's variants have their own forward
+        if type(drop) not in (nn.Identity, nn.Dropout) or drop.training:
+            raise _Unsupported("LoRA dropout in training mode")
+        loras.append((a, b, module.scaling[name]))
+    return base.weight, base.bias, tuple(loras)
+
+
+def _check(model: nn.Module, dtype: torch.dtype) -> None:
+    """Raises _Unsupported unless `model` is a `{Llama,Mistral,Qwen2}ForCausalLM` with transformers' own modules
+    (LoRA layers on its projections allowed), no hooks, SDPA attention and plain weights in `dtype`."""
     cfg = getattr(model, "config", None)
     prefix = FAMILY.get(getattr(cfg, "model_type", ""))
     if prefix is None or type(model).__name__ != f"{prefix}ForCausalLM":
-        return False
+        raise _Unsupported(type(model).__name__)
     if getattr(cfg, "_attn_implementation", None) != "sdpa" or getattr(cfg, "pretraining_tp", 1) != 1:
-        return False
-    allowed = {f"{prefix}{name}" for name in ("ForCausalLM", "Model", "DecoderLayer", "Attention", "MLP",
-                                               "RMSNorm", "RotaryEmbedding")} | {"SiLUActivation"}
+        raise _Unsupported("attention implementation")
+    if type(model.model.embed_tokens) is not nn.Embedding or type(model.lm_head) is not nn.Linear:
+        raise _Unsupported("adapted embeddings or head")
+    own = {f"{prefix}{name}" for name in ("ForCausalLM", "Model", "DecoderLayer", "Attention", "MLP", "RMSNorm",
+                                          "RotaryEmbedding")} | {"SiLUActivation"}
+    containers = (nn.Linear, nn.Embedding, nn.ModuleList, nn.ModuleDict, nn.ParameterDict, nn.Dropout, nn.Identity)
     for m in model.modules():
         if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook"):
-            return False
-        if type(m).__name__ not in allowed and type(m) not in (nn.Linear, nn.Embedding, nn.ModuleList):
-            return False
+            raise _Unsupported("forward hooks")
+        if type(m).__name__ not in own and type(m) not in containers:
+            _linear(m)  # LoRA layers pass; anything else is unsupported
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
-        return False
-    return all(type(p.data) is torch.Tensor and p.dtype == dtype for p in model.parameters())
+        raise _Unsupported("global forward hooks")
+    if not all(type(p.data) is torch.Tensor and p.dtype == dtype for p in model.parameters()):
+        raise _Unsupported("weights in another dtype or quantised")
 
 
 def _window_covers(cfg, capacity: int) -> bool:
     """True when no layer's sliding window is shorter than the batch's final length (then its mask is the
     causal one); transformers' sliding-window masks are not rebuilt here."""
     window = getattr(cfg, "sliding_window", None)
-    if window is None or window >= capacity:
+    if window is None or window > capacity:
         return True
     types = getattr(cfg, "layer_types", None)
     return types is not None and all(t == "full_attention" for t in types)
@@ -79,16 +117,17 @@ class LlamaDecoder:
         self.blocks = []
         for block in inner.layers[: model.config.num_hidden_layers]:
             attn, mlp = block.self_attn, block.mlp
+            act = F.silu if type(mlp.act_fn).__name__ == "SiLUActivation" else mlp.act_fn
             self.blocks.append((
                 block.input_layernorm.weight, block.input_layernorm.variance_epsilon,
-                attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                *(_linear(p) for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)),
                 block.post_attention_layernorm.weight, block.post_attention_layernorm.variance_epsilon,
-                mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn))
+                *(_linear(p) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)), act))
         self.head_dim = model.model.layers[0].self_attn.head_dim
         self.groups = model.model.layers[0].self_attn.num_key_value_groups
         self.scaling = model.model.layers[0].self_attn.scaling
         self.cache_layers = layers
-        self.pad_mask = pad_mask  # [B, 1, 1, capacity] bool, or None when no row is padded
+        self.pad_mask = pad_mask  # [B, 1, 1, capacity] additive (0 | -inf), or None when no row is padded
 
     @classmethod
     def build(cls, model: nn.Module, cache, mask: torch.Tensor | None, capacity: int,
@@ -97,13 +136,17 @@ class LlamaDecoder:
 
         `mask` is the batch's 2-D attention mask over `capacity` positions ([B, capacity], 1 = a real token; the
         positions not generated yet are 1), None when no row is padded."""
+        model = unwrap_peft(model)
         layers = preallocated_layers(cache)
-        if layers is None or not _eligible(model, dtype) or not _window_covers(model.config, capacity):
+        if layers is None or len(layers) != model.config.num_hidden_layers:
             return None
-        if len(layers) != model.config.num_hidden_layers:
+        try:
+            _check(model, dtype)
+            if not _window_covers(model.config, capacity):
+                raise _Unsupported("sliding window")
+            return cls(model, layers, _additive_mask(mask, dtype, model.lm_head.weight.device))
+        except _Unsupported:
             return None
-        pad = None if mask is None else mask.to(device=model.lm_head.weight.device, dtype=torch.bool)[:, None, None]
-        return cls(model, layers, pad)
 
     def select_rows(self, keep: torch.Tensor) -> None:
         """Rows `keep` only (the engine dropped finished rows; the cache was compacted by the engine)."""
@@ -124,9 +167,9 @@ class LlamaDecoder:
                 self.blocks, self.cache_layers):
             residual = h
             x = _rms_norm(h, ln1, eps1)
-            q = F.linear(x, q_proj.weight, q_proj.bias).view(b, 1, -1, d).transpose(1, 2)  # [B, H, 1, D]
-            k = F.linear(x, k_proj.weight, k_proj.bias).view(b, 1, -1, d).transpose(1, 2)  # [B, H_kv, 1, D]
-            v = F.linear(x, v_proj.weight, v_proj.bias).view(b, 1, -1, d).transpose(1, 2)
+            q = _apply(x, q_proj).view(b, 1, -1, d).transpose(1, 2)  # [B, H, 1, D]
+            k = _apply(x, k_proj).view(b, 1, -1, d).transpose(1, 2)  # [B, H_kv, 1, D]
+            v = _apply(x, v_proj).view(b, 1, -1, d).transpose(1, 2)
             q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
             keys, values = layer.append(k, v)  # [B, H_kv, T, D] views of the cache
@@ -136,15 +179,33 @@ class LlamaDecoder:
                                                  scale=self.scaling, is_causal=False)
             out = out.reshape(b, -1, 1, d).transpose(1, 2).contiguous()  # [B, 1, H, D]
             out = out.reshape(b, 1, -1).contiguous()
-            h = residual + F.linear(out, o_proj.weight, o_proj.bias)
+            h = residual + _apply(out, o_proj)
             residual = h
             x = _rms_norm(h, ln2, eps2)
-            x = F.linear(act(F.linear(x, gate.weight, gate.bias)) * F.linear(x, up.weight, up.bias),
-                         down.weight, down.bias)
+            x = _apply(act(_apply(x, gate)) * _apply(x, up), down)
             h = residual + x
         h = _rms_norm(h, self.norm_w, self.norm_eps)
         # transformers' generate: outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
         return F.linear(h, self.lm_head)[:, -1].to(copy=True, dtype=torch.float32)
+
+
+def _additive_mask(mask: torch.Tensor | None, dtype: torch.dtype, device) -> torch.Tensor | None:
+    """[B, T] 1/0 -> [B, 1, 1, T] 0/-inf in `dtype`: SDPA's own conversion of a boolean mask
+    (convert_boolean_attn_mask: zeros, -inf where False), done once per batch instead of once per layer and step."""
+    if mask is None:
+        return None
+    keep = mask.to(device=device, dtype=torch.bool)[:, None, None]
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, float("-inf"))
+
+
+def _apply(x: torch.Tensor, proj: tuple) -> torch.Tensor:
+    """A projection as nn.Linear / PEFT's LoRA Linear computes it: base, then + B(A(x)) * scaling per adapter
+    (dropout is the identity in eval mode; PEFT's input cast is a no-op with every weight in one dtype)."""
+    weight, bias, loras = proj
+    out = F.linear(x, weight, bias)
+    for a, b, scaling in loras:
+        out = out + F.linear(F.linear(x, a.weight, a.bias), b.weight, b.bias) * scaling
+    return out
 
 
 def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
