@@ -35,19 +35,26 @@ def prompts(n: int = 9) -> list[list[dict[str, str]]]:
     return [[{"role": "user", "content": f"Add {i} and {7 * i}, then say why. " * (1 + i % 3)}] for i in range(n)]
 
 
-def step_logits(model, tok, decoder: str, dtype, steps: int = 6) -> list[torch.Tensor]:
-    """Prefill one left-padded batch, then decode `steps` greedy tokens through `decoder` ("lean" | "forward")."""
+def step_logits(model, tok, decoder: str, dtype, steps: int = 6, padded: bool = True) -> list[torch.Tensor]:
+    """Prefill one batch, then decode `steps` greedy tokens through `decoder` ("lean" | "forward"). Left-padded,
+    or (padded=False) the prompts of the most common length only, without a mask, as the engine runs them."""
     model = copy.deepcopy(model).to(dtype)
-    enc = encode_prompts(tok, prompts())
+    enc = encode_prompts(tok, prompts(9 if padded else 40))
+    if not padded:
+        common = max({len(e) for e in enc}, key=lambda n: sum(len(e) == n for e in enc))
+        enc = [e for e in enc if len(e) == common]
     ids, mask, positions = left_pad(enc, tok.pad_token_id)
+    assert bool(mask.all()) != padded
     capacity = ids.shape[1] + steps
-    full = torch.ones(len(enc), capacity, dtype=torch.long)
-    full[:, : ids.shape[1]] = mask
+    full = None
+    if padded:
+        full = torch.ones(len(enc), capacity, dtype=torch.long)
+        full[:, : ids.shape[1]] = mask
     out = []
     with torch.inference_mode():
         step = ModelStep(model)
         cache = make_cache(step.config, capacity)
-        logits = step.prefill(ids, mask, positions, cache)
+        logits = step.prefill(ids, full[:, : ids.shape[1]] if padded else None, positions, cache)
         dec = (LlamaDecoder.build(model, cache, full, capacity, dtype) if decoder == "lean"
                else _ForwardDecoder(step, cache, full))
         assert dec is not None
@@ -61,10 +68,12 @@ def step_logits(model, tok, decoder: str, dtype, steps: int = 6) -> list[torch.T
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lean_step_logits_equal_the_forward_bit_for_bit(tiny_tokenizer, family, dtype):
+@pytest.mark.parametrize("padded", [True, False])
+def test_lean_step_logits_equal_the_forward_bit_for_bit(tiny_tokenizer, family, dtype, padded):
+    """Padded batches (pack_gqa's layout and the mask) and unpadded ones (no mask: grouped-query SDPA)."""
     model = build(family, len(tiny_tokenizer))
-    lean = step_logits(model, tiny_tokenizer, "lean", dtype)
-    ref = step_logits(model, tiny_tokenizer, "forward", dtype)
+    lean = step_logits(model, tiny_tokenizer, "lean", dtype, padded=padded)
+    ref = step_logits(model, tiny_tokenizer, "forward", dtype, padded=padded)
     assert all(torch.equal(a, b) for a, b in zip(lean, ref))
     assert len({int(t) for r in ref for t in r.argmax(-1)}) > 3  # tokens vary: the steps are not trivial
 

@@ -6,11 +6,11 @@ the output-capturing and kwargs-merging decorators, `create_causal_mask` (a [B, 
 every step from the 2-D mask, the cache and the positions), the `Cache.update` dispatch, the attention-interface
 lookup, and ~300 `nn.Module.__call__`s per step with their hook checks (10 per layer x 30 layers for SmolLM2).
 `LlamaDecoder.step` runs, per layer, exactly the aten operators of transformers' modules (RMSNorm in fp32 then
-back, q/k/v projections, rotary embedding with `rotate_half`, the cache write, SDPA with `pack_gqa`'s query
-layout and the same boolean padding mask, o-projection, SwiGLU MLP, residual adds), on the same tensors in the
-same shapes, so its logits are bit-identical to the model's forward; tests/generate/test_llama_decode.py checks
-it against transformers' generate on tiny llama, mistral and qwen2 models, and benchmarks/generation.py on
-SmolLM2 in bf16.
+back, q/k/v projections, rotary embedding with `rotate_half`, the cache write, SDPA with transformers' choice
+between grouped-query SDPA and `pack_gqa`'s query layout, the same padding mask, o-projection, SwiGLU MLP,
+residual adds), on the same tensors in the same shapes, so its logits are bit-identical to the model's forward;
+tests/generate/test_llama_decode.py checks it against the forward and transformers' generate on tiny llama,
+mistral, qwen2 and LoRA models, and benchmarks/generation.py on SmolLM2 in bf16.
 
 The decoding mask: in a decoding step the query is the last position, so causality masks nothing; transformers'
 mask is the 2-D padding mask as booleans, [B, 1, 1, T], which SDPA turns into an additive one (0 where True,
@@ -127,6 +127,9 @@ class LlamaDecoder:
         self.groups = model.model.layers[0].self_attn.num_key_value_groups
         self.scaling = model.model.layers[0].self_attn.scaling
         self.cache_layers = layers
+        from transformers.integrations.sdpa_attention import use_gqa_in_sdpa  # lazily: transformers imports slowly
+
+        self.use_gqa = use_gqa_in_sdpa
         self.pad_mask = pad_mask  # [B, 1, 1, capacity] additive (0 | -inf), or None when no row is padded
 
     @classmethod
@@ -163,6 +166,10 @@ class LlamaDecoder:
         b, d = h.shape[0], self.head_dim
         length = self.cache_layers[0].length + 1
         mask = None if self.pad_mask is None else self.pad_mask[..., :length]  # [B, 1, 1, T]
+        # transformers' sdpa_attention_forward: grouped-query attention inside SDPA where it allows it (no mask),
+        # else pack_gqa's layout (one query token: [B, H_kv, groups, D] against the unrepeated keys)
+        gqa = self.groups > 1 and self.use_gqa(mask, self.cache_layers[0].keys, self.cache_layers[0].values)
+        pack = self.groups > 1 and not gqa
         for (ln1, eps1, q_proj, k_proj, v_proj, o_proj, ln2, eps2, gate, up, down, act), layer in zip(
                 self.blocks, self.cache_layers):
             residual = h
@@ -173,10 +180,11 @@ class LlamaDecoder:
             q = (q * cos) + (_rotate_half(q) * sin)
             k = (k * cos) + (_rotate_half(k) * sin)
             keys, values = layer.append(k, v)  # [B, H_kv, T, D] views of the cache
-            if self.groups > 1:  # transformers' pack_gqa: one query token, [B, H_kv, groups, D]
+            if pack:
                 q = q.reshape(b, q.shape[1] // self.groups, self.groups, d)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=0.0,
-                                                 scale=self.scaling, is_causal=False)
+                                                 scale=self.scaling, is_causal=False, **({"enable_gqa": True}
+                                                                                         if gqa else {}))
             out = out.reshape(b, -1, 1, d).transpose(1, 2).contiguous()  # [B, 1, H, D]
             out = out.reshape(b, 1, -1).contiguous()
             h = residual + _apply(out, o_proj)
