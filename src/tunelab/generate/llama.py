@@ -92,8 +92,8 @@ def _check(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def _window_covers(cfg, capacity: int) -> bool:
-    """True when no layer's sliding window is shorter than the batch's final length (then its mask is the
-    causal one); transformers' sliding-window masks are not rebuilt here."""
+    """True when every layer attends to all positions of the batch: no sliding window, or one longer than the
+    batch's final length (then its mask is the causal one); shorter windows' masks are not rebuilt here."""
     window = getattr(cfg, "sliding_window", None)
     if window is None or window > capacity:
         return True
