@@ -4,6 +4,7 @@
                                                  # and RL-style rollouts (8 prompts x 8 samples)
     python benchmarks/generation.py --quick      # batch 32 only, one batch of prompts per configuration
     python benchmarks/generation.py --ablate     # batch 32, 128 tokens: the engine's levers one at a time
+    python benchmarks/generation.py --batch-sizes 32 --sides hf tunelab-hf-forward tunelab   # chosen sides only
 
 Prompts: GSM8K test questions (../shared/data/gsm8k) as chat turns, 2 batches per configuration, left padding,
 the same stop ids on every side; sampled = temperature 1, top-p 0.95, top-k off. The model is frozen
@@ -25,7 +26,9 @@ TTFT is per batch (its start -> its first token; transformers' through a streame
 process's peak RSS during generation (VmHWM, reset after loading), extra MB that peak minus the RSS before.
 
 `--ablate` (greedy): transformers' generate on batches in the prompts' order (what length sorting gives); the
-engine with transformers' DynamicCache instead of the preallocated one, with `drop_finished`, and from fp32
+engine with every decoding step through the model's forward instead of the lean Llama-family step
+(`tunelab-hf-forward`: the engine before generate/llama.py), with transformers' DynamicCache instead of the
+preallocated one, with `drop_finished`, and from fp32
 weights (cast to bf16 for the call); transformers' generate on fp32 weights under bf16 autocast (the path
 tunelab's evaluation took before the engine).
 """
@@ -46,8 +49,8 @@ GSM8K = os.path.join(HERE, "..", "..", "shared", "data", "gsm8k", "test.jsonl")
 SIDES = ("hf", "tunelab")
 AS_LOADED = "hf-fp32"  # at batch 32 only: fp32 decoding is slow
 ROLLOUT_SIDES = ("hf", "tunelab", "tunelab-drop-finished")
-ABLATIONS = ("hf-dataset-order", "tunelab-dynamic-cache", "tunelab-drop-finished", "tunelab-fp32-weights",
-             "hf-fp32-autocast")
+ABLATIONS = ("hf-dataset-order", "tunelab-hf-forward", "tunelab-dynamic-cache", "tunelab-drop-finished",
+             "tunelab-fp32-weights", "hf-fp32-autocast")
 FP32_SIDES = ("hf-fp32", "tunelab-fp32-weights", "hf-fp32-autocast")
 DATASET_ORDER = ("hf-fp32", "hf-dataset-order")
 ROLLOUT_SAMPLES = 8
@@ -187,6 +190,10 @@ def child(args) -> dict:
     if side.startswith("hf"):
         res = hf_side(model, tok, prompts, args.batch, args.new, sample, stops, **hf_kw)
     else:
+        if side == "tunelab-hf-forward":  # every decoding step through the model's forward, not the lean step
+            from tunelab.generate.llama import LlamaDecoder
+
+            LlamaDecoder.build = classmethod(lambda cls, *a, **k: None)  # type: ignore[method-assign]
         if side == "tunelab-dynamic-cache":  # transformers' own cache (torch.cat per layer per step)
             import transformers
 
@@ -225,6 +232,8 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=None, choices=["greedy", "sampled", "rollout"],
                     help="default: greedy sampled rollout (--quick: greedy sampled)")
     ap.add_argument("--batches", type=int, default=None, help="batches of prompts per configuration (default 2)")
+    ap.add_argument("--sides", nargs="+", default=None, choices=sorted({*SIDES, AS_LOADED, *ROLLOUT_SIDES, *ABLATIONS}),
+                    help="run only these sides (hf first: the others are compared with it)")
     ap.add_argument("--json", help="write all results to this file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--mode", help=argparse.SUPPRESS)
@@ -244,6 +253,8 @@ def main() -> None:
         plan.append(("rollout", rows, max(args.new_tokens), ROLLOUT_SIDES))
     if args.ablate:
         plan = [("greedy", b, 128, SIDES + ABLATIONS) for b in sizes]
+    if args.sides:
+        plan = [(m, b, n, tuple(args.sides)) for m, b, n, _ in plan]
     info = cpu_info()
     print(f"cpu: {info['cpu']}; torch capability {info['capability']}; avx512_bf16 {info['avx512_bf16']}, "
           f"amx_bf16 {info['amx_bf16']}; {info['cores']} cores, torch threads {info['threads']}; "

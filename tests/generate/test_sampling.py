@@ -78,3 +78,15 @@ def test_config_rejects_nonsense():
         with pytest.raises(ValueError):
             GenerateConfig(**bad)
     assert GenerateConfig(stop_strings="###").stop_strings == ("###",)
+
+
+def test_greedy_is_torch_argmax_with_ties_to_the_lowest_id():
+    """Greedy takes max's indices (faster on CPU than argmax): the same ids, ties included, as transformers'
+    torch.argmax."""
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(1))
+    logits[0, [7, 4000]] = 50.0  # a tie: the lowest id wins
+    logits[1, [4999, 3]] = 60.0
+    logits[2] = 0.0  # all equal: id 0
+    got = next_tokens(logits, GenerateConfig(), None)
+    assert torch.equal(got, torch.argmax(logits, dim=-1))
+    assert got[:3].tolist() == [7, 3, 0]

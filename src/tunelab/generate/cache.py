@@ -7,7 +7,8 @@ final length (prompt width + max_new_tokens) and hands attention a VIEW of the f
 in the same shape as DynamicLayer's tensors, so attention computes exactly what it computes with
 transformers' default cache (tests/generate/test_generate_engine.py checks greedy outputs token for token).
 
-Only plain full-attention layers are replaced; sliding-window, linear-attention or other special layers keep
+Only plain full-attention layers, and sliding-window layers whose window is longer than the batch's final length
+(Mistral's 4096), are replaced; shorter sliding windows, linear-attention or other special layers keep
 transformers' own classes (hybrid models stay correct, at their usual speed).
 """
 
@@ -43,6 +44,10 @@ class _PreallocatedMixin:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        return self.append(key_states, value_states)
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write [B, H_kv, t, D] new positions after the filled prefix; the keys and values of the whole prefix."""
         t = key_states.shape[-2]
         if self.length + t > self.capacity:
             raise RuntimeError(f"KV cache full: {self.length} + {t} positions > capacity {self.capacity}")
@@ -91,15 +96,29 @@ def _preallocated_class():
     return type("PreallocatedLayer", (_PreallocatedMixin, _dynamic_layer_class()), {})
 
 
+def preallocated_layers(cache) -> list | None:
+    """The cache's layers when every one is a filled PreallocatedLayer (what generate/llama.py's lean step
+    writes into directly), else None."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not _preallocated_class() or not layer.is_initialized for layer in layers):
+        return None
+    return list(layers)
+
+
 def make_cache(model_config, capacity: int):
     """A transformers `DynamicCache` for `model_config` whose full-attention layers are preallocated for
     `capacity` positions. Falls back to transformers' own DynamicCache if its layer layout is unexpected."""
     from transformers import DynamicCache
+    from transformers.cache_utils import DynamicSlidingWindowLayer
 
     cache = DynamicCache(config=model_config)
     dynamic, prealloc = _dynamic_layer_class(), _preallocated_class()
+
+    def full(layer) -> bool:  # a sliding window longer than the batch masks nothing: a full-attention layer
+        return type(layer) is dynamic or (type(layer) is DynamicSlidingWindowLayer and layer.sliding_window > capacity)
+
     if cache.layers:
-        cache.layers = [prealloc(capacity) if type(layer) is dynamic else layer for layer in cache.layers]
+        cache.layers = [prealloc(capacity) if full(layer) else layer for layer in cache.layers]
     elif getattr(cache, "layer_class_to_replicate", None) is dynamic:
         cache.layer_class_to_replicate = functools.partial(prealloc, capacity)  # type: ignore[assignment]
     return cache

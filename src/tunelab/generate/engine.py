@@ -14,8 +14,10 @@ that completes a stop string, or at `max_new_tokens`. Rows that stopped are fed 
 transformers' generate, or dropped from the batch (`drop_finished`: less work, but the matmuls then see
 fewer rows, which changes their rounding and so is not bit-identical to transformers).
 
-Greedy outputs equal transformers' `generate` on the same batches token for token (same forward inputs and
-shapes; tests/generate/test_generate_engine.py). PEFT prompt-learning adapters (prompt / prefix / P-tuning) insert
+Decoding steps of llama / mistral / qwen2 models run generate/llama.py's lean step (transformers' operators
+without its per-step machinery), other models their forward. Greedy outputs equal transformers' `generate` on
+the same batches token for token (same operators, inputs and shapes; tests/generate/test_generate_engine.py,
+test_llama_decode.py). PEFT prompt-learning adapters (prompt / prefix / P-tuning) insert
 virtual tokens inside PEFT's own generate: those models go through it (fallback.py).
 """
 
@@ -106,6 +108,7 @@ def _generate_batch(step: ModelStep, tokenizer, prompt_ids: list[list[int]], pro
     uniforms = sequence_uniforms(seed, seq_index, max_new) if cfg.do_sample else None
     full_mask = torch.ones(rows, width + max_new, dtype=torch.long)
     full_mask[:, :width] = mask
+    decoder = step.decoder(cache, full_mask if padded else None, width + max_new)
     last_pos = positions[:, -1].clone()  # [rows] position of each row's last token
     stop_t = torch.tensor(stop_ids, dtype=torch.long, device=logits.device)
     tokens = torch.full((rows, max_new), pad_id, dtype=torch.long)
@@ -139,12 +142,12 @@ def _generate_batch(step: ModelStep, tokenizer, prompt_ids: list[list[int]], pro
         if cfg.drop_finished and int(done.sum()) * 8 >= len(done):  # compact when >= 1/8 of the rows are done
             keep = (~done).nonzero().flatten()
             cache.batch_select_indices(keep.to(logits.device))
-            live, done, nxt, last_pos, full_mask = live[keep], done[keep], nxt[keep], last_pos[keep], full_mask[keep]
+            decoder.select_rows(keep)
+            live, done, nxt, last_pos = live[keep], done[keep], nxt[keep], last_pos[keep]
             if history is not None:
                 history = [history[int(k)] for k in keep]
         last_pos = last_pos + 1
-        logits = step.decode(nxt.view(-1, 1), full_mask[:, : width + t + 1] if padded else None,
-                             last_pos.view(-1, 1), cache)
+        logits = decoder.step(nxt.view(-1, 1), last_pos.view(-1, 1))
     stats.batches += 1
     out = []
     kept = [tokens[r, : ends[r]].tolist() for r in range(rows)]

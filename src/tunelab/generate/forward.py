@@ -1,5 +1,6 @@
 """The model side of generation: eval mode and weights in the compute dtype for the call, and the two
-forward passes (prefill of the prompts, one-token decoding steps) as transformers' `generate` makes them.
+forward passes (prefill of the prompts, one-token decoding steps) as transformers' `generate` makes them; a
+batch's decoding steps go through generate/llama.py's lean step where the model is one it reproduces.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import inspect
 import torch
 
 from tunelab.core.unwrap import unwrap_model, unwrap_peft
+from tunelab.generate.llama import LlamaDecoder
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -105,6 +107,30 @@ class ModelStep:
         """Logits [B, V] fp32 after one new token per row (tokens [B, 1], positions [B, 1])."""
         return self._call(input_ids=tokens.to(self.device), attention_mask=_to(mask, self.device),
                           position_ids=positions.to(self.device), **{self.cache_kw: cache})
+
+    def decoder(self, cache, mask: torch.Tensor | None, capacity: int):
+        """The decoding steps of one batch after its prefill: the lean Llama-family step (generate/llama.py)
+        where the model allows it, else the model's forward. `mask` [B, capacity] (1 = real token, padding 0,
+        positions not generated yet 1), None when no row is padded."""
+        lean = None if self.autocast is not None else LlamaDecoder.build(self.module, cache, mask, capacity,
+                                                                         next(self.module.parameters()).dtype)
+        return lean if lean is not None else _ForwardDecoder(self, cache, mask)
+
+
+class _ForwardDecoder:
+    """Decoding steps through the model's forward (`ModelStep.decode`), the mask cut to the cache's length."""
+
+    def __init__(self, step: ModelStep, cache, mask: torch.Tensor | None):
+        self.model_step, self.cache, self.mask = step, cache, mask
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        if self.mask is not None:
+            self.mask = self.mask[keep.to(self.mask.device)]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        length = self.cache.get_seq_length() + 1
+        mask = None if self.mask is None else self.mask[:, :length]
+        return self.model_step.decode(tokens, mask, positions, self.cache)
 
 
 def _to(t: torch.Tensor | None, device) -> torch.Tensor | None:
