@@ -40,7 +40,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import matmul_peak_tflops, peak_rss_mb, run_child  # noqa: E402
+from _common import cpu_info, matmul_peak_tflops, peak_rss_mb, run_child  # noqa: E402
 
 DATA = os.path.join(HERE, "..", "..", "shared", "data")
 FILES = {"lima": os.path.join(DATA, "lima", "lima.json"),
@@ -49,22 +49,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 BATCH, LR, SEED = 4, 1e-4, 0
 DEFAULT_SIDES = ("trl-defaults", "trl-padding-free", "trl-packing", "hf-peft", "tunelab",
                  "tunelab+data.packing=true+train.compile=true")
-
-
-def cpu_info() -> str:
-    import torch
-
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        pass
-    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return (f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, flags {' '.join(have)}, "
-            f"threads {torch.get_num_threads()}")
-
-
 
 
 def write_records(data: str, n: int, path: str) -> None:
