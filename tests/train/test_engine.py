@@ -17,7 +17,7 @@ from tunelab.data.batching import collate_packed, collate_sft
 from tunelab.objectives.base import build_objective
 from tunelab.recipe import Recipe, TrainConfig
 from tunelab.train.attention import grouped_causal_attention
-from tunelab.train.engine import compiled_layers, configure_engine, decoder_layers
+from tunelab.train.engine import compiled_layers, configure_engine, decoder_layers, resolve_compile
 from tunelab.train.precision import restore_frozen_weights
 
 
@@ -176,6 +176,37 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     with compiled_layers(model, True) as n:
         assert n == 0
     assert "training without it" in caplog.text
+
+
+def test_compile_auto_resolves_to_cpu_unsharded_only():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile("auto", cpu) is True
+    assert resolve_compile("auto", cpu, sharded=True) is False  # FSDP / DeepSpeed wrap the layers themselves
+    assert resolve_compile("auto", gpu) is False
+    assert resolve_compile(True, gpu) is True and resolve_compile(False, cpu) is False
+    assert TrainConfig().compile == "auto"
+
+
+def test_compiler_failing_at_first_call_trains_eagerly(monkeypatch, tmp_path):
+    """nn.Module.compile only marks a layer; a compiler that fails when the layer first runs (no C++ compiler,
+    an unsupported operator) must leave the step running eagerly, with the same results, not raise."""
+    import torch._dynamo
+    import torch._inductor.compile_fx
+
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", broken)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cached graph would skip the broken compiler
+    torch._dynamo.reset()
+    model = build_tiny_model(512)
+    ref = _naive(copy.deepcopy(model), _examples())
+    with compiled_layers(model, True) as n:
+        assert n == len(decoder_layers(model))
+        got = _naive(model, _examples())
+    torch._dynamo.reset()
+    _assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert not torch._dynamo.config.suppress_errors  # only while the layers are compiled
 
 
 def test_run_with_every_engine_switch(tiny_model_dir, tmp_path):
