@@ -3,6 +3,7 @@
     python benchmarks/sft_profile.py                          # LIMA, max length 512, as shipped
     python benchmarks/sft_profile.py --max-length 1024 train.compile=true   # recipe overrides after the options
     python benchmarks/sft_profile.py --quick                  # the tiny random Llama: a check
+    python benchmarks/sft_profile.py --matmuls                # bf16 matmul rates of the model's shapes
 
 The same data, order, LoRA and hyperparameters as `sft_throughput.py`'s tunelab side. It trains `--warmup` steps,
 then profiles `--steps` steps with torch.profiler and prints:
@@ -84,6 +85,27 @@ class SavedTensors:
             print(f"{dtype:10}{str(list(shape)):28}{count:>6}{nbytes / 2**20:>9.1f}{100 * nbytes / total:>6.1f}%")
 
 
+def matmul_rates(tokens: int = 2048, reps: int = 20) -> None:
+    """bf16 matmul TFLOP/s on SmolLM2-135M's training shapes (4 x 512 tokens) against the 2048^3 peak."""
+    import torch
+
+    d, kv, inter, vocab, r = 576, 192, 1536, 49152, 16
+    shapes = {"2048^3 (the peak)": (2048, 2048, 2048), "q / o  [T,576]x[576,576]": (tokens, d, d),
+              "k / v  [T,576]x[576,192]": (tokens, d, kv), "gate / up [T,576]x[576,1536]": (tokens, d, inter),
+              "down  [T,1536]x[1536,576]": (tokens, inter, d), "head chunk [256,576]x[576,49152]": (256, d, vocab),
+              "LoRA A [T,576]x[576,16]": (tokens, d, r), "LoRA B [T,16]x[16,1536]": (tokens, r, inter),
+              "attention [1536,64]x[64,512] x12": (12 * 1536, 64, 512)}
+    print(f"{'matmul (bf16)':36}{'TFLOP/s':>9}")
+    for name, (m, k, n) in shapes.items():
+        a, b = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(k, n, dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ b
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        print(f"{name:36}{2 * m * k * n * reps / (time.perf_counter() - t0) / 1e12:>9.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default="lima", choices=["lima", "alpaca", "tiny"])
@@ -94,8 +116,13 @@ def main() -> None:
     ap.add_argument("--first", action="store_true",
                     help="profile the training call's start and its first step instead (what the first step pays)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--matmuls", action="store_true", help="only the bf16 matmul rates of the model's shapes")
     ap.add_argument("overrides", nargs="*", help="recipe overrides for tunelab's side (K=V)")
     args = ap.parse_args()
+    if args.matmuls:
+        print(cpu_info())
+        matmul_rates()
+        return
     args.model_dir = None
     if args.quick:
         sys.path.insert(0, os.path.join(HERE, "..", "tests"))
