@@ -166,6 +166,24 @@ def test_compiled_layers_train_like_eager_and_are_undone():
     _assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_layers_recompute_in_the_compiler_instead_of_checkpointing():
+    """Under compile, `gradient_checkpointing` becomes AOTAutograd's activation memory budget 0 (transformers'
+    wrapper around a compiled layer would break its graph): same loss and gradients, the flag put back after."""
+    import torch._functorch.config
+
+    model = build_tiny_model(512)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    ref = _naive(copy.deepcopy(model), _examples())
+    with compiled_layers(model, True):
+        assert not any(layer.gradient_checkpointing for layer in layers)
+        assert torch._functorch.config.activation_memory_budget == 0.0
+        got = _naive(model, _examples())
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert torch._functorch.config.activation_memory_budget == 1.0
+    _assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     model = build_tiny_model(512)
 

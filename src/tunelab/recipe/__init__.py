@@ -137,7 +137,9 @@ class TrainConfig(_Strict):
         "there, ~60x slower than fp32), fp16 with loss scaling (accelerate's GradScaler) on GPUs without bf16. "
         "recipe.yaml keeps `auto`; summary.json records the choice.")
     gradient_checkpointing: bool = Field(
-        False, description="Recompute each layer's activations in backward: less memory, ~30% more compute.")
+        False, description="Recompute each layer's activations in backward: less memory, ~30% more compute. Under "
+        "`train.compile` the compiler does the recomputing inside each compiled layer (AOTAutograd's activation "
+        "memory budget 0), instead of transformers' checkpoint wrapper, which would break the compiled graph.")
     frozen_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Storage dtype of frozen Linear weights; auto = the autocast dtype (no per-step casts).")
     frozen_cast: Literal["linears", "all"] = Field(

@@ -7,7 +7,8 @@
 * `frozen_dtype` / `frozen_cast` - frozen weights stored in the compute dtype (precision.py);
 * `attention` - `auto` picks tunelab's CPU attention (train/attention.py) on CPU under bf16 and sdpa elsewhere
   (its gain is keeping only bf16 probabilities for backward; under fp32 sdpa's CPU flash kernel is the better one);
-* `gradient_checkpointing` - recompute each layer in backward (memory for compute);
+* `gradient_checkpointing` - recompute each layer in backward (memory for compute); under compile, the compiler
+  recomputes inside the compiled layers instead (`compiled_layers`);
 * `compile` - torch.compile of each decoder layer during the training steps (`compiled_layers`, used by
   the loop; "regional": one layer's code is compiled once and reused by all of them, so compile time does
   not grow with depth); `auto` (the default) compiles on CPU under the DDP backend (`resolve_compile`);
@@ -105,17 +106,29 @@ def compiled_layers(model: torch.nn.Module, enabled: bool):
     except Exception as e:  # noqa: BLE001 - any compiler failure means: train eagerly
         log.warning("torch.compile unavailable (%s: %s); training without it", type(e).__name__, e)
         layers = []
+    # `train.gradient_checkpointing` under compile: transformers' checkpoint wrapper around a compiled layer breaks
+    # the graph (dynamo refuses its context-variable side effect) and the layer runs eagerly, recomputing; instead the
+    # compiler recomputes: AOTAutograd's activation memory budget 0 saves only what the layer's backward cannot
+    # recompute (its inputs), the same memory as checkpointing with the recompute fused (LIMA 512: docs/engine.md)
+    recompute = [layer for layer in layers if getattr(layer, "gradient_checkpointing", False)]
     try:
         if layers:
             import torch._dynamo
+            import torch._functorch.config
 
-            with torch._dynamo.config.patch(suppress_errors=True):
+            for layer in recompute:
+                layer.gradient_checkpointing = False
+            budget = 0.0 if recompute else torch._functorch.config.activation_memory_budget
+            with torch._dynamo.config.patch(suppress_errors=True), \
+                    torch._functorch.config.patch(activation_memory_budget=budget):
                 yield len(layers)
         else:
             yield 0
     finally:
         for layer in layers:
             layer._compiled_call_impl = None  # back to eager (nn.Module.compile's own attribute)
+        for layer in recompute:
+            layer.gradient_checkpointing = True
 
 
 def configure_engine(model: torch.nn.Module, tc: TrainConfig, device: torch.device, *,
