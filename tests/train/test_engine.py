@@ -7,6 +7,7 @@ moves between two bf16 runs that differ only in kernel choice).
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -17,7 +18,13 @@ from tunelab.data.batching import collate_packed, collate_sft
 from tunelab.objectives.base import build_objective
 from tunelab.recipe import Recipe, TrainConfig
 from tunelab.train.attention import grouped_causal_attention
-from tunelab.train.engine import compiled_layers, configure_engine, decoder_layers, resolve_compile
+from tunelab.train.engine import (
+    compiled_layers,
+    configure_engine,
+    decoder_layers,
+    resolve_compile,
+    use_compile_cache,
+)
 from tunelab.train.precision import restore_frozen_weights
 
 
@@ -203,6 +210,20 @@ def test_compile_auto_resolves_to_cpu_unsharded_only():
     assert resolve_compile("auto", gpu) is False
     assert resolve_compile(True, gpu) is True and resolve_compile(False, cpu) is False
     assert TrainConfig().compile == "auto"
+
+
+def test_compile_cache_in_tunelab_cache_unless_the_user_chose_one(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    for before in (None, default_cache_dir()):  # unset, or torch's default written by an earlier import
+        if before is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", before)
+        assert use_compile_cache() == str(tmp_path / "inductor") == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_compile_cache() == str(tmp_path / "mine")
 
 
 def test_compiler_failing_at_first_call_trains_eagerly(monkeypatch, tmp_path):

@@ -80,10 +80,17 @@ def resolve_compile(choice: bool | str, device: torch.device, sharded: bool = Fa
 def use_compile_cache() -> str:
     """Inductor's on-disk cache (compiled kernels, FX graphs, AOT autograd graphs) in tunelab's cache directory,
     so it outlives /tmp (torch's default): a later run, in any process, loads what an earlier one compiled
-    instead of compiling again. An explicit TORCHINDUCTOR_CACHE_DIR is left as it is. Returns the directory."""
+    instead of compiling again. A TORCHINDUCTOR_CACHE_DIR the user set is left as it is; torch's default is not
+    (inductor writes its default into the environment the first time anything asks for the directory, as an
+    import of torchao does, so an unset variable cannot be told apart from that). Returns the directory."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     from tunelab.model import cache_dir
 
-    return os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 @contextlib.contextmanager
