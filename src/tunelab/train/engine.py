@@ -124,7 +124,7 @@ def compiled_layers(model: torch.nn.Module, enabled: bool):
             import torch._functorch.config
 
             for layer in recompute:
-                layer.gradient_checkpointing = False
+                setattr(layer, "gradient_checkpointing", False)  # (mypy: Module.__setattr__ takes tensors, modules)
             budget = 0.0 if recompute else torch._functorch.config.activation_memory_budget
             with torch._dynamo.config.patch(suppress_errors=True), \
                     torch._functorch.config.patch(activation_memory_budget=budget):
@@ -135,7 +135,7 @@ def compiled_layers(model: torch.nn.Module, enabled: bool):
         for layer in layers:
             layer._compiled_call_impl = None  # back to eager (nn.Module.compile's own attribute)
         for layer in recompute:
-            layer.gradient_checkpointing = True
+            setattr(layer, "gradient_checkpointing", True)
 
 
 def configure_engine(model: torch.nn.Module, tc: TrainConfig, device: torch.device, *,
