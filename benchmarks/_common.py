@@ -95,3 +95,18 @@ def matmul_peak_tflops(device=None, n: int = 2048, reps: int = 10) -> float:
     if a.device.type == "cuda":
         torch.cuda.synchronize()
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def cpu_info() -> str:
+    """torch's CPU capability and the /proc/cpuinfo flags that decide bf16 speed (AVX-512 bf16, AMX), threads."""
+    import torch
+
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        pass
+    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    return (f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, flags {' '.join(have)}, "
+            f"threads {torch.get_num_threads()}")

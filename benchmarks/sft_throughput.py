@@ -19,8 +19,9 @@ Sides (each in a fresh process; peak memory is the process's peak RSS):
                     are already cut)
   trl-packing       + packing=True (best-fit-decreasing packing into rows of max_length; padding-free)
   hf-peft           transformers + PEFT, a plain loop: pad to the longest, bf16 autocast, loss = model(...).loss
-  tunelab           tunelab as shipped (the recipe names only the data, LoRA and the shared hyperparameters)
-  tunelab+K=V+...   tunelab with recipe overrides (e.g. tunelab+data.packing=true+train.compile=true)
+  tunelab           tunelab as shipped (the recipe names only the data, LoRA and the shared hyperparameters;
+                    `train.compile: auto` compiles on CPU, from inductor's on-disk cache when it holds the graphs)
+  tunelab+K=V+...   tunelab with recipe overrides (e.g. tunelab+train.compile=false: the eager engine)
 Figures: useful tokens/s = non-padding tokens over the wall time of the training call (trainer.train(),
 tunelab's train_workspace, the loop; loading the model, encoding the data and applying LoRA / the engine's switches
 excluded on every side; compilation and the first steps included: what a user waits for) and over steps 3..
@@ -40,31 +41,15 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import matmul_peak_tflops, peak_rss_mb, run_child  # noqa: E402
+from _common import cpu_info, matmul_peak_tflops, peak_rss_mb, run_child  # noqa: E402
 
 DATA = os.path.join(HERE, "..", "..", "shared", "data")
 FILES = {"lima": os.path.join(DATA, "lima", "lima.json"),
          "alpaca": os.path.join(DATA, "alpaca-cherry-5pct", "cherry_alpaca_5_percent.json")}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 BATCH, LR, SEED = 4, 1e-4, 0
-DEFAULT_SIDES = ("trl-defaults", "trl-padding-free", "trl-packing", "hf-peft", "tunelab",
-                 "tunelab+data.packing=true+train.compile=true")
-
-
-def cpu_info() -> str:
-    import torch
-
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(ln for ln in f if ln.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        pass
-    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    return (f"torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, flags {' '.join(have)}, "
-            f"threads {torch.get_num_threads()}")
-
-
+DEFAULT_SIDES = ("trl-defaults", "trl-padding-free", "trl-packing", "hf-peft", "tunelab", "tunelab+train.compile=false",
+                 "tunelab+train.gradient_checkpointing=true")
 
 
 def write_records(data: str, n: int, path: str) -> None:
@@ -201,17 +186,22 @@ def side_trl(args, tok, model_dir, variant: str) -> dict:
                   "bf16": config.bf16}
 
 
+def tunelab_overrides(args, steps: int) -> list[str]:
+    """The recipe every tunelab side shares: the data, LoRA and the hyperparameters of the other sides."""
+    return [f"model.name_or_path={args.model_dir or 'smollm2-135m-instruct'}", f"data.train.path={args.records}",
+            "data.eval=null", f"data.max_length={args.max_length}", "method.name=lora", "method.r=16",
+            "method.alpha=32", f"train.batch_size={BATCH}", f"train.max_steps={steps}",
+            f"train.lr={LR}", "train.scheduler=constant", "train.warmup_ratio=0", "train.weight_decay=0",
+            "train.max_grad_norm=1.0", f"train.seed={SEED}", "train.save_every=null",
+            f"output_dir={tempfile.mkdtemp(prefix='sft-tunelab-')}", "name=bench"]
+
+
 def side_tunelab(args, tok, overrides: list[str]) -> dict:
     from tunelab.runner import open_workspace, prepare_workspace, train_workspace
     from tunelab.validate import load_validated_recipe
 
     enc, order = encoded_in_order(args, tok)
-    shared = [f"model.name_or_path={args.model_dir or 'smollm2-135m-instruct'}", f"data.train.path={args.records}",
-              "data.eval=null", f"data.max_length={args.max_length}", "method.name=lora", "method.r=16",
-              "method.alpha=32", f"train.batch_size={BATCH}", f"train.max_steps={len(order) // BATCH}",
-              f"train.lr={LR}", "train.scheduler=constant", "train.warmup_ratio=0", "train.weight_decay=0",
-              "train.max_grad_norm=1.0", f"train.seed={SEED}", "train.save_every=null",
-              f"output_dir={tempfile.mkdtemp(prefix='sft-tunelab-')}", "name=bench"]
+    shared = tunelab_overrides(args, len(order) // BATCH)
     if any(o.startswith("data.packing=true") for o in overrides):
         shared.append(f"data.pack_length={args.max_length}")
     recipe = load_validated_recipe(None, shared + overrides)

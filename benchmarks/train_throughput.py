@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import matmul_peak_tflops
+from _common import cpu_info, matmul_peak_tflops
 
 SEQ, BATCH = 256, 4
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -190,7 +190,7 @@ def main() -> None:
 
     peak = matmul_peak_tflops(device)
     print(f"device: {device}, torch {torch.__version__}, threads {torch.get_num_threads()}; "
-          f"bf16 matmul peak (2048^3): {peak:.2f} TFLOP/s")
+          f"bf16 matmul peak (2048^3): {peak:.2f} TFLOP/s; {cpu_info()}; load average {os.getloadavg()[0]:.2f}")
     print(f"batch {BATCH} x {SEQ} tokens, {args.steps} timed steps after {args.warmup} warm-up\n")
     print(f"{'config':<28}{'tokens/s':>10}{'peak MB':>10}{'MFU':>8}{'loss':>9}{'vs baseline':>22}")
     for kind in args.kinds.split(","):

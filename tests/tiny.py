@@ -67,7 +67,10 @@ def tiny_recipe_dict(model_dir: Path, output_dir: Path, **sections) -> dict:
         "data": {"train": {"builtin": "date_format", "n": 64}, "eval": {"builtin": "date_format", "split": "eval",
                                                                           "n": 8}, "max_length": 96},
         "method": {"name": "lora", "r": 4, "alpha": 8},
-        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "precision": "fp32", "warmup_ratio": 0.0},
+        # compile off: the suite tests the loop, not the compiler (tests/train/test_engine.py tests `compile`,
+        # the default `auto`); compiling every tiny run would multiply the suite's time
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-2, "precision": "fp32", "warmup_ratio": 0.0,
+                  "compile": False},
         "eval": {"max_new_tokens": 8, "batch_size": 8},
     }
     for k, v in sections.items():

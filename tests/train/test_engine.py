@@ -7,6 +7,7 @@ moves between two bf16 runs that differ only in kernel choice).
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -17,7 +18,13 @@ from tunelab.data.batching import collate_packed, collate_sft
 from tunelab.objectives.base import build_objective
 from tunelab.recipe import Recipe, TrainConfig
 from tunelab.train.attention import grouped_causal_attention
-from tunelab.train.engine import compiled_layers, configure_engine, decoder_layers
+from tunelab.train.engine import (
+    compiled_layers,
+    configure_engine,
+    decoder_layers,
+    resolve_compile,
+    use_compile_cache,
+)
 from tunelab.train.precision import restore_frozen_weights
 
 
@@ -166,6 +173,24 @@ def test_compiled_layers_train_like_eager_and_are_undone():
     _assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_layers_recompute_in_the_compiler_instead_of_checkpointing():
+    """Under compile, `gradient_checkpointing` becomes AOTAutograd's activation memory budget 0 (transformers'
+    wrapper around a compiled layer would break its graph): same loss and gradients, the flag put back after."""
+    import torch._functorch.config
+
+    model = build_tiny_model(512)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    ref = _naive(copy.deepcopy(model), _examples())
+    with compiled_layers(model, True):
+        assert not any(layer.gradient_checkpointing for layer in layers)
+        assert torch._functorch.config.activation_memory_budget == 0.0
+        got = _naive(model, _examples())
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert torch._functorch.config.activation_memory_budget == 1.0
+    _assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     model = build_tiny_model(512)
 
@@ -176,6 +201,51 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     with compiled_layers(model, True) as n:
         assert n == 0
     assert "training without it" in caplog.text
+
+
+def test_compile_auto_resolves_to_cpu_unsharded_only():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile("auto", cpu) is True
+    assert resolve_compile("auto", cpu, sharded=True) is False  # FSDP / DeepSpeed wrap the layers themselves
+    assert resolve_compile("auto", gpu) is False
+    assert resolve_compile(True, gpu) is True and resolve_compile(False, cpu) is False
+    assert TrainConfig().compile == "auto"
+
+
+def test_compile_cache_in_tunelab_cache_unless_the_user_chose_one(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TUNELAB_CACHE", str(tmp_path))
+    for before in (None, default_cache_dir()):  # unset, or torch's default written by an earlier import
+        if before is None:
+            monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+        else:
+            monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", before)
+        assert use_compile_cache() == str(tmp_path / "inductor") == os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_compile_cache() == str(tmp_path / "mine")
+
+
+def test_compiler_failing_at_first_call_trains_eagerly(monkeypatch, tmp_path):
+    """nn.Module.compile only marks a layer; a compiler that fails when the layer first runs (no C++ compiler,
+    an unsupported operator) must leave the step running eagerly, with the same results, not raise."""
+    import torch._dynamo
+    import torch._inductor.compile_fx
+
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", broken)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # a cached graph would skip the broken compiler
+    torch._dynamo.reset()
+    model = build_tiny_model(512)
+    ref = _naive(copy.deepcopy(model), _examples())
+    with compiled_layers(model, True) as n:
+        assert n == len(decoder_layers(model))
+        got = _naive(model, _examples())
+    torch._dynamo.reset()
+    _assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert not torch._dynamo.config.suppress_errors  # only while the layers are compiled
 
 
 def test_run_with_every_engine_switch(tiny_model_dir, tmp_path):

@@ -7,10 +7,12 @@
 * `frozen_dtype` / `frozen_cast` - frozen weights stored in the compute dtype (precision.py);
 * `attention` - `auto` picks tunelab's CPU attention (train/attention.py) on CPU under bf16 and sdpa elsewhere
   (its gain is keeping only bf16 probabilities for backward; under fp32 sdpa's CPU flash kernel is the better one);
-* `gradient_checkpointing` - recompute each layer in backward (memory for compute);
+* `gradient_checkpointing` - recompute each layer in backward (memory for compute); under compile, the compiler
+  recomputes inside the compiled layers instead (`compiled_layers`);
 * `compile` - torch.compile of each decoder layer during the training steps (`compiled_layers`, used by
   the loop; "regional": one layer's code is compiled once and reused by all of them, so compile time does
-  not grow with depth); falls back to eager with a warning when the compiler is missing or fails;
+  not grow with depth); `auto` (the default) compiles on CPU under the DDP backend (`resolve_compile`);
+  the compiled code is cached on disk, and a compiler that is missing or fails means eager, with a warning;
 * the CPU allocator: glibc keeps freed blocks (allocator.py), always on for CPU training.
 The chunked cross-entropy (train/chunked_ce.py) lives in the SFT objective (`objective.chunk_size`).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Any
 
 import torch
@@ -66,26 +69,73 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(best) if best is not None else []
 
 
+def resolve_compile(choice: bool | str, device: torch.device, sharded: bool = False) -> bool:
+    """`auto`: compile on CPU under a replicated (DDP) backend, where it was measured to pay (docs/engine.md);
+    not on GPUs (not measured here) nor under FSDP / DeepSpeed (their wrapped layers are not compiled here)."""
+    if choice == "auto":
+        return device.type == "cpu" and not sharded
+    return bool(choice)
+
+
+def use_compile_cache() -> str:
+    """Inductor's on-disk cache (compiled kernels, FX graphs, AOT autograd graphs) in tunelab's cache directory,
+    so it outlives /tmp (torch's default): a later run, in any process, loads what an earlier one compiled
+    instead of compiling again. A TORCHINDUCTOR_CACHE_DIR the user set is left as it is; torch's default is not
+    (inductor writes its default into the environment the first time anything asks for the directory, as an
+    import of torchao does, so an unset variable cannot be told apart from that). Returns the directory."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from tunelab.model import cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
 @contextlib.contextmanager
 def compiled_layers(model: torch.nn.Module, enabled: bool):
     """Regional torch.compile of each decoder layer for the training steps only, undone on exit.
 
     Generation (evaluation) then runs eagerly: its growing KV-cache shapes would recompile over and over.
-    Shapes that vary between steps (padding) cost one more compilation with dynamic sizes; packed rows
-    (`data.packing`) have one shape. Any compiler failure is reported once and training goes on eagerly.
+    Shapes that vary between steps (padding to the longest) cost one more compilation, with dynamic sizes,
+    then none; packed rows (`data.packing`) have one shape. nn.Module.compile only marks a layer: compilation
+    happens at its first call, so a compiler failure THEN (no C++ compiler, an unsupported operator) is also
+    caught: dynamo's `suppress_errors` runs the failing frame eagerly (with its warning in the log) while the
+    layers are compiled, and training goes on.
     """
     layers = decoder_layers(model) if enabled else []
     try:
+        if layers:
+            use_compile_cache()
         for layer in layers:
             layer.compile()
     except Exception as e:  # noqa: BLE001 - any compiler failure means: train eagerly
         log.warning("torch.compile unavailable (%s: %s); training without it", type(e).__name__, e)
         layers = []
+    # `train.gradient_checkpointing` under compile: transformers' checkpoint wrapper around a compiled layer breaks
+    # the graph (dynamo refuses its context-variable side effect) and the layer runs eagerly, recomputing; instead the
+    # compiler recomputes: AOTAutograd's activation memory budget 0 saves only what the layer's backward cannot
+    # recompute (its inputs), the same memory as checkpointing with the recompute fused (LIMA 512: docs/engine.md)
+    recompute = [layer for layer in layers if getattr(layer, "gradient_checkpointing", False)]
     try:
-        yield len(layers)
+        if layers:
+            import torch._dynamo
+            import torch._functorch.config
+
+            for layer in recompute:
+                setattr(layer, "gradient_checkpointing", False)  # (mypy: Module.__setattr__ takes tensors, modules)
+            budget = 0.0 if recompute else torch._functorch.config.activation_memory_budget
+            with torch._dynamo.config.patch(suppress_errors=True), \
+                    torch._functorch.config.patch(activation_memory_budget=budget):
+                yield len(layers)
+        else:
+            yield 0
     finally:
         for layer in layers:
             layer._compiled_call_impl = None  # back to eager (nn.Module.compile's own attribute)
+        for layer in recompute:
+            setattr(layer, "gradient_checkpointing", True)
 
 
 def configure_engine(model: torch.nn.Module, tc: TrainConfig, device: torch.device, *,

@@ -42,7 +42,7 @@ from tunelab.data.batching import COLLATORS
 from tunelab.recipe import Recipe
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.backends import Backend
-from tunelab.train.engine import compiled_layers
+from tunelab.train.engine import compiled_layers, resolve_compile
 from tunelab.train.interfaces import StepResult, TrainMethod, TrainObjective
 from tunelab.train.optim import build_optimizer, build_scheduler
 from tunelab.train.sources import BatchSource, generation_mode
@@ -185,7 +185,8 @@ def train(recipe: Recipe, model, method: TrainMethod, objective: TrainObjective,
     t_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (progress and accelerator.is_local_main_process))
-    with compiled_layers(unwrapped, tc.compile):  # regional torch.compile for the steps only (train.compile)
+    # regional torch.compile for the steps only (train.compile; `auto`: on CPU, unsharded)
+    with compiled_layers(unwrapped, resolve_compile(tc.compile, device, backend.sharded)):
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             with generation_mode(unwrapped) if source.generates else contextlib.nullcontext():
