@@ -54,7 +54,8 @@ def map_large_blocks(threshold: int = MAP_LARGE_BLOCKS_THRESHOLD) -> bool:
     shards, sharded gradients and AdamW state), and glibc's heap cannot reuse the holes for the differently sized
     blocks that follow: the resident set of a full fine-tuning step grew by 0.3 GB a step on a 135M Llama
     (backward peaks 2542, 2857, 3105 MB over 3 steps, 2 processes, FSDP2) although the live tensors did not.
-    With blocks of 1 MiB or more mapped, the peak was 2235 MB and stayed flat (0.72x). Smaller blocks (norm
+    With blocks of 1 MiB or more mapped, the peak was 2235 MB and stayed flat (0.72x); some runs without it came
+    out as low (how far the heap fragments depends on the order of frees). Smaller blocks (norm
     weights, per-head scalars) stay in the heap, where reuse works. Later `keep_freed_memory` calls keep it.
     """
     global _done
