@@ -66,6 +66,12 @@ def max_rel_diff(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(x), 1e-2) for x, y in zip(a, b))
 
 
+def max_abs_loss_diff(a: list[float], b: list[float]) -> float:
+    """Largest |a - b| over two loss curves of equal length (0.0 when they are identical)."""
+    assert len(a) == len(b), (a, b)
+    return max(abs(x - y) for x, y in zip(a, b))
+
+
 def export_tensors(run_dir: Path, kind: str) -> dict[str, torch.Tensor]:
     """The safetensors of `<run>/export/<kind>` (adapter or merged)."""
     (path,) = sorted((Path(run_dir) / "export" / kind).glob("*.safetensors"))

@@ -18,9 +18,9 @@ from pathlib import Path
 from tiny import TINY_METHOD_OPTIONS, tiny_recipe_dict
 
 STEPS = 3
-OBJECTIVES = [("lora", o) for o in ("dpo", "simpo", "orpo", "kto", "asft", "dft", "distill")] + \
-             [("full", o) for o in ("dpo", "simpo", "orpo", "kto", "asft", "distill")]
-PAIRS = {"dpo", "simpo", "orpo", "kto"}
+OBJECTIVES = [("lora", o) for o in ("dpo", "simpo", "orpo", "kto", "asft", "dft", "distill", "reward")] + \
+             [("full", o) for o in ("dpo", "simpo", "orpo", "kto", "asft", "distill", "reward")]
+PAIRS = {"dpo", "simpo", "orpo", "kto", "reward"}  # reward: a scalar-head model trained on the same pairs
 
 
 def combos() -> list[tuple[str, str]]:

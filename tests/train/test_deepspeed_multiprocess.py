@@ -19,6 +19,7 @@ from dist_util import (
     export_tensors,
     losses,
     max_abs_diff,
+    max_abs_loss_diff,
     max_rel_diff,
     run,
     torchrun,
@@ -77,8 +78,10 @@ def test_zero3_crash_and_resume_continue_exactly(runs):
     assert res.returncode != 0 and (crashed / "checkpoints" / "latest").read_text().strip() == "step-000004"
     out = run(torchrun(2, *cli("train", str(crashed))))
     assert "resumed from" in out.stdout + out.stderr
-    assert losses(crashed) == losses(whole)
     a, b = export_tensors(whole, "adapter"), export_tensors(crashed, "adapter")
+    print(f"\nZeRO-3 crash + resume: loss max abs diff {max_abs_loss_diff(losses(whole), losses(crashed)):.2e}, "
+          f"adapter max abs diff {max_abs_diff(a, b):.2e}")
+    assert losses(crashed) == losses(whole)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

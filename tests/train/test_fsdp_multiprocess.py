@@ -24,6 +24,7 @@ from dist_util import (
     free_port,
     losses,
     max_abs_diff,
+    max_abs_loss_diff,
     max_rel_diff,
     one_process,
     run,
@@ -100,11 +101,13 @@ def test_fsdp_crash_and_resume_continue_exactly(runs):
     assert not (crashed / "checkpoints" / "step-000008").exists()
     res = run(torchrun(2, *cli("train", str(crashed))))
     assert "resumed from" in res.stdout + res.stderr
-    assert losses(crashed) == losses(whole)
     from tunelab.train.restore import read_checkpoint
 
     a = read_checkpoint(whole / "checkpoints" / "step-000010")["trainable"]  # gathered whole from the shards
     b = read_checkpoint(crashed / "checkpoints" / "step-000010")["trainable"]
+    print(f"\nfsdp crash + resume: loss max abs diff {max_abs_loss_diff(losses(whole), losses(crashed)):.2e}, "
+          f"trainable max abs diff {max_abs_diff(a, b):.2e}")
+    assert losses(crashed) == losses(whole)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -139,8 +142,12 @@ def test_two_nodes_on_loopback_equal_two_processes_on_one_node(runs, tiny_model_
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    weight_diff = max_abs_diff(export_tensors(reference, "merged"), export_tensors(runs.dir("two-nodes"), "merged"))
+    print(f"\ntwo nodes on loopback vs one node: loss max abs diff "
+          f"{max_abs_loss_diff(losses(reference), losses(runs.dir('two-nodes'))):.2e}, merged max abs diff "
+          f"{weight_diff:.2e}")
     assert losses(runs.dir("two-nodes")) == losses(reference)
-    assert max_abs_diff(export_tensors(reference, "merged"), export_tensors(runs.dir("two-nodes"), "merged")) == 0
+    assert weight_diff == 0
 
 
 def test_fsdp_options_train_like_the_defaults(runs):

@@ -92,6 +92,28 @@ def test_fsdp_in_one_process_trains_like_ddp_and_ddp_resumes_its_sharded_checkpo
     assert resumed.losses == pytest.approx(ddp.losses[2:], rel=1e-6)
 
 
+def test_fsdp_on_cpu_returns_freed_large_blocks_to_the_kernel(process_group):
+    """FSDP2's prepare maps blocks of 1 MiB or more (allocator.map_large_blocks) over the engine's keep-freed
+    setting, which would keep them in the heap: freed activation-sized tensors leave the resident set at once."""
+    from accelerate import Accelerator
+
+    from tunelab.train.allocator import keep_freed_memory
+    from tunelab.train.backends import build_backend
+
+    def rss_mb() -> float:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+    if not keep_freed_memory():
+        pytest.skip("not glibc")
+    backend = build_backend(Recipe.model_validate({"distributed": {"backend": "fsdp"}}), Accelerator(cpu=True))
+    backend.prepare(build_tiny_model(256), lambda m: torch.optim.AdamW(m.parameters()))
+    blocks = [torch.ones(2**20) for _ in range(32)]  # 32 x 4 MiB, written: resident
+    before = rss_mb()
+    del blocks
+    assert rss_mb() < before - 100  # all 128 MiB back (kept in the heap, it would stay resident)
+
+
 def test_a_sharded_checkpoint_without_its_shards_is_named_damaged(tiny_model_dir, tmp_path, process_group):
     fs = open_workspace(_recipe(tiny_model_dir, tmp_path, "fsdp", max_steps=2))
     train_workspace(fs)

@@ -1,6 +1,6 @@
-"""Every method that declares `capabilities.supports_sharding`, and the preference / SFT-variant / distillation
-objectives on LoRA and full fine-tuning, train under FSDP2 and ZeRO-3 on 2 processes as in 1 process (3 steps,
-fp32, global batch 8); their exports match. The declaration is what `validate_sharding` trusts, so this is its
+"""Every method that declares `capabilities.supports_sharding`, and the preference / SFT-variant / distillation /
+reward-model objectives on LoRA and full fine-tuning, train under FSDP2 and ZeRO-3 on 2 processes as in 1 process
+(3 steps, fp32, global batch 8); their exports match. The declaration is what `validate_sharding` trusts, so this is its
 proof (tests/methods/test_capabilities.py checks the other capabilities in one process).
 
 Tolerances: losses rel 1e-5 (measured: FSDP2 bit-identical or ~1e-7, ZeRO-3 ~1e-7); exports 1e-4 under FSDP2

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tunelab.core.unwrap import unwrap_peft
 from tunelab.recipe import FSDPConfig, Recipe, RecipeError
 from tunelab.train import dcp
-from tunelab.train.allocator import release_freed_memory
+from tunelab.train.allocator import map_large_blocks, release_freed_memory
 from tunelab.train.backends import Backend
 from tunelab.train.engine import decoder_layers
 from tunelab.train.skeleton import materialize, meta_skeleton
@@ -117,6 +117,8 @@ class FSDPBackend(Backend):
 
     def prepare(self, model, make_optimizer):
         ensure_process_group(self.device)
+        if self.device.type == "cpu":  # the heap fragments under sharded steps: map large blocks (allocator.py)
+            map_large_blocks()
         # the unsharded twin export will fill (train/skeleton.py): made before the parameters become shards
         self._skeleton = meta_skeleton(model)
         with warnings.catch_warnings():
