@@ -207,6 +207,9 @@ def test_compile_auto_resolves_to_cpu_unsharded_only():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert resolve_compile("auto", cpu) is True
     assert resolve_compile("auto", cpu, sharded=True) is False  # FSDP / DeepSpeed wrap the layers themselves
+    assert resolve_compile("auto", cpu, batch_kind="preference") is False  # not measured: varying pair shapes
+    assert resolve_compile("auto", cpu, batch_kind="rollout") is False
+    assert resolve_compile(True, cpu, batch_kind="rollout") is True
     assert resolve_compile("auto", gpu) is False
     assert resolve_compile(True, gpu) is True and resolve_compile(False, cpu) is False
     assert TrainConfig().compile == "auto"

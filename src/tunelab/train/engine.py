@@ -69,11 +69,13 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(best) if best is not None else []
 
 
-def resolve_compile(choice: bool | str, device: torch.device, sharded: bool = False) -> bool:
-    """`auto`: compile on CPU under a replicated (DDP) backend, where it was measured to pay (docs/engine.md);
-    not on GPUs (not measured here) nor under FSDP / DeepSpeed (their wrapped layers are not compiled here)."""
+def resolve_compile(choice: bool | str, device: torch.device, sharded: bool = False, batch_kind: str = "sft") -> bool:
+    """`auto`: compile on CPU under a replicated (DDP) backend for the SFT family's batches, where it was measured
+    to pay (docs/engine.md); not on GPUs (not measured here), nor under FSDP / DeepSpeed (their wrapped layers are
+    not compiled here), nor for preference pairs or rollouts (not measured: their shapes change with every batch,
+    and short runs pay the compilation without its return). `true` compiles whatever the case."""
     if choice == "auto":
-        return device.type == "cpu" and not sharded
+        return device.type == "cpu" and not sharded and batch_kind == "sft"
     return bool(choice)
 
 

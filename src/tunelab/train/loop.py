@@ -185,8 +185,8 @@ def train(recipe: Recipe, model, method: TrainMethod, objective: TrainObjective,
     t_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (progress and accelerator.is_local_main_process))
-    # regional torch.compile for the steps only (train.compile; `auto`: on CPU, unsharded)
-    with compiled_layers(unwrapped, resolve_compile(tc.compile, device, backend.sharded)):
+    # regional torch.compile for the steps only (train.compile; `auto`: on CPU, unsharded, SFT-family batches)
+    with compiled_layers(unwrapped, resolve_compile(tc.compile, device, backend.sharded, objective.batch_kind)):
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             with generation_mode(unwrapped) if source.generates else contextlib.nullcontext():
