@@ -10,7 +10,6 @@ string match after whitespace normalisation.
 from __future__ import annotations
 
 import functools
-
 import re
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
