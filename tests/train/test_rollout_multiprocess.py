@@ -48,10 +48,11 @@ def _rows(run_dir: Path, name: str) -> list[dict]:
     return [json.loads(x) for x in (run_dir / name).read_text().splitlines()]
 
 
-def test_grpo_on_two_processes_equals_one_process(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_grpo_on_two_processes_equals_one_process(tmp_path, tiny_model_dir, backend):
     recipe = _recipe(tmp_path, tiny_model_dir)
     run(one_process(*cli("train", recipe, "name=one")))
-    run(torchrun(2, *cli("train", recipe, "name=two")))
+    run(torchrun(2, *cli("train", recipe, "name=two", f"distributed.backend={backend}")))
     one, two = tmp_path / "runs" / "one", tmp_path / "runs" / "two"
     m1, m2 = _rows(one, "metrics.jsonl"), _rows(two, "metrics.jsonl")
     assert len(m1) == len(m2) == STEPS
@@ -82,9 +83,9 @@ def test_grpo_on_two_processes_equals_one_process(tmp_path, tiny_model_dir):
     # the update: loss, KL and gradient norm up to summation order; the adapter after 4 steps
     for key in ("loss", "kl", "grad_norm"):
         diff = max_rel_diff([r[key] for r in m1], [r[key] for r in m2])
-        print(f"\ngrpo 2 processes vs 1: {key} max rel diff {diff:.2e}")
+        print(f"\ngrpo 2 processes ({backend}) vs 1: {key} max rel diff {diff:.2e}")
         assert diff <= 1e-4, key
     assert any(r["loss"] != 0 for r in m1) and m1[-1]["kl"] > 0  # the policy moved
     diff = max_abs_diff(export_tensors(one, "adapter"), export_tensors(two, "adapter"))
-    print(f"grpo 2 processes vs 1: adapter max abs diff {diff:.2e}")
+    print(f"grpo 2 processes ({backend}) vs 1: adapter max abs diff {diff:.2e}")
     assert diff <= 1e-4

@@ -36,7 +36,7 @@ from tunelab.generate.batching import Prompt, encode_prompts, left_pad, plan_bat
 from tunelab.generate.cache import make_cache
 from tunelab.generate.config import GenerateConfig
 from tunelab.generate.fallback import generate_with_peft
-from tunelab.generate.forward import DTYPES, ModelStep, generation_mode, is_prompt_learning
+from tunelab.generate.forward import DTYPES, ModelStep, generation_mode, grad_off, is_prompt_learning
 from tunelab.generate.outputs import Completion, GenerationOutput, GenerationStats
 from tunelab.generate.sampling import next_tokens, sequence_uniforms, token_logprobs
 from tunelab.generate.stops import StopStrings
@@ -68,7 +68,7 @@ def _generate_batches(model, tokenizer, encoded: list[list[int]], cfg: GenerateC
     completions: list = [None] * (len(encoded) * n)
     stops = StopStrings(tokenizer, cfg.stop_strings, cfg.skip_special_tokens)
     batches = plan_batches([len(e) for e in encoded], max(1, cfg.batch_size // n))
-    with generation_mode(model, DTYPES[cfg.precision]) as mixed, torch.inference_mode():
+    with generation_mode(model, DTYPES[cfg.precision]) as mixed, grad_off(model):
         step = ModelStep(model, autocast_dtype=DTYPES[cfg.precision] if mixed else None)
         for idx in tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False):
             for c in _generate_batch(step, tokenizer, [encoded[i] for i in idx], idx, cfg, stop_ids, pad_id, stops,

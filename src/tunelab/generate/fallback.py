@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from tunelab.generate.batching import left_pad, plan_batches
 from tunelab.generate.config import GenerateConfig
-from tunelab.generate.forward import DTYPES, generation_mode
+from tunelab.generate.forward import DTYPES, generation_mode, grad_off
 from tunelab.generate.outputs import Completion, GenerationStats
 from tunelab.generate.sampling import mix_seed, token_logprobs
 from tunelab.generate.stops import StopStrings
@@ -34,7 +34,7 @@ def generate_with_peft(model, tokenizer, encoded: list[list[int]], cfg: Generate
     if cfg.stop_strings:
         kwargs.update(stop_strings=list(cfg.stop_strings), tokenizer=tokenizer)
     batches = plan_batches([len(e) for e in encoded], max(1, cfg.batch_size // n))
-    with generation_mode(model, DTYPES[cfg.precision]) as mixed, torch.inference_mode():
+    with generation_mode(model, DTYPES[cfg.precision]) as mixed, grad_off(model):
         for b, idx in enumerate(tqdm(batches, desc="generate", unit="batch", disable=not progress, leave=False)):
             ids, mask, _ = left_pad([encoded[i] for i in idx], pad_id)
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \

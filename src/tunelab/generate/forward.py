@@ -15,6 +15,18 @@ from tunelab.generate.llama import LlamaDecoder
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
+def grad_off(model: torch.nn.Module):
+    """The no-autograd context of a generation call: `inference_mode`, except for a model sharded by FSDP2, whose
+    all-gathers write into the same unsharded parameter buffers in generation and in the training steps after it
+    (RL rollouts): buffers first allocated as inference tensors cannot be written outside inference mode, so a
+    sharded model generates under `no_grad`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        return torch.no_grad()
+    return torch.inference_mode()
+
+
 
 def hf_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under process (DDP) and PEFT wrappers: its config and forward signature."""
