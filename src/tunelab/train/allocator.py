@@ -45,6 +45,18 @@ def release_freed_memory() -> bool:
 MAP_LARGE_BLOCKS_THRESHOLD = 2**20  # 1 MiB: every activation, gathered weight and gradient of a 0.1-0.3B model
 
 
+def _glibc_mallopt():
+    """glibc's `mallopt(param, value)`, or None off Linux or under another libc (musl: left alone)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt
+
+
 def map_large_blocks(threshold: int = MAP_LARGE_BLOCKS_THRESHOLD) -> bool:
     """Serve every block of `threshold` bytes or more with its own `mmap`, so freeing it returns it to the kernel
     at once; returns True when set. Sharded training sets it (train/fsdp.py) over `keep_freed_memory`'s 32 MiB.
@@ -59,14 +71,9 @@ def map_large_blocks(threshold: int = MAP_LARGE_BLOCKS_THRESHOLD) -> bool:
     weights, per-head scalars) stay in the heap, where reuse works. Later `keep_freed_memory` calls keep it.
     """
     global _done
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl or another libc: leave it alone
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(M_MMAP_THRESHOLD, threshold) == 1
     _done = _done or ok  # keep_freed_memory must not raise the threshold again
     log.debug("glibc mmap threshold set to %d: %s", threshold, ok)
@@ -78,14 +85,9 @@ def keep_freed_memory() -> bool:
     global _done
     if _done:
         return True
-    if not sys.platform.startswith("linux"):
+    mallopt = _glibc_mallopt()
+    if mallopt is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl or another libc: leave it alone
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
     ok = mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
     _done = ok
