@@ -29,6 +29,20 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def tiny_model_dir(prefix: str) -> str:
+    """A fresh temporary directory holding the tests' tiny random Llama and its tokenizer (`--quick` runs)."""
+    import tempfile
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from tiny import build_tiny_model, build_tiny_tokenizer
+
+    path = tempfile.mkdtemp(prefix=prefix)
+    tok = build_tiny_tokenizer()
+    build_tiny_model(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def peak_rss_mb() -> float:
     """The lifetime peak resident set of this process (ru_maxrss), MB."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -10,13 +10,7 @@ from __future__ import annotations
 import threading
 import time
 
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+from _common import rss_mb
 
 
 class Phases:

@@ -27,7 +27,7 @@ from collections import defaultdict
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import sft_throughput as st  # noqa: E402
-from _common import cpu_info, peak_rss_mb, rss_mb  # noqa: E402
+from _common import cpu_info, peak_rss_mb, rss_mb, tiny_model_dir  # noqa: E402
 
 KINDS = [  # (kind, substrings of the operator name), first match wins
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear", "aten::baddbmm")),
@@ -125,13 +125,7 @@ def main() -> None:
         return
     args.model_dir = None
     if args.quick:
-        sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-        from tiny import build_tiny_model, build_tiny_tokenizer
-
-        args.model_dir = tempfile.mkdtemp(prefix="sft-tiny-")
-        tok = build_tiny_tokenizer()
-        build_tiny_model(len(tok)).save_pretrained(args.model_dir)
-        tok.save_pretrained(args.model_dir)
+        args.model_dir = tiny_model_dir("sft-tiny-")
         args.data, args.max_length, args.n = "tiny", 64, 16
     args.records = os.path.join(tempfile.mkdtemp(prefix="sft-data-"), f"{args.data}.jsonl")
     st.write_records(args.data, args.n, args.records)

@@ -41,7 +41,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import cpu_info, matmul_peak_tflops, peak_rss_mb, run_child  # noqa: E402
+from _common import cpu_info, matmul_peak_tflops, peak_rss_mb, run_child, tiny_model_dir  # noqa: E402
 
 DATA = os.path.join(HERE, "..", "..", "shared", "data")
 FILES = {"lima": os.path.join(DATA, "lima", "lima.json"),
@@ -333,13 +333,7 @@ def main() -> None:
             table([json.loads(line) for line in f if line.strip()])
         return
     if args.quick:
-        sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-        from tiny import build_tiny_model, build_tiny_tokenizer
-
-        args.model_dir = tempfile.mkdtemp(prefix="sft-tiny-")
-        tok = build_tiny_tokenizer()
-        build_tiny_model(len(tok)).save_pretrained(args.model_dir)
-        tok.save_pretrained(args.model_dir)
+        args.model_dir = tiny_model_dir("sft-tiny-")
         args.data, args.max_length, args.n = ["tiny"], [64], 16
     args.load_start = os.getloadavg()[0]
     peak = matmul_peak_tflops()
