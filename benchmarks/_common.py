@@ -29,18 +29,22 @@ def rss_mb() -> float:
     return float("nan")
 
 
+def save_tiny_model(path: str | os.PathLike) -> str:
+    """The tests' tiny random Llama and its tokenizer saved as an HF directory at `path` (`--quick` runs)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from tiny import build_tiny_model, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    build_tiny_model(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 def tiny_model_dir(prefix: str) -> str:
     """A fresh temporary directory holding the tests' tiny random Llama and its tokenizer (`--quick` runs)."""
     import tempfile
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-    from tiny import build_tiny_model, build_tiny_tokenizer
-
-    path = tempfile.mkdtemp(prefix=prefix)
-    tok = build_tiny_tokenizer()
-    build_tiny_model(len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tempfile.mkdtemp(prefix=prefix))
 
 
 def peak_rss_mb() -> float:

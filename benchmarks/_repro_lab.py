@@ -24,6 +24,8 @@ SRC = HERE.parent / "src"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
 
+from _common import save_tiny_model  # noqa: E402
+
 from tunelab.core.io import atomic_remove, atomic_write_json  # noqa: E402
 
 TASK = "date_format"  # the methods benchmark's task: the base model scores 0% exact match, one run reaches ~100%
@@ -51,12 +53,7 @@ QUICK = Budget(steps=3, batch_size=4, n_eval=4, max_new_tokens=8, ppl_chars=2_00
 def build_tiny(path: Path) -> Path:
     """The tiny random Llama + tokenizer of tests/tiny.py saved as an HF directory (once)."""
     if not (path / "config.json").is_file():
-        sys.path.insert(0, str(HERE.parent / "tests"))
-        from tiny import build_tiny_model, build_tiny_tokenizer
-
-        tok = build_tiny_tokenizer()
-        build_tiny_model(len(tok)).save_pretrained(path)
-        tok.save_pretrained(path)
+        save_tiny_model(path)
     return path
 
 

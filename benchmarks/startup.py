@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import SRC, child_env
+from _common import SRC, child_env, save_tiny_model
 
 BASELINE_PRELUDE = "import bitsandbytes  # what `import peft` did before tunelab deferred it\n"
 WRAP = """
@@ -37,16 +37,6 @@ from tunelab.recipe import ModelConfig
 wrap_peft(load_model(ModelConfig(name_or_path={model!r})), lora_peft_config(LoRAOptions(r=4)))
 """
 CLI = "import runpy, sys\nsys.argv = ['tunelab'] + {args!r}\nrunpy.run_module('tunelab.cli', run_name='__main__')\n"
-
-
-def build_tiny(path: Path) -> Path:
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from tiny import build_tiny_model, build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    build_tiny_model(len(tok)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def measure(code: str, cwd: Path) -> dict[str, float]:
@@ -69,7 +59,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="startup-"))
-    model = build_tiny(work / "tiny")
+    model = Path(save_tiny_model(work / "tiny"))
     recipe = work / "tiny.yaml"
     recipe.write_text(json.dumps({  # JSON is YAML
         "name": "tiny", "output_dir": str(work / "runs"), "model": {"name_or_path": str(model)},
