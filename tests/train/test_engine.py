@@ -191,6 +191,20 @@ def test_compiled_layers_recompute_in_the_compiler_instead_of_checkpointing():
     _assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_layers_keep_the_recipes_activation_budget():
+    """`train.activation_memory_budget` is AOTAutograd's budget while the layers are compiled (put back on exit),
+    and training with most activations recomputed equals eager."""
+    import torch._functorch.config
+
+    model = build_tiny_model(512)
+    ref = _naive(copy.deepcopy(model), _examples())
+    with compiled_layers(model, True, TrainConfig(activation_memory_budget=0.1)):
+        assert torch._functorch.config.activation_memory_budget == 0.1
+        got = _naive(model, _examples())
+    assert torch._functorch.config.activation_memory_budget == 1.0
+    _assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     model = build_tiny_model(512)
 

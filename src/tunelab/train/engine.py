@@ -8,7 +8,8 @@
 * `attention` - `auto` picks tunelab's CPU attention (train/attention.py) on CPU under bf16 and sdpa elsewhere
   (its gain is keeping only bf16 probabilities for backward; under fp32 sdpa's CPU flash kernel is the better one);
 * `gradient_checkpointing` - recompute each layer in backward (memory for compute); under compile, the compiler
-  recomputes inside the compiled layers instead (`compiled_layers`);
+  recomputes inside the compiled layers instead (`compiled_layers`), and `activation_memory_budget` (default 1:
+  keep everything) lets it keep a fraction of each compiled layer's activations and recompute the cheapest rest;
 * `compile` - torch.compile of each decoder layer during the training steps (`compiled_layers`, used by
   the loop; "regional": one layer's code is compiled once and reused by all of them, so compile time does
   not grow with depth); `auto` (the default) compiles on CPU under the DDP backend (`resolve_compile`);
@@ -96,7 +97,7 @@ def use_compile_cache() -> str:
 
 
 @contextlib.contextmanager
-def compiled_layers(model: torch.nn.Module, enabled: bool):
+def compiled_layers(model: torch.nn.Module, enabled: bool, tc: TrainConfig | None = None):
     """Regional torch.compile of each decoder layer for the training steps only, undone on exit.
 
     Generation (evaluation) then runs eagerly: its growing KV-cache shapes would recompile over and over.
@@ -105,7 +106,12 @@ def compiled_layers(model: torch.nn.Module, enabled: bool):
     happens at its first call, so a compiler failure THEN (no C++ compiler, an unsupported operator) is also
     caught: dynamo's `suppress_errors` runs the failing frame eagerly (with its warning in the log) while the
     layers are compiled, and training goes on.
+
+    `tc.activation_memory_budget` (default TrainConfig()'s) is AOTAutograd's budget while the layers are compiled:
+    the fraction of each layer's activations kept for backward, the rest recomputed, cheapest first (min-cut);
+    `gradient_checkpointing` makes it 0.
     """
+    tc = tc if tc is not None else TrainConfig()
     layers = decoder_layers(model) if enabled else []
     try:
         if layers:
@@ -127,7 +133,7 @@ def compiled_layers(model: torch.nn.Module, enabled: bool):
 
             for layer in recompute:
                 setattr(layer, "gradient_checkpointing", False)  # (mypy: Module.__setattr__ takes tensors, modules)
-            budget = 0.0 if recompute else torch._functorch.config.activation_memory_budget
+            budget = 0.0 if recompute else tc.activation_memory_budget
             with torch._dynamo.config.patch(suppress_errors=True), \
                     torch._functorch.config.patch(activation_memory_budget=budget):
                 yield len(layers)

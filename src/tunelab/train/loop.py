@@ -186,7 +186,7 @@ def train(recipe: Recipe, model, method: TrainMethod, objective: TrainObjective,
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (progress and accelerator.is_local_main_process))
     # regional torch.compile for the steps only (train.compile; `auto`: on CPU, unsharded, SFT-family batches)
-    with compiled_layers(unwrapped, resolve_compile(tc.compile, device, backend.sharded, objective.batch_kind)):
+    with compiled_layers(unwrapped, resolve_compile(tc.compile, device, backend.sharded, objective.batch_kind), tc):
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             with generation_mode(unwrapped) if source.generates else contextlib.nullcontext():
