@@ -30,7 +30,7 @@ other jobs the wall time is longer by the share lost, while the CPU-time columns
 Best of a learning-rate grid: `--lr-grid 0.3,1,3` trains each method at its rate x each factor and keeps, per
 method, the point with the lowest held-out loss (3x the CPU; every point is in the JSON under "lr_grid").
 Run:  python benchmarks/methods.py [--quick] [--only lora,mezo] [--steps N] [--json out.json] [--markdown]
-                                   [--lr-grid 0.3,1,3]
+                                   [--lr-grid 0.3,1,3] [--set train.compile=false ...]
       (children use every core unless OMP_NUM_THREADS is set; the one-core table of docs/methods.md was
       OMP_NUM_THREADS=1 taskset -c 1 ...)
 """
@@ -73,9 +73,11 @@ BUDGETS = {  # steps, batch size, held-out items
 UNTRAINED = "(untrained)"
 
 
-def recipe_for(method: str, steps: int, batch_size: int, eval_n: int, out_dir: str, lr: float | None = None):
+def recipe_for(method: str, steps: int, batch_size: int, eval_n: int, out_dir: str, lr: float | None = None,
+               overrides: tuple[str, ...] = ()):
     """The quickstart recipe with `method: {name: method}` and the benchmark's budget, validated as `tunelab run`
-    validates a recipe file. `lr`: instead of the method's rate from LR (a grid point; named in the run's name)."""
+    validates a recipe file. `lr`: instead of the method's rate from LR (a grid point; named in the run's name);
+    `overrides`: recipe overrides (`--set`) applied after the benchmark's own."""
     import yaml
 
     from tunelab.validate import load_validated_recipe
@@ -91,10 +93,11 @@ def recipe_for(method: str, steps: int, batch_size: int, eval_n: int, out_dir: s
                               f"train.batch_size={batch_size}", f"train.lr={lr}",
                               "train.save_every=null", "train.keep_checkpoints=1", f"eval.n={eval_n}",
                               f"data.train.n={steps * batch_size}", f"data.eval.n={eval_n}",
-                              f"eval.batch_size={min(eval_n, 50)}", "eval.before=false"])
+                              f"eval.batch_size={min(eval_n, 50)}", "eval.before=false", *overrides])
 
 
-def child(name: str, steps: int, batch_size: int, eval_n: int, out_dir: str, lr: float | None = None) -> dict:
+def child(name: str, steps: int, batch_size: int, eval_n: int, out_dir: str, lr: float | None = None,
+          overrides: tuple[str, ...] = ()) -> dict:
     import logging
 
     import torch
@@ -104,7 +107,7 @@ def child(name: str, steps: int, batch_size: int, eval_n: int, out_dir: str, lr:
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     method = "lora" if name == UNTRAINED else name
-    recipe = recipe_for(method, steps, batch_size, eval_n, out_dir, lr)
+    recipe = recipe_for(method, steps, batch_size, eval_n, out_dir, lr, overrides)
     t0, c0 = time.perf_counter(), time.process_time()
     ws = open_workspace(recipe)
     base = rss_mb()
@@ -204,6 +207,8 @@ def main() -> None:
     ap.add_argument("--lr-grid", default=None,
                     help="comma-separated factors of each method's rate (e.g. 0.3,1,3): each method trains at every "
                          "point and its row is the point with the lowest held-out loss (the grid is in the JSON)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="recipe overrides for every method (e.g. train.compile=false: the eager engine)")
     ap.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", default=None, help=argparse.SUPPRESS)
@@ -214,7 +219,7 @@ def main() -> None:
             budget[key] = getattr(args, key)
     if args.child:
         print(json.dumps(child(args.child, budget["steps"], budget["batch_size"], budget["eval_n"], args.out_dir,
-                               args.lr)))
+                               args.lr, tuple(args.set))))
         return
 
     from tunelab.methods.registry import list_methods
@@ -237,7 +242,8 @@ def main() -> None:
             t0, cpu0 = time.perf_counter(), children_cpu_s()
             r = run_child(__file__, name, ["--steps", str(budget["steps"]), "--batch-size", str(budget["batch_size"]),
                                            "--eval-n", str(budget["eval_n"]), "--out-dir", out_dir,
-                                           *(["--lr", repr(lr)] if lr is not None else [])],
+                                           *(["--lr", repr(lr)] if lr is not None else []),
+                                           *(["--set", *args.set] if args.set else [])],
                           timeout=3 * args.cpu_limit, cpu_limit=args.cpu_limit)
             r["child_cpu_s"] = children_cpu_s() - cpu0
             if lr is not None:
