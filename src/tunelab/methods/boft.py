@@ -16,7 +16,7 @@ from pydantic import Field
 
 from tunelab.methods._peft_common import PeftMethod
 from tunelab.methods.lora import DEFAULT_TARGETS
-from tunelab.methods.registry import MethodOptions, register
+from tunelab.methods.registry import Capabilities, MethodOptions, register
 
 
 class BOFTOptions(MethodOptions):
@@ -31,6 +31,10 @@ class BOFTOptions(MethodOptions):
 class BOFT(PeftMethod):
     """Butterfly-factored orthogonal rotation of each layer's input plus an output scale."""
     trains = "butterfly-factored orthogonal rotations plus an output scale"
+    # `train.compile: auto` leaves BOFT eager: inductor spends ~30x LoRA's time on its butterfly products (first step
+    # 1392 s vs 38-44 s for AdaLoRA / asymmetric LoRA, and again at the first new length, on the loaded 2-core
+    # machine, docs/engine.md), more than a run of this size gains back
+    capabilities = Capabilities(is_adapter=True, supports_sharding=True, eager_by_default=True)
 
     Config = BOFTOptions
 

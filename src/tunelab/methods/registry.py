@@ -73,6 +73,7 @@ class Capabilities:
     is_adapter: bool = False  # prepare returns a PEFT wrapper whose adapter can be disabled (the frozen base)
     supports_sharding: bool = False  # checked under sharded training; only DDP runs the others
     custom_step: bool = False  # custom_step() updates the weights itself (no backward + optimizer step)
+    eager_by_default: bool = False  # `train.compile: auto` leaves its layers eager (compiling costs more than it saves)
 
 
 class Method:

@@ -159,9 +159,10 @@ class TrainConfig(_Strict):
     compile: bool | Literal["auto"] = Field(
         "auto", description="torch.compile each decoder layer (regional) for the training steps. `auto` = on when "
         "training SFT-family objectives on CPU with the DDP backend (where it was measured: 1.5-2x the tokens/s), off "
-        "for preference and RL objectives (not measured), on GPUs and under FSDP / DeepSpeed. Compiled code is cached "
-        "on disk ($TUNELAB_CACHE/inductor), so only a machine's first run pays the full compilation (~30 s on 2 "
-        "CPU cores); any compiler failure falls back to eager with a warning.")
+        "for preference and RL objectives (not measured), for BOFT (its compilation costs ~30x LoRA's), on GPUs and "
+        "under FSDP / DeepSpeed. Compiled code is cached on disk ($TUNELAB_CACHE/inductor), so only a machine's first "
+        "run pays the full compilation (~30 s on 2 CPU cores); any compiler failure falls back to eager with a "
+        "warning.")
     seed: int = Field(0, description="Seed of weights init (adapters), data order and dropout.")
     log_every: int = Field(1, ge=1, description="Steps between metric lines in metrics.jsonl.")
     eval_every: int | None = Field(None, ge=1, description="Steps between held-out loss evaluations.")

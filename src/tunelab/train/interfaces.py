@@ -58,6 +58,9 @@ class StepCapabilities(Protocol):
     @property
     def custom_step(self) -> bool: ...  # custom_step() replaces backward + optimizer step (MeZO)
 
+    @property
+    def eager_by_default(self) -> bool: ...  # `train.compile: auto` leaves the layers eager
+
 
 @runtime_checkable
 class TrainMethod(Protocol):

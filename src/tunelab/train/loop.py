@@ -185,8 +185,11 @@ def train(recipe: Recipe, model, method: TrainMethod, objective: TrainObjective,
     t_start = time.perf_counter()
     bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                disable=not (progress and accelerator.is_local_main_process))
-    # regional torch.compile for the steps only (train.compile; `auto`: on CPU, unsharded, SFT-family batches)
-    with compiled_layers(unwrapped, resolve_compile(tc.compile, device, backend.sharded, objective.batch_kind), tc):
+    # regional torch.compile for the steps only (train.compile; `auto`: on CPU, unsharded, SFT-family batches, and
+    # methods that do not opt out)
+    compile_layers = resolve_compile(tc.compile, device, backend.sharded, objective.batch_kind,
+                                     not method.capabilities.eager_by_default)
+    with compiled_layers(unwrapped, compile_layers, tc):
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             with generation_mode(unwrapped) if source.generates else contextlib.nullcontext():
