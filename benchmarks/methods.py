@@ -31,6 +31,7 @@ Best of a learning-rate grid: `--lr-grid 0.3,1,3` trains each method at its rate
 method, the point with the lowest held-out loss (3x the CPU; every point is in the JSON under "lr_grid").
 Run:  python benchmarks/methods.py [--quick] [--only lora,mezo] [--steps N] [--json out.json] [--markdown]
                                    [--lr-grid 0.3,1,3] [--set train.compile=false ...]
+      python benchmarks/methods.py --table a.json b.json   (one table from split invocations' --json files)
       (children use every core unless OMP_NUM_THREADS is set; the one-core table of docs/methods.md was
       OMP_NUM_THREADS=1 taskset -c 1 ...)
 """
@@ -191,6 +192,20 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def print_tables(rows: list[dict], markdown: bool) -> None:
+    """The text table, each grid's points (with --lr-grid), and the Markdown table if asked."""
+    print(text_table(rows))
+    for r in rows:
+        if "lr_grid" in r:
+            print(f"lr grid {r['name']}: " + "  ".join(
+                f"{g['lr']:.0e}: " + (f"loss {g['eval_loss']:.3f} em {100 * (g.get('exact_match') or 0):.0f}%"
+                                      if "error" not in g else "failed")
+                + (" (chosen)" if g["lr"] == r.get("lr") else "") for g in r["lr_grid"]))
+    if markdown:
+        print()
+        print(markdown_table(rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller budget: 4 steps x 8 examples, 12 held-out items")
@@ -209,10 +224,18 @@ def main() -> None:
                          "point and its row is the point with the lowest held-out loss (the grid is in the JSON)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="recipe overrides for every method (e.g. train.compile=false: the eager engine)")
+    ap.add_argument("--table", nargs="+", default=None, metavar="JSON",
+                    help="print the table of the rows in these --json files (a run split over several invocations, "
+                         "e.g. one per core with --only) and exit")
     ap.add_argument("--lr", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.table:
+        rows = [r for path in args.table for r in json.load(open(path))["rows"]]
+        rows.sort(key=lambda r: (r["name"] != UNTRAINED, r["name"]))
+        print_tables(rows, markdown=True)
+        return
     budget = dict(BUDGETS["quick" if args.quick else "default"])
     for key in ("steps", "batch_size", "eval_n"):
         if getattr(args, key) is not None:
@@ -263,17 +286,9 @@ def main() -> None:
                 rows.append(one(name, None))
     total = time.perf_counter() - t_all
     print()
-    print(text_table(rows))
     cpu_total = sum(r["child_cpu_s"] for r in rows)
-    for r in rows:
-        if "lr_grid" in r:
-            print(f"lr grid {r['name']}: " + "  ".join(
-                f"{g['lr']:.0e}: " + (f"loss {g['eval_loss']:.3f}" if "error" not in g else "failed")
-                + (" (chosen)" if g["lr"] == r.get("lr") else "") for g in r["lr_grid"]))
+    print_tables(rows, markdown=args.markdown)
     print(f"\ntotal {total / 60:.1f} min wall, {cpu_total / 60:.1f} min CPU; {sum('error' in r for r in rows)} failed")
-    if args.markdown:
-        print()
-        print(markdown_table(rows))
     if args.json:
         meta = {"budget": budget, "total_s": total, "cpu_total_s": cpu_total, "date": time.strftime("%Y-%m-%d"),
                 "machine": platform.processor() or platform.machine(),
