@@ -46,8 +46,15 @@ def test_eval_of_an_exported_reward_model_reports_pairwise_accuracy(rm_dir):
     assert "rewards/margins" in shown and "exact_match" not in shown
 
 
+def test_eval_of_a_reward_model_without_a_task_scores_the_quickstarts_pairs(rm_dir):
+    res = runner.invoke(app, ["eval", str(rm_dir), "--n", "8"])
+    assert res.exit_code == 0, res.output
+    shown = json.loads(res.output[res.output.index("{"): res.output.rindex("}") + 1])
+    assert shown["data"] == "date_format_pref" and 0.0 <= shown["reward_accuracy"] <= 1.0
+
+
 @pytest.mark.parametrize("args", [
-    ["eval", "{rm}"],  # the default held-out task has no pairs
+    ["eval", "{rm}", "--task", "date_format"],  # a held-out task without pairs
     ["eval", "{rm}", "--tasks", "date_format"],
     ["chat", "{rm}"],
     ["generate", "{rm}", "-i", "{prompts}", "-o", "{out}"],

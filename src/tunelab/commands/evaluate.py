@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
         target: str = typer.Argument(..., help="A run directory, a checkpoint, an adapter dir, an HF model directory, "
                                                "a hub id, or a built-in alias."),
         task: str = typer.Option(None, "--task", help="Without --tasks: the built-in task to score (default: the run's "
-                                                      "eval data, else the quickstart task)."),
+                                                      "eval data, else the quickstart task; for a reward model its "
+                                                      "preference pairs, date_format_pref)."),
         n: int = typer.Option(100, "--n", help="Number of held-out items (with --tasks: items per task)."),
         tasks: Optional[list[str]] = typer.Option(None, "--tasks", help="Evaluation suite, comma-separated or "
                                                   "repeated: built-in task names, gen:FILE, mc:FILE, ppl:FILE, "
