@@ -87,6 +87,9 @@ def spread(values: list[float]) -> str:
         return "-"
     if len(values) == 1:
         return f"{fmt(values[0])} (one seed)"
+    undefined = sum(math.isnan(v) for v in values)
+    if undefined:  # statistics.stdev fails on NaN; say how many seeds are undefined instead
+        return f"undefined in {undefined} of {len(values)} seeds"
     mean, sd = statistics.fmean(values), statistics.stdev(values)
     return f"{fmt(mean)} ± {fmt(sd)} [{fmt(min(values))}, {fmt(max(values))}]"
 
