@@ -51,6 +51,8 @@ import time
 
 from _common import HERE, peak_rss_mb, rss_mb, run_child
 
+from tunelab.core.io import atomic_write_json
+
 RECIPE = os.path.join(HERE, "..", "src", "tunelab", "recipes", "quickstart.yaml")
 
 # Learning rate per method (everything else is the method's defaults and the shared budget). A short run
@@ -216,7 +218,8 @@ def main() -> None:
     ap.add_argument("--cpu-limit", type=int, default=900,
                     help="CPU seconds per method, all threads together (RLIMIT_CPU), before it is reported failed; "
                          "wall-clock limit 3x that")
-    ap.add_argument("--json", default=None, help="also write the rows and the conditions to this JSON file")
+    ap.add_argument("--json", default=None, help="also write the rows and the conditions to this JSON file "
+                                                 "(after every row; `complete` says whether the run finished)")
     ap.add_argument("--markdown", action="store_true", help="print the table as Markdown too")
     ap.add_argument("--no-untrained", action="store_true", help="skip the untrained reference row")
     ap.add_argument("--lr-grid", default=None,
@@ -278,24 +281,29 @@ def main() -> None:
                   f"{r['child_cpu_s']:6.0f} s CPU  {status}", flush=True)
             return r
 
+        def save(complete: bool) -> None:
+            """The rows so far (atomically, after every row: an interrupted run keeps what it measured)."""
+            if args.json:
+                total, cpu_total = time.perf_counter() - t_all, sum(r["child_cpu_s"] for r in rows)
+                meta = {"budget": budget, "total_s": total, "cpu_total_s": cpu_total, "complete": complete,
+                        "date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+                        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+                        "affinity": sorted(os.sched_getaffinity(0)), "command": " ".join(sys.argv)}
+                atomic_write_json(args.json, {"conditions": meta, "rows": rows})
+
         for name in names:
             if factors and name != UNTRAINED:
                 grid = [one(name, LR.get(name, DEFAULT_LR) * f) for f in factors]
                 rows.append({**best_of_grid(grid), "child_cpu_s": sum(r["child_cpu_s"] for r in grid)})
             else:
                 rows.append(one(name, None))
+            save(complete=False)
+        save(complete=True)
     total = time.perf_counter() - t_all
     print()
     cpu_total = sum(r["child_cpu_s"] for r in rows)
     print_tables(rows, markdown=args.markdown)
     print(f"\ntotal {total / 60:.1f} min wall, {cpu_total / 60:.1f} min CPU; {sum('error' in r for r in rows)} failed")
-    if args.json:
-        meta = {"budget": budget, "total_s": total, "cpu_total_s": cpu_total, "date": time.strftime("%Y-%m-%d"),
-                "machine": platform.processor() or platform.machine(),
-                "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                "affinity": sorted(os.sched_getaffinity(0)), "command": " ".join(sys.argv)}
-        with open(args.json, "w") as f:
-            json.dump({"conditions": meta, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
