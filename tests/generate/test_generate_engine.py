@@ -202,3 +202,18 @@ def test_lora_and_prompt_tuning_models_generate(tiny_model_dir, tiny_tokenizer):
         for n, p in model.named_parameters():
             if p.requires_grad:
                 assert p.dtype == torch.float32 and torch.equal(p, trainable[n]), n
+
+
+@pytest.mark.parametrize("method,options", [("loreft", {}), ("vera", {"r": 4})])
+def test_bf16_generation_of_adapters_with_parametrized_weights_or_buffers(tiny_tokenizer, method, options):
+    """LoReFT's orthogonal rotation is a parametrization whose `original` goes through torch.linalg.solve (no bf16
+    kernel on CPU), VeRA's shared projections are PEFT buffers: a bf16 call keeps the first in fp32 under
+    autocast and casts the second with the weights they multiply; everything comes back as it was."""
+    from tunelab.methods.registry import build_method
+
+    model = build_method(method, options).prepare(build_tiny_model(len(tiny_tokenizer)))
+    before = {k: (v.dtype, v.clone()) for k, v in model.state_dict().items()}
+    out = generate(model, tiny_tokenizer, PROMPTS[:3], GenerateConfig(max_new_tokens=4, precision="bf16"))
+    assert len(out.completions) == 3 and all(c.token_ids for c in out.completions)
+    after = model.state_dict()
+    assert all(after[k].dtype == d and torch.equal(after[k], v) for k, (d, v) in before.items())

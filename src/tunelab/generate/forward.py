@@ -9,6 +9,7 @@ import contextlib
 import inspect
 
 import torch
+from torch.nn.utils import parametrize
 
 from tunelab.core.unwrap import unwrap_model, unwrap_peft
 from tunelab.generate.llama import LlamaDecoder
@@ -54,6 +55,10 @@ def generation_mode(model: torch.nn.Module, dtype: torch.dtype):
     # train.compile's regions (nn.Module.compile) run eagerly: every new cache length would recompile them
     compiled = {m: impl for m in model.modules() if (impl := getattr(m, "_compiled_call_impl", None)) is not None}
     saved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+    saved_buffers: list[tuple[torch.nn.Module, str, torch.Tensor]] = []
+    # parameters under a parametrization (LoReFT's orthogonal rotation: its `original` goes through
+    # torch.linalg.solve, which has no bf16 kernel on CPU) keep their dtype; the caller's autocast covers them
+    parametrized = {id(p) for m in model.modules() if parametrize.is_parametrized(m) for p in m.parameters()}
     mixed = False
     try:
         for m in compiled:
@@ -63,15 +68,26 @@ def generation_mode(model: torch.nn.Module, dtype: torch.dtype):
             for p in model.parameters():
                 if not p.is_floating_point() or p.dtype == dtype:
                     continue
-                if type(p.data) is torch.Tensor:
+                if type(p.data) is torch.Tensor and id(p) not in parametrized:
                     saved.append((p, p.data))
                     p.data = p.data.to(dtype)
                 else:
                     mixed = True
+            # PEFT adapters that keep weights as buffers (VeRA's shared random projections) go with the parameters
+            # they multiply; the base model's buffers (rotary inverse frequencies) stay as transformers keeps them
+            for m in model.modules():
+                if not type(m).__module__.startswith("peft."):
+                    continue
+                for name, b in m.named_buffers(recurse=False):
+                    if b is not None and b.is_floating_point() and b.dtype != dtype:
+                        saved_buffers.append((m, name, b))
+                        m._buffers[name] = b.to(dtype)
         yield mixed
     finally:
         for p, original in saved:
             p.data = original
+        for m, name, original_buffer in saved_buffers:
+            m._buffers[name] = original_buffer
         for m, training in modes:
             m.training = training
         for m, impl in compiled.items():

@@ -44,6 +44,7 @@ import re
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from tunelab.core.constants import IGNORE_INDEX
@@ -72,8 +73,10 @@ class LoReFTIntervention(torch.nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=h.device.type, enabled=False):
             hf = h.float()  # [..., d]
-            R = self.rotate.weight  # [r, d]
-            delta = (self.learned_source(hf) - hf @ R.T) @ R  # [..., r] @ [r, d] -> [..., d]
+            R = self.rotate.weight.float()  # [r, d]
+            # in fp32 whatever the weights' storage (generation casts them to the compute dtype for its call)
+            W, b = self.learned_source.weight.float(), self.learned_source.bias.float()
+            delta = (F.linear(hf, W, b) - hf @ R.T) @ R  # [..., r] @ [r, d] -> [..., d]
             return (hf + delta).to(h.dtype)
 
 
