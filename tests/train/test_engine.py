@@ -225,8 +225,8 @@ def test_compile_auto_resolves_to_cpu_unsharded_only():
     assert resolve_compile("auto", cpu, batch_kind="rollout") is False
     assert resolve_compile(True, cpu, batch_kind="rollout") is True
     assert resolve_compile("auto", gpu) is False
-    assert resolve_compile("auto", cpu, method_compiles=False) is False  # BOFT: compiling costs more than it returns
-    assert resolve_compile(True, cpu, method_compiles=False) is True
+    assert resolve_compile("auto", cpu, method_eager=True) is False  # BOFT: compiling costs more than it returns
+    assert resolve_compile(True, cpu, method_eager=True) is True
     assert resolve_compile(True, gpu) is True and resolve_compile(False, cpu) is False
     assert TrainConfig().compile == "auto"
 

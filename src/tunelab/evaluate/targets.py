@@ -218,12 +218,13 @@ def _heldout(target: str, recipe: Recipe, model, tok, *, task: str | None, n: in
     # held-out data is scored on the responses only: instruction-modelling weights are for training
     data_cfg = recipe.data.model_copy(update={"prompt_loss_weight": None})
     data, _ = encode_spec(tok, spec, data_cfg)
-    if model_head(model) != "causal_lm" and not is_pairs(data) and task is None:
+    scalar_head = model_head(model) != "causal_lm"
+    if scalar_head and not is_pairs(data) and task is None:
         # no task asked, and the default has no pairs: a reward model (a plain export, read with the quickstart's
         # data) measures only pairs, so it gets the quickstart task's preference pairs
         spec = DatasetSpec(builtin="date_format_pref", split="eval", n=n)
         data, _ = encode_spec(tok, spec, data_cfg)
-    if model_head(model) != "causal_lm" and not is_pairs(data):  # a reward model measures nothing else
+    if scalar_head and not is_pairs(data):  # a reward model measures nothing else
         raise reward_model_error(target, _class_name(model), f"be evaluated on {spec.builtin or spec.path}: it "
                                  "holds no preference pairs (a reward model reports pairwise accuracy on pairs)")
     items = eval_items(spec, recipe.data) if spec.builtin else []

@@ -79,7 +79,7 @@ def generation_mode(model: torch.nn.Module, dtype: torch.dtype):
                 if not type(m).__module__.startswith("peft."):
                     continue
                 for name, b in m.named_buffers(recurse=False):
-                    if b is not None and b.is_floating_point() and b.dtype != dtype:
+                    if b.is_floating_point() and b.dtype != dtype:
                         saved_buffers.append((m, name, b))
                         m._buffers[name] = b.to(dtype)
         yield mixed

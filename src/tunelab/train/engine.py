@@ -71,14 +71,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def resolve_compile(choice: bool | str, device: torch.device, sharded: bool = False, batch_kind: str = "sft",
-                    method_compiles: bool = True) -> bool:
+                    method_eager: bool = False) -> bool:
     """`auto`: compile on CPU under a replicated (DDP) backend for the SFT family's batches, where it was measured
     to pay (docs/engine.md); not on GPUs (not measured here), nor under FSDP / DeepSpeed (their wrapped layers are
     not compiled here), nor for preference pairs or rollouts (not measured: their shapes change with every batch,
     and short runs pay the compilation without its return), nor for a method that declares `eager_by_default`
-    (`method_compiles` False: BOFT). `true` compiles whatever the case."""
+    (`method_eager`: BOFT). `true` compiles whatever the case."""
     if choice == "auto":
-        return device.type == "cpu" and not sharded and batch_kind == "sft" and method_compiles
+        return device.type == "cpu" and not sharded and batch_kind == "sft" and not method_eager
     return bool(choice)
 
 

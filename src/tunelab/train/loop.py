@@ -188,7 +188,7 @@ def train(recipe: Recipe, model, method: TrainMethod, objective: TrainObjective,
     # regional torch.compile for the steps only (train.compile; `auto`: on CPU, unsharded, SFT-family batches, and
     # methods that do not opt out)
     compile_layers = resolve_compile(tc.compile, device, backend.sharded, objective.batch_kind,
-                                     not method.capabilities.eager_by_default)
+                                     method.capabilities.eager_by_default)
     with compiled_layers(unwrapped, compile_layers, tc):
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
