@@ -66,3 +66,30 @@ def test_prepare_without_data_refuses_methods_that_need_data(tiny_model):
     assert method.capabilities.is_adapter and any(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="prepared from training data"):
         prepare_without_data(tiny_model, "corda", {})
+
+
+@pytest.mark.parametrize("layout", ["packing", "padding_free"])
+def test_rows_of_several_examples_are_refused_for_prompt_learning(layout, tiny_model_dir, tmp_path):
+    """PEFT puts prompt tuning's virtual tokens in front of each ROW (and drops position_ids): the examples packed
+    after a row's first would train without them. The refusal names the field."""
+    from tunelab.assemble import build_method_for, build_objective_for, prepare_model
+    from tunelab.model import load_model
+    from tunelab.recipe import Recipe
+
+    recipe = Recipe.model_validate(tiny_recipe_dict(tiny_model_dir, tmp_path, data={layout: True},
+                                                    method={"name": "prompt_tuning", "num_virtual_tokens": 4}))
+    model = load_model(recipe.model)
+    with pytest.raises(ValueError, match=f"data.{layout}: method 'prompt_tuning' inserts virtual tokens"):
+        prepare_model(recipe, model, build_method_for(recipe), build_objective_for(recipe), train_data=None, pad_id=0)
+    lora = Recipe.model_validate(tiny_recipe_dict(tiny_model_dir, tmp_path, data={layout: True}))
+    prepare_model(lora, load_model(lora.model), build_method_for(lora), build_objective_for(lora), train_data=None,
+                  pad_id=0)  # adapters on the weights take packed rows
+
+
+def test_packing_and_padding_free_are_one_choice(tiny_model_dir, tmp_path):
+    from pydantic import ValidationError
+
+    from tunelab.recipe import Recipe
+
+    with pytest.raises(ValidationError, match="data.packing and data.padding_free"):
+        Recipe.model_validate(tiny_recipe_dict(tiny_model_dir, tmp_path, data={"packing": True, "padding_free": True}))

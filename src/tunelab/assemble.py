@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from tunelab.data.pipeline import encode_spec
+from tunelab.generate.forward import is_prompt_learning
 from tunelab.methods.registry import Method, build_method, count_parameters
 from tunelab.model import load_model, load_tokenizer, train_head
 from tunelab.objectives.base import Objective, build_objective
@@ -118,6 +119,10 @@ def prepare_model(recipe: Recipe, model: torch.nn.Module, method: Method, object
     torch.manual_seed(recipe.train.seed)
     calibrate(method, model, recipe, train_data, objective, pad_id, world_size)
     prepared = method.prepare(model)
+    layout = "data.padding_free" if recipe.data.padding_free else "data.packing" if recipe.data.packing else None
+    if layout and is_prompt_learning(prepared):  # PEFT drops position_ids and puts its virtual tokens before each ROW
+        raise ValueError(f"{layout}: method {recipe.method.name!r} inserts virtual tokens in front of every row, so "
+                         "the examples packed after a row's first would not see them; turn it off for this method")
     if objective.head != "causal_lm":
         train_head(prepared)
     applied: dict[str, object] = {}

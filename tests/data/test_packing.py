@@ -20,6 +20,21 @@ def test_packed_layout():
     # the first label of each example is masked: it would be "predicted" from the previous example
     assert b["labels"].tolist() == [[-100, 6, 7, -100, 9, -100]]
     assert b["real_token_mask"].tolist() == [[1, 1, 1, 1, 1, 0]]
+    # documents (the padding tail one of its own) for tunelab's attention: flat positions, right-padded
+    assert b["document_index"].tolist() == [[0, 1, 2], [3, 4, 3], [5, 5, 5]]
+    assert b["document_slot"].tolist() == [0, 1, 2, 3, 4, 6]
+
+
+def test_padding_free_is_one_row_of_exactly_the_tokens():
+    from tunelab.data.batching import make_collator
+    from tunelab.recipe import DataConfig
+
+    collate = make_collator("sft", DataConfig(padding_free=True))
+    b = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}], 0)
+    assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert b["labels"].tolist() == [[-100, 6, 7, -100, 9]]
+    assert b["document_index"].tolist() == [[0, 1, 2], [3, 4, 3]]
 
 
 def test_packed_loss_and_grads_equal_padded(tiny_model):

@@ -52,10 +52,12 @@ def _naive(model, examples, precision="fp32"):
 
 
 def _engine(model, examples, packed=False, precision="fp32", **train):
-    """tunelab's path: the engine configured on the model, the SFT objective (chunked CE), optional packing."""
+    """tunelab's path: the engine configured on the model, the SFT objective (chunked CE), optional packing
+    (`packed`: True = rows of 32 tokens, "padding_free" = one row of exactly the batch's tokens)."""
     model.zero_grad(set_to_none=True)
     configure_engine(model, TrainConfig(precision=precision, **train), torch.device("cpu"))
-    b = collate_packed(examples, pad_id=2, pack_length=32) if packed else collate_sft(examples, pad_id=2)
+    pack_length = None if packed == "padding_free" else 32
+    b = collate_packed(examples, pad_id=2, pack_length=pack_length) if packed else collate_sft(examples, pad_id=2)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = build_objective("sft", {"chunk_size": 16}).compute(model, b)
     (out.loss_sum / out.n_units).backward()
@@ -69,7 +71,7 @@ def _assert_close(got, ref, rtol, atol):
         torch.testing.assert_close(got[1][n].float(), ref[1][n].float(), rtol=rtol * 10, atol=atol * 10, msg=n)
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [False, True, "padding_free"])
 def test_engine_equals_naive_hf_fp32(packed):
     ref_model = build_tiny_model(512)
     ref = _naive(ref_model, _examples())
@@ -119,6 +121,50 @@ def test_attention_matches_sdpa_gqa_padding_and_packing():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         for g, r in zip(grads, ref_grads):
             torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_document_attention_equals_the_block_diagonal_mask(dtype):
+    """Packed rows attended document by document give what the whole row under the block-diagonal mask gives."""
+    from tunelab.data.batching import document_layout
+    from tunelab.train.attention import document_attention
+
+    torch.manual_seed(0)
+    r, h, hkv, w, d = 2, 6, 2, 12, 8
+    documents = [[5, 4, 3], [12]]  # row 0: three documents (the last one its padding tail), row 1: one
+    index, slot = document_layout(documents, w)
+    assert index.shape == (4, 12) and slot.tolist()[:6] == [0, 1, 2, 3, 4, 12]
+    q, k, v = torch.randn(r, h, w, d), torch.randn(r, hkv, w, d), torch.randn(r, hkv, w, d)
+    ids = torch.tensor([0] * 5 + [1] * 4 + [2] * 3), torch.zeros(w, dtype=torch.long)
+    causal = torch.ones(w, w, dtype=torch.bool).tril()
+    mask = torch.stack([causal & (doc[:, None] == doc[None, :]) for doc in ids])[:, None]  # [R, 1, W, W]
+    go = torch.randn(r, w, h, d)
+    outs, grads = [], []
+    for attend in (lambda a, b, c: grouped_causal_attention(a, b, c, mask, d ** -0.5),
+                   lambda a, b, c: document_attention(a, b, c, index, slot, d ** -0.5)):
+        qkv = [x.to(dtype).requires_grad_() for x in (q, k, v)]
+        out = attend(*qkv)
+        outs.append(out.float())
+        grads.append([g.float() for g in torch.autograd.grad(out, qkv, go.to(dtype))])
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(outs[1], outs[0], **tol)
+    for g, ref in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g, ref, **tol)
+
+
+def test_packed_batches_take_the_document_path(monkeypatch):
+    """With tunelab's attention a packed batch is attended per document: S rows of L tokens, not R rows of W."""
+    from tunelab.train import attention
+
+    seen = []
+    real = attention.document_attention
+    monkeypatch.setattr(attention, "document_attention", lambda *a: seen.append(a[3].shape) or real(*a))
+    model = build_tiny_model(512)
+    configure_engine(model, TrainConfig(precision="fp32", attention="tunelab"), torch.device("cpu"))
+    batch = collate_packed(_examples(), pad_id=2, pack_length=None)
+    assert batch["input_ids"].shape == (1, 60)
+    build_objective("sft", {}).compute(model, batch)
+    assert seen and set(seen) == {(6, 16)}  # the six examples, the longest 16 tokens
 
 
 def test_attention_bf16_error_is_that_of_sdpa_bf16():

@@ -100,18 +100,45 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(examples: list[dict], pad_id: int, pack_length: int = 512) -> dict[str, torch.Tensor]:
+def document_layout(rows: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each document of packed rows sits, for attention computed document by document.
+
+    rows: the token count of each document of each row, in row order (a row's padding tail counts as a document
+    of its own); every row sums to `width`. With S documents, the longest L tokens, and flat position
+    p = row * width + column:
+      document_index [S, L] long: the flat position of each document's t-th token (t < its length; the rest
+                                 repeat its first token's position, slots whose output nobody reads)
+      document_slot  [rows * width] long: the slot s * L + t that flat position p occupies.
+    """
+    lengths = [n for row in rows for n in row]
+    longest = max(lengths)
+    index = torch.empty((len(lengths), longest), dtype=torch.long)
+    slot = torch.empty(len(rows) * width, dtype=torch.long)
+    s, flat = 0, 0
+    for row in rows:
+        for n in row:
+            index[s] = flat
+            index[s, :n] = torch.arange(flat, flat + n)
+            slot[flat: flat + n] = torch.arange(s * longest, s * longest + n)
+            s, flat = s + 1, flat + n
+    return index, slot
+
+
+def collate_packed(examples: list[dict], pad_id: int, pack_length: int | None = 512) -> dict[str, torch.Tensor]:
     """Pack a micro-batch's examples into rows without cross-document attention.
 
     Each row concatenates whole examples; `position_ids` restart at 0 for each one and no 2-D attention
     mask is passed, which makes transformers build a block-diagonal causal mask (its packed-sequence
     path), so no token attends across examples. The first label of every example is masked, exactly as
     the causal shift ignores it when unpacked: loss and gradients equal the padded batch's.
+    `pack_length=None` is padding-free: one row of exactly the micro-batch's tokens.
     Shapes: input_ids / labels / position_ids / real_token_mask [rows, width] (and `loss_weights` when the
-    examples carry them, placed like the labels).
+    examples carry them, placed like the labels), plus `document_layout`'s document_index [S, L] and
+    document_slot [rows * width], with which tunelab's attention attends document by document instead of over
+    the whole row under the block-diagonal mask (other attention implementations ignore them).
     """
     lengths = [len(e["input_ids"]) for e in examples]
-    width = max(max(lengths), pack_length)
+    width = sum(lengths) if pack_length is None else max(max(lengths), pack_length)
     rows = pack_rows(lengths, width)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -119,6 +146,7 @@ def collate_packed(examples: list[dict], pad_id: int, pack_length: int = 512) ->
     real = torch.zeros((len(rows), width), dtype=torch.long)
     weighted = _all_or_none(examples, ("loss_weights",), "per-token loss_weights")
     weights = torch.zeros((len(rows), width), dtype=torch.float32) if weighted else None
+    documents: list[list[int]] = []
     for r, members in enumerate(rows):
         at = 0
         for i in members:
@@ -131,7 +159,10 @@ def collate_packed(examples: list[dict], pad_id: int, pack_length: int = 512) ->
             real[r, at: at + n] = 1
             at += n
         pos[r, at:] = torch.arange(width - at)  # the padding tail is a document of its own
-    out = {"input_ids": ids, "labels": labels, "position_ids": pos, "real_token_mask": real}
+        documents.append([lengths[i] for i in members] + ([width - at] if at < width else []))
+    index, slot = document_layout(documents, width)
+    out = {"input_ids": ids, "labels": labels, "position_ids": pos, "real_token_mask": real,
+           "document_index": index, "document_slot": slot}
     if weights is not None:
         out["loss_weights"] = weights
     return out
@@ -141,7 +172,10 @@ COLLATORS = {"sft": collate_sft, "preference": collate_preference, "packed": col
 
 
 def make_collator(batch_kind: str, data_cfg) -> Callable[[list[dict], int], dict[str, torch.Tensor]]:
-    """The training collator: packed rows for SFT batches when `data.packing` is on, else padding."""
+    """The training collator for SFT batches: one row per micro-batch under `data.padding_free`, rows of
+    `data.pack_length` under `data.packing`, else padding to the longest."""
+    if batch_kind == "sft" and getattr(data_cfg, "padding_free", False):
+        return partial(collate_packed, pack_length=None)
     if batch_kind == "sft" and getattr(data_cfg, "packing", False):
         return partial(collate_packed, pack_length=data_cfg.pack_length)
     return COLLATORS[batch_kind]

@@ -53,12 +53,15 @@ def shifted_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The keys of a batch that the model's forward takes (packed batches carry position_ids, no mask).
+    """The keys of a batch that the model's forward takes (packed batches carry position_ids and where each
+    document sits, no mask: transformers passes the extra keys down to the attention function, where tunelab's
+    kernel uses them and the others ignore them).
 
     Call the model with `use_cache=False` too: with a KV cache object present, transformers does not
     detect packed rows from the position ids and lets documents attend to each other.
     """
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    keys = ("input_ids", "attention_mask", "position_ids", "document_index", "document_slot")
+    return {k: batch[k] for k in keys if k in batch}
 
 
 def count_target_tokens(labels: torch.Tensor) -> torch.Tensor:

@@ -97,9 +97,19 @@ class DataConfig(_Strict):
         False, description="Pack each micro-batch's examples into rows (no cross-example attention; same loss "
                            "as padding, less wasted compute). Set train.batch_size to examples per micro-batch.")
     pack_length: int = Field(512, ge=8, description="Row length of packed batches (at least the longest example).")
+    padding_free: bool = Field(
+        False, description="Each micro-batch's examples as one row of exactly their tokens (TRL's `padding_free`): no "
+                           "padding and no cross-example attention; the same examples per step and the same loss "
+                           "as padding.")
     select: SelectConfig | None = Field(
         None, description="Score, deduplicate and select a subset of `train` before training: scorer, embedding, "
                           "selector, budget, dedup, cache_dir, seed (docs/selection.md). null = train on all of it.")
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> "DataConfig":
+        if self.packing and self.padding_free:
+            raise ValueError("data.packing and data.padding_free both lay examples out in rows: choose one")
+        return self
 
 
 class MethodConfig(BaseModel):
