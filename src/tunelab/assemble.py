@@ -120,7 +120,9 @@ def prepare_model(recipe: Recipe, model: torch.nn.Module, method: Method, object
     calibrate(method, model, recipe, train_data, objective, pad_id, world_size)
     prepared = method.prepare(model)
     layout = "data.padding_free" if recipe.data.padding_free else "data.packing" if recipe.data.packing else None
-    if layout and is_prompt_learning(prepared):  # PEFT drops position_ids and puts its virtual tokens before each ROW
+    # PEFT puts the virtual tokens before each ROW and drops (prompt, P-tuning) or shifts (prefix) position_ids:
+    # no restarting positions, so no block-diagonal mask either, and a row's examples would attend to each other
+    if layout and is_prompt_learning(prepared):
         raise ValueError(f"{layout}: method {recipe.method.name!r} inserts virtual tokens in front of every row, so "
                          "the examples packed after a row's first would not see them; turn it off for this method")
     if objective.head != "causal_lm":
